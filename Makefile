@@ -1,0 +1,44 @@
+# dcp_proxy: `make demo` runs the main job, `make test` the whole test suite, `make bench` the benchmarks.
+# Each target bootstraps a fresh machine first (scripts/bootstrap.sh is idempotent and fast when done).
+
+VBUCKETS   ?= 64
+DOCS       ?= 200
+VALUE_SIZE ?= 256
+
+EBIN = -pa _build/default/lib/dcp_proxy/ebin -pa _build/default/lib/dcp_proxy/bench
+
+.PHONY: all bootstrap compile demo test test-rust test-erlang lint bench dialyzer clean
+
+all: compile
+
+bootstrap:
+	@sh scripts/bootstrap.sh
+
+compile: bootstrap
+	rebar3 compile
+
+demo: compile
+	erl -noshell $(EBIN) -eval 'dcp_demo:main(#{vbuckets => $(VBUCKETS), docs => $(DOCS), value_size => $(VALUE_SIZE)})' -s init stop
+
+lint: bootstrap
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test-rust: bootstrap
+	cargo test --workspace --release
+
+test-erlang: bootstrap
+	rebar3 eunit
+
+test: lint test-rust test-erlang
+
+dialyzer: compile
+	rebar3 dialyzer
+
+bench: compile
+	cargo bench -p mcbp --bench splitter -- --noplot
+	cargo bench -p dcp_setup --bench setup -- --noplot
+	erl -noshell $(EBIN) -eval 'dcp_bench:main()' -s init stop
+
+clean:
+	rm -rf _build target priv

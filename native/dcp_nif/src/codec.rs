@@ -1,0 +1,1 @@
+//! Glue for the mcbp codec and splitter.

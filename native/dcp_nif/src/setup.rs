@@ -1,0 +1,1 @@
+//! Glue for the dcp_setup machine.
