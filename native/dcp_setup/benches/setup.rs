@@ -1,1 +1,151 @@
-fn main(){}
+//! Cost of the setup bookkeeping: per event, and for a full setup of 256 and 1024 vbuckets
+//! (begin + every answer). O(1) per event means 1024 costs about 4x what 256 costs.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
+use dcp_setup::{reason, Outcome, Setup, Side, Start};
+
+/// Answers in an order unlike the request order (a stride walk), as a real consumer might.
+fn answer_order(n: u16) -> Vec<u16> {
+    // 37 is coprime with 256 and 1024, so this is a permutation of 0..n.
+    (0..n)
+        .map(|i| (i.wrapping_mul(37).wrapping_add(11)) % n)
+        .collect()
+}
+
+/// begin(0..n) and n successful answers; returns the final outcome.
+fn full_setup(machine: &mut Setup, wanted: &[u16], order: &[u16]) -> Outcome {
+    let started = machine.begin(wanted);
+    debug_assert!(matches!(started, Ok(Start::Send(_))));
+    black_box(started).ok();
+    let mut last = Outcome::NoReply;
+    for &vb in order {
+        last = machine.add_stream_response(u32::from(vb), 0);
+    }
+    last
+}
+
+fn per_event(c: &mut Criterion) {
+    let mut group = c.benchmark_group("event");
+    group.throughput(Throughput::Elements(1));
+
+    // One add answer inside a 1024-vbucket setup (a fresh setup every 1024 answers, untimed).
+    group.bench_function("add_stream_response", |b| {
+        let wanted: Vec<u16> = (0..1024).collect();
+        let order = answer_order(1024);
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0u64;
+            while done < iters {
+                let mut machine = Setup::new();
+                black_box(machine.begin(&wanted)).ok();
+                let batch = (iters - done).min(1024) as usize;
+                let start = Instant::now();
+                for &vb in &order[..batch] {
+                    black_box(machine.add_stream_response(u32::from(vb), black_box(0)));
+                }
+                total += start.elapsed();
+                done += batch as u64;
+            }
+            total
+        })
+    });
+
+    // A stream end that fails a pending add (the MB-53445 path).
+    group.bench_function("stream_end_failing_pending_add", |b| {
+        let wanted: Vec<u16> = (0..1024).collect();
+        let order = answer_order(1024);
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0u64;
+            while done < iters {
+                let mut machine = Setup::new();
+                black_box(machine.begin(&wanted)).ok();
+                let batch = (iters - done).min(1024) as usize;
+                let start = Instant::now();
+                for &vb in &order[..batch] {
+                    black_box(machine.stream_end(vb, 0xabcd, reason::STATE_CHANGED));
+                }
+                total += start.elapsed();
+                done += batch as u64;
+            }
+            total
+        })
+    });
+
+    // Events that change nothing: a stream end for an untracked vbucket, a takeover-only request.
+    group.bench_function("stream_end_untracked", |b| {
+        let mut machine = Setup::new();
+        black_box(machine.begin(&[1, 2, 3])).ok();
+        b.iter(|| black_box(machine.stream_end(black_box(700), 5, reason::CLOSED)))
+    });
+    group.bench_function("close_stream_response_owed", |b| {
+        b.iter_batched_ref(
+            || {
+                let mut machine = Setup::new();
+                black_box(machine.begin(&[9])).ok();
+                machine.add_stream_response(9, 0);
+                black_box(machine.maybe_close_stream(9)).ok();
+                machine.deadline();
+                machine
+            },
+            |machine| black_box(machine.close_stream_response(Side::Consumer, 9, 0)),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn full_setups(c: &mut Criterion) {
+    let mut group = c.benchmark_group("full_setup");
+    for n in [256u16, 1024] {
+        let wanted: Vec<u16> = (0..n).collect();
+        let order = answer_order(n);
+        group.throughput(Throughput::Elements(u64::from(n)));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter_batched_ref(
+                Setup::new,
+                |machine| black_box(full_setup(machine, &wanted, &order)),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+/// Median time of a full setup of `n` vbuckets, measured directly for the ratio line.
+fn median_full_setup(n: u16, runs: usize) -> Duration {
+    let wanted: Vec<u16> = (0..n).collect();
+    let order = answer_order(n);
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let mut machine = Setup::new();
+            let start = Instant::now();
+            black_box(full_setup(&mut machine, &wanted, &order));
+            start.elapsed()
+        })
+        .collect();
+    times.sort_unstable();
+    times[runs / 2]
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    per_event(&mut c);
+    full_setups(&mut c);
+    c.final_summary();
+
+    let t256 = median_full_setup(256, 4001);
+    let t1024 = median_full_setup(1024, 4001);
+    println!(
+        "full setup median: 256 vbuckets {:?} ({:.1} ns/vbucket), 1024 vbuckets {:?} ({:.1} ns/vbucket); \
+         ratio 1024/256 = {:.2}x (O(1) per event: about 4x)",
+        t256,
+        t256.as_nanos() as f64 / 256.0,
+        t1024,
+        t1024.as_nanos() as f64 / 1024.0,
+        t1024.as_secs_f64() / t256.as_secs_f64()
+    );
+}

@@ -1,0 +1,143 @@
+%% @doc The pure-Erlang baseline the NIF splitter is measured against: a port, behaviour for behaviour,
+%% of ns_server's `dcp_proxy:process_data' loop, with the same side policy as `mcbp:feed/2'.
+%%
+%% Per socket chunk it does what ns_server does: append the chunk to the bytes held from the previous
+%% chunk, read the body length from each 24-byte header, cut the frame off with `split_binary/2',
+%% classify it by magic and opcode, and append each forwarded frame to a send buffer (a list, sent as
+%% iodata at the end). A frame is only handled once it is complete, so a large mutation is held and
+%% re-appended chunk after chunk, which is exactly the cost the NIF's cut-through forwarding avoids.
+%% Reported frames (rare) are decoded with `mcbp'; the forwarding path is pure Erlang.
+%%
+%% The proxy accepts it as `splitter => {dcp_baseline_splitter, Args}' (Args as for `new/1', without
+%% `side', which the connection adds).
+-module(dcp_baseline_splitter).
+
+-export([new/1, feed/2, held_bytes/1]).
+
+-export_type([state/0, event/0]).
+
+-define(HEADER_LEN, 24).
+%% memcached's default max_packet_size (PROTOCOL.md).
+-define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
+
+-define(REQ, 16#80).
+-define(RES, 16#81).
+-define(ALT_REQ, 16#08).
+-define(ALT_RES, 16#18).
+-define(SERVER_REQ, 16#82).
+-define(SERVER_RES, 16#83).
+
+-define(DCP_ADD_STREAM, 16#51).
+-define(DCP_CLOSE_STREAM, 16#52).
+-define(DCP_STREAM_REQ, 16#53).
+-define(DCP_STREAM_END, 16#55).
+-define(DCP_SET_VBUCKET_STATE, 16#5b).
+
+%% Client requests and responses, classic or flexible framing; server-initiated frames
+%% (0x82/0x83) have their own opcode space and are never DCP.
+-define(IS_REQ(M), (M =:= ?REQ orelse M =:= ?ALT_REQ)).
+-define(IS_RES(M), (M =:= ?RES orelse M =:= ?ALT_RES)).
+-define(IS_MAGIC(M), (?IS_REQ(M) orelse ?IS_RES(M) orelse M =:= ?SERVER_REQ orelse M =:= ?SERVER_RES)).
+
+-record(splitter, {side :: consumer | producer,
+                   max_frame_size :: pos_integer(),
+                   %% bytes of an incomplete frame, carried to the next chunk
+                   held = <<>> :: binary()}).
+
+-opaque state() :: #splitter{}.
+-type event() :: {stream_end, VBucket :: non_neg_integer(), Opaque :: non_neg_integer(), Reason :: term()}
+               | map().
+-type reason() :: {bad_magic, byte()}
+                | {frame_too_large, non_neg_integer(), pos_integer()}
+                | term().
+
+%% What the side policy does with a frame.
+-type action() :: forward | report | forward_report | stream_end.
+
+%% @doc A splitter for one side of the proxy. `max_frame_size' defaults to 30 MiB.
+-spec new(#{side := consumer | producer, max_frame_size => pos_integer()}) -> state().
+new(#{side := Side} = Opts) when Side =:= consumer; Side =:= producer ->
+    case maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE) of
+        Max when is_integer(Max), Max >= ?HEADER_LEN ->
+            #splitter{side = Side, max_frame_size = Max};
+        Bad ->
+            error({bad_max_frame_size, Bad})
+    end.
+
+%% @doc Takes the next socket chunk; returns the iodata to forward and the events, in stream order.
+%% An error means the stream cannot be resynchronised: the connection must close.
+-spec feed(state(), binary()) -> {ok, iodata(), [event()], state()} | {error, reason()}.
+feed(#splitter{held = Held} = State, Chunk) when is_binary(Chunk) ->
+    %% As ns_server: one binary of everything not yet handled.
+    Data = <<Held/binary, Chunk/binary>>,
+    split(Data, State, [], []).
+
+%% @doc Bytes held for an incomplete frame.
+-spec held_bytes(state()) -> non_neg_integer().
+held_bytes(#splitter{held = Held}) ->
+    byte_size(Held).
+
+split(<<Magic:8, _/binary>>, _State, _Fwd, _Events) when not ?IS_MAGIC(Magic) ->
+    {error, {bad_magic, Magic}};
+split(<<Magic:8, Opcode:8, _:6/binary, BodyLen:32, _:12/binary, _/binary>> = Data,
+      #splitter{side = Side, max_frame_size = Max} = State, Fwd, Events) ->
+    FrameLen = ?HEADER_LEN + BodyLen,
+    if
+        FrameLen > Max ->
+            {error, {frame_too_large, FrameLen, Max}};
+        byte_size(Data) >= FrameLen ->
+            {Frame, Rest} = split_binary(Data, FrameLen),
+            case action(Side, Magic, Opcode) of
+                forward ->
+                    split(Rest, State, [Frame | Fwd], Events);
+                Action ->
+                    case event(Action, Frame) of
+                        {ok, Event} when Action =:= report ->
+                            split(Rest, State, Fwd, [Event | Events]);
+                        {ok, Event} ->
+                            split(Rest, State, [Frame | Fwd], [Event | Events]);
+                        {error, _} = Error ->
+                            Error
+                    end
+            end;
+        true ->
+            done(Data, State, Fwd, Events)
+    end;
+split(Data, State, Fwd, Events) ->
+    done(Data, State, Fwd, Events).
+
+done(Held, State, Fwd, Events) ->
+    {ok, lists:reverse(Fwd), lists:reverse(Events), State#splitter{held = Held}}.
+
+%% The side policy of DESIGN.md "Events and side policies"; everything else is forwarded silently.
+-spec action(consumer | producer, byte(), byte()) -> action().
+action(producer, Magic, ?DCP_STREAM_END) when ?IS_REQ(Magic) -> stream_end;
+action(producer, Magic, ?DCP_SET_VBUCKET_STATE) when ?IS_REQ(Magic) -> forward_report;
+action(producer, Magic, ?DCP_CLOSE_STREAM) when ?IS_RES(Magic) -> report;
+action(consumer, Magic, ?DCP_ADD_STREAM) when ?IS_RES(Magic) -> report;
+action(consumer, Magic, ?DCP_CLOSE_STREAM) when ?IS_RES(Magic) -> report;
+action(consumer, Magic, ?DCP_STREAM_REQ) when ?IS_REQ(Magic) -> forward_report;
+action(consumer, Magic, ?DCP_SET_VBUCKET_STATE) when ?IS_RES(Magic) -> forward_report;
+action(_Side, _Magic, _Opcode) -> forward.
+
+%% Reported frames are rare: decode them with the one codec.
+event(stream_end, Frame) ->
+    case mcbp:decode(Frame) of
+        {ok, #{vbucket := VBucket, opaque := Opaque} = Decoded, <<>>} ->
+            case mcbp:dcp_fields(Decoded) of
+                #{reason := Reason} -> {ok, {stream_end, VBucket, Opaque, Reason}};
+                {error, _} = Error -> Error;
+                Other -> {error, {bad_stream_end, Other}}
+            end;
+        Other ->
+            decode_error(Other)
+    end;
+event(_Action, Frame) ->
+    case mcbp:decode(Frame) of
+        {ok, Decoded, <<>>} -> {ok, Decoded};
+        Other -> decode_error(Other)
+    end.
+
+%% The frame was cut by its own header, so only a codec error can land here.
+decode_error({error, _} = Error) -> Error;
+decode_error(Other) -> {error, {undecodable_frame, Other}}.

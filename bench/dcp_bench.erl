@@ -1,0 +1,507 @@
+%% @doc `make bench', BEAM level: the NIF splitter (`mcbp:feed/2') against the pure-Erlang baseline
+%% (`dcp_baseline_splitter', ns_server's loop), the scheduler-slice check, the cost of stream setup at
+%% 256 and 1024 vbuckets, and end to end through the proxy with kv_sim. Prints a table and writes the
+%% same figures as JSON to `_build/bench/dcp_bench.json'. It measures; it asserts nothing about time.
+-module(dcp_bench).
+
+-export([main/0, main/1]).
+
+%% Called on the kv_sim peer VM.
+-export([consumer_doc_count/1]).
+
+-define(MB, 1000000).
+-define(KIB, 1024).
+-define(MIB, (1024 * 1024)).
+-define(MAX_FRAME_SIZE, (30 * ?MIB)).
+-define(JSON_FILE, "_build/bench/dcp_bench.json").
+
+-type opts() :: #{reps => pos_integer(),
+                  stream_bytes => pos_integer(),
+                  sections => [feed | slice | setup | end_to_end],
+                  e2e_bytes => pos_integer(),
+                  e2e_reps => pos_integer(),
+                  json_file => file:filename()}.
+
+%% @doc Runs every section with the default sizes (a few minutes on 2 cores) and halts nothing.
+-spec main() -> ok.
+main() ->
+    main(#{}).
+
+%% @doc As `main/0'; `Opts' shrinks or picks sections, e.g. `#{reps => 3, sections => [feed]}'.
+-spec main(opts()) -> ok.
+main(Opts0) ->
+    Opts = maps:merge(#{reps => 7, stream_bytes => 64 * ?MIB, e2e_bytes => 128 * ?MIB, e2e_reps => 3,
+                        sections => [feed, slice, setup, end_to_end], json_file => ?JSON_FILE},
+                      Opts0),
+    LoadBefore = load_average(),
+    io:format("~ndcp_bench: BEAM-level benchmarks (OTP ~s, ~p schedulers online, load average ~s)~n",
+              [erlang:system_info(otp_release), erlang:system_info(schedulers_online), LoadBefore]),
+    Results = lists:foldl(
+                fun(Section, Acc) ->
+                        Acc#{Section => run_section(Section, Opts)}
+                end, #{}, maps:get(sections, Opts)),
+    LoadAfter = load_average(),
+    targets(Results),
+    File = maps:get(json_file, Opts),
+    ok = filelib:ensure_dir(File),
+    Info = #{otp_release => list_to_binary(erlang:system_info(otp_release)),
+             schedulers_online => erlang:system_info(schedulers_online),
+             load_average_before => LoadBefore, load_average_after => LoadAfter},
+    ok = file:write_file(File, [json(maps:merge(Results, Info)), "\n"]),
+    io:format("~nload average at the end ~s~nJSON: ~s~n", [LoadAfter, File]).
+
+%% The figures are only as good as the machine is quiet: print what else was running.
+load_average() ->
+    case file:read_file("/proc/loadavg") of
+        {ok, Text} -> iolist_to_binary(lists:join(" ", lists:sublist(string:lexemes(Text, " \n"), 3)));
+        {error, _} -> <<"unknown">>
+    end.
+
+%% The targets of DESIGN.md next to what was measured. Information, not a verdict: the benchmark
+%% asserts nothing about time.
+targets(Results) ->
+    io:format("~n== Targets (DESIGN.md) against this run ==~n"),
+    Feed = [C || #{frame_bytes := _} = C <- maps:get(cases, maps:get(feed, Results, #{}), [])],
+    Ratios = fun(Size) -> [R || #{frame_bytes := S, ratio := R} <- Feed, S =:= Size] end,
+    line(">= 25x frames/s at 256 B", Ratios(256), fun(R) -> R >= 25 end),
+    line(">= 5x at 4 KiB", Ratios(4 * ?KIB), fun(R) -> R >= 5 end),
+    line("never slower at 1 MiB", Ratios(?MIB), fun(R) -> R >= 1 end),
+    line("no NIF call over ~1 ms (us)",
+         [M || #{max_nif_call_us := M} <- [maps:get(slice, Results, #{})]], fun(M) -> M =< 1000 end),
+    line("setup 1024 vb ~4x 256 vb", [R || #{ratio_1024_to_256 := R} <- [maps:get(setup, Results, #{})]],
+         fun(R) -> R =< 5 end),
+    E2E = maps:get(cases, maps:get(end_to_end, Results, #{}), []),
+    line("end to end: higher throughput (ratio)",
+         [R || #{throughput_ratio := R} <- E2E, R =/= null], fun(R) -> R > 1 end),
+    line("end to end: lower CPU per GB (ratio)",
+         [R || #{cpu_per_gb_ratio_baseline_to_nif := R} <- E2E, R =/= null], fun(R) -> R > 1 end).
+
+line(Target, [], _Met) ->
+    io:format("  ~-40s not measured~n", [Target]);
+line(Target, Values, Met) ->
+    Verdict = case lists:all(Met, Values) of
+                  true -> "met";
+                  false -> "MISSED"
+              end,
+    io:format("  ~-40s ~-6s ~s~n",
+              [Target, Verdict, lists:join(", ", [io_lib:format("~.1f", [float(V)]) || V <- Values])]).
+
+%% A section that cannot run (a module not there yet, a NIF not loaded) is reported and skipped.
+run_section(Section, Opts) ->
+    try
+        section(Section, Opts)
+    catch
+        Class:Reason:Stack ->
+            Where = case Stack of [{M, F, A, _} | _] -> {M, F, arity(A)}; _ -> unknown end,
+            Why = iolist_to_binary(io_lib:format("~P at ~p", [{Class, Reason}, 12, Where])),
+            io:format("[~p] skipped: ~s~n", [Section, Why]),
+            #{skipped => Why}
+    end.
+
+arity(Args) when is_list(Args) -> length(Args);
+arity(Arity) -> Arity.
+
+section(feed, Opts) -> feed_section(Opts);
+section(slice, Opts) -> slice_section(Opts);
+section(setup, Opts) -> setup_section(Opts);
+section(end_to_end, Opts) -> end_to_end_section(Opts).
+
+%% ---- feed level ----
+
+feed_section(#{reps := Reps, stream_bytes := StreamBytes}) ->
+    io:format("~n== Feed: mcbp:feed/2 (NIF) vs dcp_baseline_splitter (ns_server loop), producer side, "
+              "~p MiB per stream, median of ~p interleaved runs each ==~n",
+              [StreamBytes div ?MIB, Reps]),
+    io:format("~-7s ~-6s | ~12s ~9s | ~12s ~9s | ~7s ~7s | ~10s ~11s~n",
+              ["frame", "chunk", "base fr/s", "base MB/s", "nif fr/s", "nif MB/s", "ratio", "best",
+               "nif max us", "base max us"]),
+    io:format("(rates and ratio from the median runs; best: ratio of the fastest runs, the least disturbed "
+              "by other load;~n max us: the longest single feed call, mcbp:feed/2 for the NIF)~n"),
+    Rows = [feed_case(FrameSize, ChunkSize, StreamBytes, Reps)
+            || FrameSize <- [256, 4 * ?KIB, ?MIB], ChunkSize <- [64 * ?KIB, ?MIB]],
+    #{cases => Rows}.
+
+feed_case(FrameSize, ChunkSize, StreamBytes, Reps) ->
+    {Stream, Frames} = mutation_stream(FrameSize, StreamBytes),
+    Chunks = chunks(Stream, ChunkSize),
+    Runs = interleave(Reps, fun() -> isolated(fun() -> baseline_run(Chunks) end) end,
+                      fun() -> isolated(fun() -> nif_run(Chunks) end) end),
+    {BaseRuns, NifRuns} = lists:unzip(Runs),
+    Base = summary(BaseRuns, Frames, byte_size(Stream)),
+    Nif = summary(NifRuns, Frames, byte_size(Stream)),
+    Ratio = maps:get(frames_per_s, Nif) / maps:get(frames_per_s, Base),
+    BestRatio = maps:get(best_s, Base) / maps:get(best_s, Nif),
+    io:format("~-7s ~-6s | ~12s ~9.1f | ~12s ~9.1f | ~6.1fx ~6.1fx | ~10.1f ~11.1f~n",
+              [size_name(FrameSize), size_name(ChunkSize),
+               count(maps:get(frames_per_s, Base)), maps:get(mb_per_s, Base),
+               count(maps:get(frames_per_s, Nif)), maps:get(mb_per_s, Nif), Ratio, BestRatio,
+               maps:get(max_call_us, Nif), maps:get(max_call_us, Base)]),
+    #{frame_bytes => FrameSize, chunk_bytes => ChunkSize, frames => Frames,
+      stream_bytes => byte_size(Stream), baseline => Base, nif => Nif, ratio => Ratio,
+      ratio_best_runs => BestRatio}.
+
+%% Alternating runs, so drift in machine load hits both sides alike.
+interleave(Reps, RunA, RunB) ->
+    [begin A = RunA(), B = RunB(), {A, B} end || _ <- lists:seq(1, Reps)].
+
+summary(Runs, Frames, Bytes) ->
+    Seconds = median([S || {S, _} <- Runs]),
+    #{median_s => Seconds,
+      frames_per_s => Frames / Seconds,
+      mb_per_s => Bytes / ?MB / Seconds,
+      best_s => lists:min([S || {S, _} <- Runs]),
+      max_call_us => lists:max([M || {_, M} <- Runs]),
+      runs_s => [S || {S, _} <- Runs]}.
+
+baseline_run(Chunks) ->
+    State = dcp_baseline_splitter:new(#{side => producer}),
+    timed_feeds(Chunks, State, fun(S, Chunk) ->
+                                       {ok, _Forward, _Events, S2} = dcp_baseline_splitter:feed(S, Chunk),
+                                       S2
+                               end).
+
+nif_run(Chunks) ->
+    Splitter = mcbp:splitter_new(#{side => producer}),
+    timed_feeds(Chunks, Splitter, fun(S, Chunk) ->
+                                          {ok, _Forward, _Events} = mcbp:feed(S, Chunk),
+                                          S
+                                  end).
+
+%% Each chunk is handed over as a fresh binary, just written, as gen_tcp hands over what it read
+%% (so it is as warm in the cache as a received chunk is); only the feed calls are timed.
+%% Returns {seconds spent in feed calls, longest single feed call in us}.
+timed_feeds(Chunks, State0, Feed) ->
+    {_, Total, MaxCall} =
+        lists:foldl(
+          fun(Chunk, {State, Sum, Max}) ->
+                  Received = binary:copy(Chunk),
+                  T0 = erlang:monotonic_time(),
+                  State2 = Feed(State, Received),
+                  Took = erlang:monotonic_time() - T0,
+                  {State2, Sum + Took, max(Max, Took)}
+          end, {State0, 0, 0}, Chunks),
+    {to_s(Total), to_s(MaxCall) * 1.0e6}.
+
+%% ---- scheduler-slice check ----
+
+%% One 16 MiB chunk of 256-byte frames: mcbp:feed/2 must come back to Erlang at least every ~1 ms
+%% (dcp_nif:feed/3 returns `continue'), so each NIF call is timed on its own here, and the VM's
+%% long_schedule monitor (1 ms) watches the process.
+slice_section(#{reps := Reps}) ->
+    ChunkBytes = 16 * ?MIB,
+    {Chunk, Frames} = mutation_stream(256, ChunkBytes),
+    io:format("~n== Scheduler slice: one ~p MiB chunk of 256 B frames (~p frames), ~p runs ==~n",
+              [ChunkBytes div ?MIB, Frames, Reps]),
+    Runs = [isolated_monitored(fun() -> slice_run(Chunk) end) || _ <- lists:seq(1, Reps)],
+    MaxCall = lists:max([maps:get(max_nif_call_us, R) || R <- Runs]),
+    Calls = median([maps:get(nif_calls, R) || R <- Runs]),
+    Whole = median([maps:get(whole_feed_us, R) || R <- Runs]),
+    LongSchedules = lists:sum([maps:get(long_schedules, R) || R <- Runs]),
+    io:format("longest dcp_nif:feed/3 call: ~.1f us; NIF calls per 16 MiB feed: ~p; "
+              "whole mcbp:feed/2: ~.1f us (median); long_schedule (>1 ms) events: ~p~n",
+              [MaxCall, Calls, Whole, LongSchedules]),
+    #{chunk_bytes => ChunkBytes, frames => Frames, max_nif_call_us => MaxCall,
+      nif_calls_median => Calls, whole_feed_us_median => Whole, long_schedule_events => LongSchedules}.
+
+slice_run(Chunk) ->
+    %% The NIF's own loop, as mcbp:feed/2 runs it, with each call timed.
+    Splitter = dcp_nif:splitter_new(producer, ?MAX_FRAME_SIZE),
+    {Calls, Max} = slice_loop(Splitter, binary:copy(Chunk), 0, 0, 0),
+    %% And the public call as a whole, on a fresh splitter.
+    Splitter2 = mcbp:splitter_new(#{side => producer}),
+    Received = binary:copy(Chunk),
+    T0 = erlang:monotonic_time(),
+    {ok, _, _} = mcbp:feed(Splitter2, Received),
+    Whole = erlang:monotonic_time() - T0,
+    #{max_nif_call_us => to_s(Max) * 1.0e6, nif_calls => Calls, whole_feed_us => to_s(Whole) * 1.0e6}.
+
+slice_loop(Splitter, Chunk, Offset, Calls, Max) ->
+    T0 = erlang:monotonic_time(),
+    Result = dcp_nif:feed(Splitter, Chunk, Offset),
+    Took = erlang:monotonic_time() - T0,
+    case Result of
+        {ok, _Forward, _Events} ->
+            {Calls + 1, max(Max, Took)};
+        {continue, Next, _Forward, _Events} ->
+            slice_loop(Splitter, Chunk, Next, Calls + 1, max(Max, Took))
+    end.
+
+isolated_monitored(Fun) ->
+    Previous = erlang:system_monitor(self(), [{long_schedule, 1}]),
+    {Pid, Result} = try isolated_pid(Fun)
+                    after _ = restore_system_monitor(Previous)
+                    end,
+    Result#{long_schedules => flush_long_schedules(Pid, 0)}.
+
+restore_system_monitor(undefined) -> erlang:system_monitor(undefined);
+restore_system_monitor({Pid, Opts}) -> erlang:system_monitor(Pid, Opts).
+
+flush_long_schedules(Pid, N) ->
+    receive
+        {monitor, Pid, long_schedule, _Info} -> flush_long_schedules(Pid, N + 1);
+        {monitor, _Other, long_schedule, _Info} -> flush_long_schedules(Pid, N)
+    after 0 ->
+            N
+    end.
+
+%% ---- setup level ----
+
+%% A full setup through the dcp_setup NIFs: begin with N vbuckets, then one successful ADD_STREAM
+%% answer per vbucket (opaque = vbucket). The bookkeeping is O(1) per event: 1024 should cost ~4x 256.
+setup_section(#{reps := Reps}) ->
+    Batch = 100,
+    io:format("~n== Setup: dcp_nif:setup_begin + one add_stream answer per vbucket, "
+              "median of ~p interleaved batches of ~p setups ==~n", [Reps, Batch]),
+    Runs = interleave(Reps, fun() -> isolated(fun() -> setup_batch(256, Batch) end) end,
+                      fun() -> isolated(fun() -> setup_batch(1024, Batch) end) end),
+    {Small, Large} = lists:unzip(Runs),
+    SmallUs = median(Small),
+    LargeUs = median(Large),
+    Ratio = LargeUs / SmallUs,
+    io:format("~-10s ~14s ~14s~n", ["vbuckets", "us per setup", "ns per vbucket"]),
+    io:format("~-10w ~14.1f ~14.1f~n", [256, SmallUs, SmallUs * 1000 / 256]),
+    io:format("~-10w ~14.1f ~14.1f~n", [1024, LargeUs, LargeUs * 1000 / 1024]),
+    io:format("1024 / 256: ~.2fx (O(1) per event means about 4x)~n", [Ratio]),
+    #{us_per_setup_256 => SmallUs, us_per_setup_1024 => LargeUs, ratio_1024_to_256 => Ratio,
+      batch => Batch}.
+
+setup_batch(N, Batch) ->
+    VBuckets = lists:seq(0, N - 1),
+    T0 = erlang:monotonic_time(),
+    lists:foreach(fun(_) -> ok = setup_once(VBuckets) end, lists:seq(1, Batch)),
+    to_s(erlang:monotonic_time() - T0) * 1.0e6 / Batch.
+
+setup_once(VBuckets) ->
+    Setup = dcp_nif:setup_new(),
+    {send, Actions} = dcp_nif:setup_begin(Setup, VBuckets),
+    true = length(Actions) =:= length(VBuckets),
+    answer_adds(Setup, VBuckets).
+
+answer_adds(Setup, [VB]) ->
+    {reply, ok} = dcp_nif:setup_add_stream_response(Setup, VB, 0),
+    ok;
+answer_adds(Setup, [VB | Rest]) ->
+    noreply = dcp_nif:setup_add_stream_response(Setup, VB, 0),
+    answer_adds(Setup, Rest).
+
+%% ---- end to end ----
+
+%% kv_sim producer -> proxy (dcp_replicator) -> kv_sim consumer on loopback, the NIF splitter against
+%% the baseline, same data. Both kv_sim nodes run in a peer VM, so this VM's runtime is the proxy's
+%% own CPU (plus the bench's polling, the same for both).
+end_to_end_section(#{e2e_reps := Reps, e2e_bytes := Bytes}) ->
+    case [M || M <- [kv_sim, dcp_replicator], code:ensure_loaded(M) =/= {module, M}] of
+        [] ->
+            end_to_end(Reps, Bytes);
+        Missing ->
+            io:format("~n== End to end: skipped, ~p not available yet ==~n", [Missing]),
+            #{skipped => iolist_to_binary(io_lib:format("missing modules ~p", [Missing]))}
+    end.
+
+end_to_end(Reps, Bytes) ->
+    VBuckets = 64,
+    io:format("~n== End to end: kv_sim producer -> dcp_replicator -> kv_sim consumer (loopback, kv_sim in "
+              "a peer VM), ~p vbuckets, median of ~p interleaved runs each ==~n", [VBuckets, Reps]),
+    io:format("~-7s ~-8s | ~9s ~11s | ~9s ~11s | ~10s ~12s~n",
+              ["value", "docs", "base MB/s", "base ms/GB", "nif MB/s", "nif ms/GB",
+               "MB/s ratio", "CPU/GB ratio"]),
+    Paths = lists:usort([filename:dirname(code:which(M)) || M <- [kv_sim, dcp_bench, dcp_nif]]),
+    {ok, Peer, _} = peer:start_link(#{connection => standard_io,
+                                      args => lists:append([["-pa", P] || P <- Paths])}),
+    try
+        Cases = [e2e_case(Peer, VBuckets, ValueSize, Bytes div Div, Reps)
+                 || {ValueSize, Div} <- [{4096, 1}, {256, 4}]],
+        #{vbuckets => VBuckets, cases => Cases}
+    after
+        peer:stop(Peer)
+    end.
+
+e2e_case(Peer, VBuckets, ValueSize, Bytes, Reps) ->
+    %% A mutation on the wire: header, extras, a 17-byte key, the value.
+    Docs = max(1, Bytes div (VBuckets * (24 + 31 + 17 + ValueSize))),
+    Runs = interleave(Reps,
+                      fun() -> e2e_run(Peer, VBuckets, Docs, ValueSize, {dcp_baseline_splitter, #{}}) end,
+                      fun() -> e2e_run(Peer, VBuckets, Docs, ValueSize, nif) end),
+    {BaseRuns, NifRuns} = lists:unzip(Runs),
+    Base = e2e_summary(BaseRuns),
+    Nif = e2e_summary(NifRuns),
+    Throughput = ratio(maps:get(mb_per_s, Nif), maps:get(mb_per_s, Base)),
+    CpuRatio = ratio(maps:get(cpu_ms_per_gb, Base), maps:get(cpu_ms_per_gb, Nif)),
+    io:format("~-7s ~-8w | ~9.1f ~11.1f | ~9.1f ~11.1f | ~10s ~12s~n",
+              [size_name(ValueSize), VBuckets * Docs,
+               maps:get(mb_per_s, Base), maps:get(cpu_ms_per_gb, Base),
+               maps:get(mb_per_s, Nif), maps:get(cpu_ms_per_gb, Nif),
+               ratio_text(Throughput), ratio_text(CpuRatio)]),
+    #{value_bytes => ValueSize, docs => VBuckets * Docs, baseline => Base, nif => Nif,
+      throughput_ratio => Throughput, cpu_per_gb_ratio_baseline_to_nif => CpuRatio}.
+
+e2e_summary(Runs) ->
+    Wall = median([W || #{wall_s := W} <- Runs]),
+    Cpu = median([C || #{cpu_ms := C} <- Runs]),
+    Bytes = median([B || #{bytes := B} <- Runs]),
+    #{median_wall_s => Wall, median_cpu_ms => Cpu, bytes => Bytes,
+      mb_per_s => Bytes / ?MB / Wall, cpu_ms_per_gb => Cpu / (Bytes / 1.0e9),
+      verified => lists:all(fun(#{verified := V}) -> V end, Runs),
+      runs => Runs}.
+
+%% One replication of fresh nodes; the proxy runs in a fresh process of this VM.
+e2e_run(Peer, VBuckets, Docs, ValueSize, Splitter) ->
+    Common = #{vbuckets => VBuckets, value_size => ValueSize},
+    {ok, Producer} = peer:call(Peer, kv_sim, start, [Common#{role => producer, docs_per_vbucket => Docs}]),
+    {ok, Consumer} = peer:call(Peer, kv_sim, start, [Common#{role => consumer}]),
+    try
+        Endpoint = fun(Node) -> {{127, 0, 0, 1}, peer:call(Peer, kv_sim, port, [Node])} end,
+        RepOpts = #{consumer => Endpoint(Consumer), producer => Endpoint(Producer),
+                    bucket => "default", connection_name => "replication:bench-producer->bench-consumer:default",
+                    user => "Administrator", password => "password",
+                    features => [xattr, del_times], splitter => Splitter},
+        Expected = VBuckets * Docs,
+        Run = isolated(fun() -> replicate(RepOpts, lists:seq(0, VBuckets - 1), Peer, Consumer, Expected) end),
+        Verified = lists:all(fun(VB) ->
+                                     peer:call(Peer, kv_sim, digest, [Producer, VB])
+                                         =:= peer:call(Peer, kv_sim, digest, [Consumer, VB])
+                             end, lists:seq(0, VBuckets - 1)),
+        Run#{verified => Verified}
+    after
+        peer:call(Peer, kv_sim, stop, [Producer]),
+        peer:call(Peer, kv_sim, stop, [Consumer])
+    end.
+
+replicate(RepOpts, VBuckets, Peer, Consumer, Expected) ->
+    process_flag(trap_exit, true),
+    erlang:garbage_collect(),
+    {Cpu0, _} = erlang:statistics(runtime),
+    T0 = erlang:monotonic_time(),
+    {ok, Rep} = dcp_replicator:start_link(RepOpts),
+    ok = dcp_replicator:setup_replication(Rep, VBuckets),
+    ok = wait_for_docs(Peer, Consumer, Expected),
+    Wall = to_s(erlang:monotonic_time() - T0),
+    {Cpu1, _} = erlang:statistics(runtime),
+    #{producer := #{bytes_in := Bytes}} = dcp_replicator:stats(Rep),
+    unlink(Rep),
+    Ref = erlang:monitor(process, Rep),
+    exit(Rep, shutdown),
+    receive {'DOWN', Ref, process, Rep, _} -> ok end,
+    #{wall_s => Wall, cpu_ms => Cpu1 - Cpu0, bytes => Bytes}.
+
+wait_for_docs(Peer, Consumer, Expected) ->
+    case peer:call(Peer, ?MODULE, consumer_doc_count, [Consumer]) of
+        N when N >= Expected ->
+            ok;
+        _ ->
+            timer:sleep(10),
+            wait_for_docs(Peer, Consumer, Expected)
+    end.
+
+%% @private Runs on the kv_sim peer: documents a consumer node holds, all vbuckets (its store is an
+%% ets table of one row per document; reading its size is O(1), unlike a digest).
+-spec consumer_doc_count(pid()) -> non_neg_integer().
+consumer_doc_count(Node) ->
+    #{store := Store} = gen_server:call(Node, config),
+    ets:info(Store, size).
+
+%% ---- streams ----
+
+%% A stream of about Bytes of DCP mutations, each exactly FrameSize bytes on the wire, built with
+%% mcbp:encode/1; 256 distinct frames repeated. Returns {Stream, FrameCount}.
+mutation_stream(FrameSize, Bytes) ->
+    Frames = max(1, Bytes div FrameSize),
+    Distinct = min(Frames, 256),
+    Block = iolist_to_binary([mutation(I, FrameSize) || I <- lists:seq(1, Distinct)]),
+    Copies = Frames div Distinct,
+    {binary:copy(Block, Copies), Distinct * Copies}.
+
+mutation(Seqno, FrameSize) ->
+    Key = iolist_to_binary(io_lib:format("bench-key-~6..0w", [Seqno])),
+    Extras = <<Seqno:64, 1:64, 0:32, 0:32, 0:32, 0:16, 0:8>>,
+    ValueLen = FrameSize - 24 - byte_size(Extras) - byte_size(Key),
+    Frame = iolist_to_binary(
+              mcbp:encode(#{magic => req, opcode => 16#57, datatype => 0, vbucket => Seqno rem 1024,
+                            opaque => 16#dcb, cas => Seqno, framing_extras => [], extras => Extras,
+                            key => Key, value => binary:copy(<<"v">>, ValueLen)})),
+    FrameSize = byte_size(Frame),
+    Frame.
+
+%% Socket-sized chunks: sub-binaries of the stream, as a receive buffer would hand them over.
+chunks(Stream, Size) when byte_size(Stream) =< Size ->
+    [Stream];
+chunks(Stream, Size) ->
+    <<Chunk:Size/binary, Rest/binary>> = Stream,
+    [Chunk | chunks(Rest, Size)].
+
+%% ---- helpers ----
+
+%% Each run in a fresh process: no garbage from the previous run is collected on its time.
+isolated(Fun) ->
+    {_Pid, Result} = isolated_pid(Fun),
+    Result.
+
+isolated_pid(Fun) ->
+    Parent = self(),
+    {Pid, Ref} = spawn_monitor(fun() -> Parent ! {self(), bench_result, run(Fun)} end),
+    receive
+        {Pid, bench_result, Outcome} ->
+            erlang:demonitor(Ref, [flush]),
+            case Outcome of
+                {result, Result} -> {Pid, Result};
+                {failed, Class, Reason, Stack} -> erlang:raise(Class, Reason, Stack)
+            end;
+        {'DOWN', Ref, process, Pid, Why} ->
+            error({bench_run_failed, Why})
+    end.
+
+run(Fun) ->
+    try
+        {result, Fun()}
+    catch
+        Class:Reason:Stack -> {failed, Class, Reason, Stack}
+    end.
+
+%% A ratio of two measurements; a run too short to register CPU time gives none.
+ratio(_, Zero) when Zero == 0 -> null;
+ratio(A, B) -> A / B.
+
+ratio_text(null) -> "n/a";
+ratio_text(R) -> io_lib:format("~.2fx", [R]).
+
+to_s(Native) ->
+    erlang:convert_time_unit(Native, native, nanosecond) / 1.0e9.
+
+median(Values) ->
+    Sorted = lists:sort(Values),
+    N = length(Sorted),
+    case N rem 2 of
+        1 -> lists:nth(N div 2 + 1, Sorted);
+        0 -> (lists:nth(N div 2, Sorted) + lists:nth(N div 2 + 1, Sorted)) / 2
+    end.
+
+size_name(B) when B >= ?MIB, B rem ?MIB =:= 0 -> integer_to_list(B div ?MIB) ++ " MiB";
+size_name(B) when B >= ?KIB, B rem ?KIB =:= 0 -> integer_to_list(B div ?KIB) ++ " KiB";
+size_name(B) -> integer_to_list(B) ++ " B".
+
+count(N) when N >= 1.0e6 -> io_lib:format("~.2fM", [N / 1.0e6]);
+count(N) when N >= 1.0e3 -> io_lib:format("~.1fk", [N / 1.0e3]);
+count(N) -> io_lib:format("~.1f", [float(N)]).
+
+%% ---- a small JSON encoder (OTP 25 has no json module) ----
+
+json(Map) when is_map(Map) ->
+    Members = [[json_string(Key), ":", json(Value)] || {Key, Value} <- lists:sort(maps:to_list(Map))],
+    ["{", lists:join(",", Members), "}"];
+json(List) when is_list(List) ->
+    ["[", lists:join(",", [json(V) || V <- List]), "]"];
+json(true) -> "true";
+json(false) -> "false";
+json(null) -> "null";
+json(Int) when is_integer(Int) -> integer_to_list(Int);
+json(Float) when is_float(Float) -> float_to_list(Float, [{decimals, 4}, compact]);
+json(Other) -> json_string(Other).
+
+json_string(Atom) when is_atom(Atom) -> json_string(atom_to_binary(Atom));
+json_string(Bin) when is_binary(Bin) -> [$", [json_char(C) || <<C>> <= Bin], $"];
+json_string(Term) -> json_string(iolist_to_binary(io_lib:format("~p", [Term]))).
+
+json_char($") -> "\\\"";
+json_char($\\) -> "\\\\";
+json_char(C) when C < 16#20 -> io_lib:format("\\u~4.16.0b", [C]);
+json_char(C) -> C.

@@ -1,0 +1,417 @@
+%% @doc Building and interpreting DCP command frames, in ns_server's words.
+%%
+%% Every frame is built as an `mcbp' frame map and encoded by `mcbp:encode/1'; this module only lays out
+%% the extras, keys and values of each command (the one codec owns the header). Builders return iodata.
+-module(dcp_commands).
+
+%% Handshake and stream setup (what a connection to memcached sends)
+-export([sasl_auth_plain/3, select_bucket/2, hello/3, dcp_open/4,
+         add_stream/3, close_stream/2, stream_req/3, control/3, buffer_ack/2,
+         noop_request/1, noop_response/1]).
+
+%% What a DCP producer or consumer node sends (kv_sim and tests)
+-export([snapshot_marker/5, mutation/3, deletion/3, expiration/3, stream_end/3,
+         set_vbucket_state/3, stream_req_response/3, add_stream_response/3,
+         response/3, response/4, request/2]).
+
+%% Interpreting frames
+-export([process_response/1, command_2_atom/1, opcode/1, status/1,
+         hello_feature_code/1, hello_feature_name/1, hello_features/1,
+         open_flags/2, failover_log/1, format_packet_nicely/1, format_packet_nicely/2]).
+
+-export_type([opaque/0, vbucket/0, feature/0, open_flag/0, stream_end_reason/0,
+              vbucket_state/0, frame/0]).
+
+-type opaque() :: 0..16#ffffffff.
+-type vbucket() :: 0..16#ffff.
+-type feature() :: tls | tcp_nodelay | mutation_seqno | tcp_delay | xattr | xerror | select_bucket
+                 | snappy | json | duplex | clustermap_change_notification | unordered_execution
+                 | tracing | alt_request_support | sync_replication | collections.
+-type open_flag() :: xattr | del_times | del_user_xattr.
+-type stream_end_reason() :: ok | closed | state_changed | disconnected | too_slow | backfill_fail
+                           | rollback | filter_empty | lost_privileges | {unknown, non_neg_integer()}
+                           | non_neg_integer().
+-type vbucket_state() :: active | replica | pending | dead.
+-type frame() :: #{atom() => term()}.
+
+%% Opcodes (PROTOCOL.md)
+-define(NOOP, 16#0a).
+-define(HELLO, 16#1f).
+-define(SASL_AUTH, 16#21).
+-define(SELECT_BUCKET, 16#89).
+-define(DCP_OPEN, 16#50).
+-define(DCP_ADD_STREAM, 16#51).
+-define(DCP_CLOSE_STREAM, 16#52).
+-define(DCP_STREAM_REQ, 16#53).
+-define(DCP_STREAM_END, 16#55).
+-define(DCP_SNAPSHOT_MARKER, 16#56).
+-define(DCP_MUTATION, 16#57).
+-define(DCP_DELETION, 16#58).
+-define(DCP_EXPIRATION, 16#59).
+-define(DCP_SET_VBUCKET_STATE, 16#5b).
+-define(DCP_NOOP, 16#5c).
+-define(DCP_BUFFER_ACK, 16#5d).
+-define(DCP_CONTROL, 16#5e).
+
+-define(OPEN_PRODUCER, 16#01).
+-define(OPEN_XATTR, 16#04).
+-define(OPEN_DEL_TIMES, 16#20).
+-define(OPEN_DEL_USER_XATTR, 16#100).
+
+-define(MAX_SEQNO, 16#ffffffffffffffff).
+
+%% ---- handshake ----
+
+%% @doc SASL_AUTH with mechanism PLAIN: the value is `authzid NUL authcid NUL password' (empty authzid).
+-spec sasl_auth_plain(iodata(), iodata(), opaque()) -> iodata().
+sasl_auth_plain(User, Password, Opaque) ->
+    Value = iolist_to_binary([0, User, 0, Password]),
+    request(?SASL_AUTH, #{opaque => Opaque, key => <<"PLAIN">>, value => Value}).
+
+-spec select_bucket(iodata(), opaque()) -> iodata().
+select_bucket(Bucket, Opaque) ->
+    request(?SELECT_BUCKET, #{opaque => Opaque, key => iolist_to_binary(Bucket)}).
+
+%% @doc HELLO: the key is the agent name, the value the wanted feature codes (u16 each).
+-spec hello(iodata(), [feature()], opaque()) -> iodata().
+hello(AgentName, Features, Opaque) ->
+    Value = << <<(hello_feature_code(F)):16>> || F <- Features >>,
+    request(?HELLO, #{opaque => Opaque, key => iolist_to_binary(AgentName), value => Value}).
+
+-spec dcp_open(iodata(), consumer | producer, [open_flag()], opaque()) -> iodata().
+dcp_open(Name, Type, Flags, Opaque) ->
+    Extras = <<0:32, (open_flags(Type, Flags)):32>>,
+    request(?DCP_OPEN, #{opaque => Opaque, extras => Extras, key => iolist_to_binary(Name)}).
+
+%% @doc The DCP_OPEN flags word for a connection type and its feature flags.
+-spec open_flags(consumer | producer, [open_flag()]) -> non_neg_integer().
+open_flags(Type, Flags) ->
+    Base = case Type of
+               producer -> ?OPEN_PRODUCER;
+               consumer -> 0
+           end,
+    lists:foldl(fun(F, Acc) -> Acc bor open_flag_bit(F) end, Base, Flags).
+
+open_flag_bit(xattr) -> ?OPEN_XATTR;
+open_flag_bit(del_times) -> ?OPEN_DEL_TIMES;
+open_flag_bit(del_user_xattr) -> ?OPEN_DEL_USER_XATTR;
+open_flag_bit(Other) -> error({bad_open_flag, Other}).
+
+%% ---- stream setup ----
+
+%% @doc DCP_ADD_STREAM; `Flags' is the flags word (1 = takeover) or a list of `takeover'.
+-spec add_stream(vbucket(), non_neg_integer() | [takeover], opaque()) -> iodata().
+add_stream(VBucket, Flags, Opaque) ->
+    request(?DCP_ADD_STREAM, #{vbucket => VBucket, opaque => Opaque,
+                               extras => <<(add_stream_flags(Flags)):32>>}).
+
+add_stream_flags(Flags) when is_integer(Flags) -> Flags;
+add_stream_flags(Flags) when is_list(Flags) ->
+    case lists:member(takeover, Flags) of
+        true -> 1;
+        false -> 0
+    end.
+
+-spec close_stream(vbucket(), opaque()) -> iodata().
+close_stream(VBucket, Opaque) ->
+    request(?DCP_CLOSE_STREAM, #{vbucket => VBucket, opaque => Opaque}).
+
+%% @doc DCP_STREAM_REQ. Missing parameters default to a stream from 0 to the end of time, flags 0,
+%% vbucket_uuid 0, and a snapshot range equal to the start seqno.
+-spec stream_req(vbucket(), #{flags => non_neg_integer(), start_seqno => non_neg_integer(),
+                              end_seqno => non_neg_integer(), vbucket_uuid => non_neg_integer(),
+                              snap_start_seqno => non_neg_integer(),
+                              snap_end_seqno => non_neg_integer()},
+                 opaque()) -> iodata().
+stream_req(VBucket, Params, Opaque) ->
+    Start = maps:get(start_seqno, Params, 0),
+    Extras = <<(maps:get(flags, Params, 0)):32, 0:32, Start:64,
+               (maps:get(end_seqno, Params, ?MAX_SEQNO)):64,
+               (maps:get(vbucket_uuid, Params, 0)):64,
+               (maps:get(snap_start_seqno, Params, Start)):64,
+               (maps:get(snap_end_seqno, Params, Start)):64>>,
+    request(?DCP_STREAM_REQ, #{vbucket => VBucket, opaque => Opaque, extras => Extras}).
+
+-spec control(iodata(), iodata(), opaque()) -> iodata().
+control(Key, Value, Opaque) ->
+    request(?DCP_CONTROL, #{opaque => Opaque, key => iolist_to_binary(Key),
+                            value => iolist_to_binary(Value)}).
+
+%% @doc DCP_BUFFER_ACKNOWLEDGEMENT (ns_server's DCP_WINDOW_UPDATE): `Bytes' processed since the last one.
+-spec buffer_ack(non_neg_integer(), opaque()) -> iodata().
+buffer_ack(Bytes, Opaque) ->
+    request(?DCP_BUFFER_ACK, #{opaque => Opaque, extras => <<Bytes:32>>}).
+
+-spec noop_request(opaque()) -> iodata().
+noop_request(Opaque) ->
+    request(?DCP_NOOP, #{opaque => Opaque}).
+
+-spec noop_response(opaque()) -> iodata().
+noop_response(Opaque) ->
+    response(?DCP_NOOP, 0, Opaque).
+
+%% ---- what a node sends on a stream ----
+
+%% @doc A v1 snapshot marker covering `Start'..`End'; `Type' is the marker flags word (1 memory, 2 disk,
+%% 4 checkpoint, 8 ack).
+-spec snapshot_marker(vbucket(), opaque(), non_neg_integer(), non_neg_integer(),
+                      non_neg_integer()) -> iodata().
+snapshot_marker(VBucket, Opaque, Start, End, Type) ->
+    request(?DCP_SNAPSHOT_MARKER, #{vbucket => VBucket, opaque => Opaque,
+                                    extras => <<Start:64, End:64, Type:32>>}).
+
+-type doc_params() :: #{key := binary(), value => binary(), by_seqno := non_neg_integer(),
+                        rev_seqno => non_neg_integer(), flags => non_neg_integer(),
+                        expiry => non_neg_integer(), lock_time => non_neg_integer(),
+                        delete_time => non_neg_integer(), cas => non_neg_integer(),
+                        datatype => non_neg_integer(), framing_extras => [{byte(), binary()}],
+                        magic => req | alt_req}.
+
+%% @doc DCP_MUTATION; `framing_extras' (with `magic => alt_req') sends it in the flexible format.
+-spec mutation(vbucket(), opaque(), doc_params()) -> iodata().
+mutation(VBucket, Opaque, #{key := Key, by_seqno := BySeqno} = Doc) ->
+    Extras = <<BySeqno:64, (maps:get(rev_seqno, Doc, 1)):64, (maps:get(flags, Doc, 0)):32,
+               (maps:get(expiry, Doc, 0)):32, (maps:get(lock_time, Doc, 0)):32, 0:16, 0:8>>,
+    request(?DCP_MUTATION, doc_frame(VBucket, Opaque, Key, Extras, Doc)).
+
+%% @doc DCP_DELETION: v2 extras (with the delete time) when `delete_time' is given, else v1.
+-spec deletion(vbucket(), opaque(), doc_params()) -> iodata().
+deletion(VBucket, Opaque, #{key := Key, by_seqno := BySeqno} = Doc) ->
+    RevSeqno = maps:get(rev_seqno, Doc, 1),
+    Extras = case Doc of
+                 #{delete_time := DeleteTime} -> <<BySeqno:64, RevSeqno:64, DeleteTime:32, 0:8>>;
+                 _ -> <<BySeqno:64, RevSeqno:64, 0:16>>
+             end,
+    request(?DCP_DELETION, doc_frame(VBucket, Opaque, Key, Extras, Doc)).
+
+-spec expiration(vbucket(), opaque(), doc_params()) -> iodata().
+expiration(VBucket, Opaque, #{key := Key, by_seqno := BySeqno} = Doc) ->
+    Extras = <<BySeqno:64, (maps:get(rev_seqno, Doc, 1)):64, (maps:get(delete_time, Doc, 0)):32>>,
+    request(?DCP_EXPIRATION, doc_frame(VBucket, Opaque, Key, Extras, Doc)).
+
+doc_frame(VBucket, Opaque, Key, Extras, Doc) ->
+    Base = #{vbucket => VBucket, opaque => Opaque, extras => Extras, key => Key,
+             value => maps:get(value, Doc, <<>>), cas => maps:get(cas, Doc, 0),
+             datatype => maps:get(datatype, Doc, 0)},
+    case Doc of
+        #{framing_extras := FramingExtras} ->
+            Base#{magic => alt_req, framing_extras => FramingExtras};
+        _ ->
+            Base
+    end.
+
+-spec stream_end(vbucket(), opaque(), stream_end_reason()) -> iodata().
+stream_end(VBucket, Opaque, Reason) ->
+    request(?DCP_STREAM_END, #{vbucket => VBucket, opaque => Opaque,
+                               extras => <<(stream_end_code(Reason)):32>>}).
+
+stream_end_code(ok) -> 0;
+stream_end_code(closed) -> 1;
+stream_end_code(state_changed) -> 2;
+stream_end_code(disconnected) -> 3;
+stream_end_code(too_slow) -> 4;
+stream_end_code(backfill_fail) -> 5;
+stream_end_code(rollback) -> 6;
+stream_end_code(filter_empty) -> 7;
+stream_end_code(lost_privileges) -> 8;
+stream_end_code({unknown, N}) when is_integer(N), N >= 0 -> N;
+stream_end_code(N) when is_integer(N), N >= 0 -> N.
+
+-spec set_vbucket_state(vbucket(), opaque(), vbucket_state()) -> iodata().
+set_vbucket_state(VBucket, Opaque, State) ->
+    request(?DCP_SET_VBUCKET_STATE, #{vbucket => VBucket, opaque => Opaque,
+                                      extras => <<(vbucket_state_code(State)):8>>}).
+
+vbucket_state_code(active) -> 1;
+vbucket_state_code(replica) -> 2;
+vbucket_state_code(pending) -> 3;
+vbucket_state_code(dead) -> 4.
+
+%% @doc A successful STREAM_REQ answer carries the failover log, newest entry first.
+-spec stream_req_response(opaque(), 0..16#ffff,
+                          [{VbUuid :: non_neg_integer(), Seqno :: non_neg_integer()}] | binary())
+                         -> iodata().
+stream_req_response(Opaque, Status, Value) when is_binary(Value) ->
+    response(?DCP_STREAM_REQ, Status, Opaque, #{value => Value});
+stream_req_response(Opaque, Status, FailoverLog) when is_list(FailoverLog) ->
+    Value = << <<Uuid:64, Seqno:64>> || {Uuid, Seqno} <- FailoverLog >>,
+    stream_req_response(Opaque, Status, Value).
+
+%% @doc The consumer's ADD_STREAM answer: on success the extras are the consumer's own stream opaque.
+-spec add_stream_response(opaque(), 0..16#ffff, opaque() | none) -> iodata().
+add_stream_response(Opaque, Status, none) ->
+    response(?DCP_ADD_STREAM, Status, Opaque);
+add_stream_response(Opaque, Status, StreamOpaque) ->
+    response(?DCP_ADD_STREAM, Status, Opaque, #{extras => <<StreamOpaque:32>>}).
+
+%% ---- generic frames ----
+
+-spec response(0..255, 0..16#ffff, opaque()) -> iodata().
+response(Opcode, Status, Opaque) ->
+    response(Opcode, Status, Opaque, #{}).
+
+%% @doc A response frame; `Fields' may set `extras', `key', `value', `datatype', `cas'.
+-spec response(0..255, 0..16#ffff, opaque(), map()) -> iodata().
+response(Opcode, Status, Opaque, Fields) ->
+    mcbp:encode(maps:merge(#{magic => res, opcode => Opcode, datatype => 0, status => Status,
+                             opaque => Opaque, cas => 0, framing_extras => [], extras => <<>>,
+                             key => <<>>, value => <<>>},
+                           Fields#{opcode => Opcode, status => Status, opaque => Opaque})).
+
+%% @doc A request frame with any opcode (unknown ones included); unset fields are zero or empty.
+-spec request(0..255, map()) -> iodata().
+request(Opcode, Fields) ->
+    mcbp:encode(maps:merge(#{magic => req, opcode => Opcode, datatype => 0, vbucket => 0,
+                             opaque => 0, cas => 0, framing_extras => [], extras => <<>>,
+                             key => <<>>, value => <<>>},
+                           Fields#{opcode => Opcode})).
+
+%% ---- interpreting ----
+
+%% @doc `ok' for a successful answer, else the status as ns_server reports it.
+-spec process_response(frame() | binary()) ->
+          ok | {error, {mcbp_status, non_neg_integer()}} | {error, {not_a_response, term()}}.
+process_response(Bin) when is_binary(Bin) ->
+    case mcbp:decode(Bin) of
+        {ok, Frame, _Rest} -> process_response(Frame);
+        {more, N} -> {error, {not_a_response, {incomplete, N}}};
+        {error, Reason} -> {error, {not_a_response, Reason}}
+    end;
+process_response(#{status := 0}) ->
+    ok;
+process_response(#{status := Status}) ->
+    {error, {mcbp_status, Status}};
+process_response(Other) ->
+    {error, {not_a_response, maps:get(opcode_name, Other, Other)}}.
+
+%% @doc The opcode's name as an atom (`dcp_mutation', `hello', ...), `unknown' for opcodes the codec does
+%% not name. The names are the codec's own, so logs and events agree.
+-spec command_2_atom(0..255) -> atom().
+command_2_atom(Opcode) ->
+    mcbp:opcode_name(Opcode).
+
+%% @doc The opcode number of a name `command_2_atom/1' gives; integers pass through.
+-spec opcode(atom() | 0..255) -> 0..255.
+opcode(Opcode) when is_integer(Opcode), Opcode >= 0, Opcode =< 255 ->
+    Opcode;
+opcode(Name) when is_atom(Name), Name =/= unknown ->
+    case [Op || Op <- lists:seq(0, 255), mcbp:opcode_name(Op) =:= Name] of
+        [Opcode | _] -> Opcode;
+        [] -> error({unknown_opcode_name, Name})
+    end;
+opcode(Other) ->
+    error({unknown_opcode_name, Other}).
+
+%% @doc The status code of a name used in PROTOCOL.md; integers pass through.
+-spec status(atom() | 0..16#ffff) -> 0..16#ffff.
+status(Status) when is_integer(Status) -> Status;
+status(success) -> 16#00;
+status(key_enoent) -> 16#01;
+status(key_eexists) -> 16#02;
+status(einval) -> 16#04;
+status(not_my_vbucket) -> 16#07;
+status(no_bucket) -> 16#08;
+status(auth_error) -> 16#20;
+status(erange) -> 16#22;
+status(rollback) -> 16#23;
+status(eaccess) -> 16#24;
+status(unknown_command) -> 16#81;
+status(enomem) -> 16#82;
+status(not_supported) -> 16#83;
+status(einternal) -> 16#84;
+status(ebusy) -> 16#85;
+status(etmpfail) -> 16#86;
+status(Other) -> error({unknown_status_name, Other}).
+
+-spec hello_feature_code(feature()) -> 0..16#ffff.
+hello_feature_code(Feature) ->
+    case lists:keyfind(Feature, 2, hello_feature_table()) of
+        {Code, _} -> Code;
+        false -> error({unknown_hello_feature, Feature})
+    end.
+
+-spec hello_feature_name(0..16#ffff) -> feature() | {unknown, 0..16#ffff}.
+hello_feature_name(Code) ->
+    case lists:keyfind(Code, 1, hello_feature_table()) of
+        {_, Name} -> Name;
+        false -> {unknown, Code}
+    end.
+
+%% @doc The features named in a HELLO request or answer value (a sequence of u16 codes).
+-spec hello_features(binary()) -> [feature() | {unknown, 0..16#ffff}].
+hello_features(Value) ->
+    [hello_feature_name(Code) || <<Code:16>> <= Value].
+
+hello_feature_table() ->
+    [{16#02, tls}, {16#03, tcp_nodelay}, {16#04, mutation_seqno}, {16#05, tcp_delay},
+     {16#06, xattr}, {16#07, xerror}, {16#08, select_bucket}, {16#0a, snappy}, {16#0b, json},
+     {16#0c, duplex}, {16#0d, clustermap_change_notification}, {16#0e, unordered_execution},
+     {16#0f, tracing}, {16#10, alt_request_support}, {16#11, sync_replication},
+     {16#12, collections}].
+
+%% @doc The failover log in a STREAM_REQ answer value, `[{VbUuid, Seqno}]' newest first.
+-spec failover_log(binary()) -> [{non_neg_integer(), non_neg_integer()}].
+failover_log(Value) ->
+    [{Uuid, Seqno} || <<Uuid:64, Seqno:64>> <= Value].
+
+%% ---- formatting ----
+
+%% @doc ns_server's one-line summary of a frame followed by a hex dump of its bytes.
+-spec format_packet_nicely(binary() | frame()) -> string().
+format_packet_nicely(Packet) ->
+    format_packet_nicely(undefined, Packet).
+
+%% @doc As `format_packet_nicely/1', prefixed with the direction (e.g. `sent', `received').
+-spec format_packet_nicely(atom(), binary() | frame()) -> string().
+format_packet_nicely(Direction, Packet) when is_binary(Packet) ->
+    case mcbp:decode(Packet) of
+        {ok, Frame, _Rest} ->
+            format_frame(Direction, Frame, Packet);
+        Other ->
+            lists:flatten(io_lib:format("~sundecodable packet (~0p)~n~s",
+                                        [direction(Direction), Other, hex_dump(Packet)]))
+    end;
+format_packet_nicely(Direction, Frame) when is_map(Frame) ->
+    format_packet_nicely(Direction, iolist_to_binary(mcbp:encode(Frame))).
+
+format_frame(Direction, #{magic := Magic, opcode := Opcode, opaque := Opaque} = Frame, Bytes) ->
+    {Kind, Field} = case Frame of
+                        #{status := Status} ->
+                            {"RESPONSE", io_lib:format("status = ~p (~.16#)",
+                                                       [mcbp:status_name(Status), Status])};
+                        #{vbucket := VBucket} ->
+                            {"REQUEST", io_lib:format("vbucket = ~b", [VBucket])};
+                        _ ->
+                            {"FRAME", ""}
+                    end,
+    lists:flatten(
+      io_lib:format("~s~s (~p): ~p (~.16#) ~s opaque = ~b size = ~b~n~s",
+                    [direction(Direction), Kind, Magic, command_2_atom(Opcode), Opcode, Field,
+                     Opaque, byte_size(Bytes), hex_dump(Bytes)])).
+
+direction(undefined) -> "";
+direction(Direction) -> io_lib:format("~p ", [Direction]).
+
+%% 16 bytes a line: offset, hex bytes, printable characters. Large values are cut so a log line stays
+%% readable.
+-define(MAX_DUMP, 512).
+
+hex_dump(Bytes) when byte_size(Bytes) > ?MAX_DUMP ->
+    [hex_dump(binary:part(Bytes, 0, ?MAX_DUMP), 0, []),
+     io_lib:format("... ~b more bytes~n", [byte_size(Bytes) - ?MAX_DUMP])];
+hex_dump(Bytes) ->
+    hex_dump(Bytes, 0, []).
+
+hex_dump(<<>>, _Offset, Acc) ->
+    lists:reverse(Acc);
+hex_dump(Bytes, Offset, Acc) ->
+    N = min(16, byte_size(Bytes)),
+    <<Line:N/binary, Rest/binary>> = Bytes,
+    Hex = [io_lib:format("~2.16.0b ", [B]) || <<B>> <= Line],
+    Pad = lists:duplicate(16 - N, "   "),
+    Chars = [printable(B) || <<B>> <= Line],
+    Text = io_lib:format("~8.16.0b  ~s~s ~s~n", [Offset, Hex, Pad, Chars]),
+    hex_dump(Rest, Offset + N, [Text | Acc]).
+
+printable(B) when B >= 32, B < 127 -> B;
+printable(_) -> $..

@@ -1,0 +1,300 @@
+%% @doc The consumer half of a replication: the connection to the consumer node's memcached, which
+%% owns the stream-setup machine (`dcp_nif:setup_*'). It sends what the machine says, answers callers
+%% when the machine says, and arms the setup deadline. All setup bookkeeping lives in the machine.
+-module(dcp_consumer_conn).
+
+-behaviour(dcp_proxy).
+
+-include_lib("kernel/include/logger.hrl").
+
+-export([start_link/2, setup_streams/2, maybe_close_stream/2, takeover/2,
+         shut_connection/2, get_partitions/1, setup_info/1]).
+
+%% dcp_proxy callbacks
+-export([init/2, handle_event/3, handle_call/4, handle_info/3, terminate/3]).
+
+-export_type([setup_reply/0, why/0]).
+
+-define(LOG_META, #{domain => [dcp_proxy]}).
+-define(DEFAULT_SETUP_TIMEOUT, 60000).
+
+-type vbucket() :: 0..1023.
+-type why() :: {mcbp_status, non_neg_integer()} | {stream_end, term()} | setup_timeout
+             | {connection_lost, term()}.
+-type setup_reply() :: ok | {errors, [{why(), {vbucket, vbucket()}}]}.
+-type request() :: {setup_streams, [vbucket()]} | {takeover, vbucket()}
+                 | {maybe_close_stream, vbucket()} | shut_connection.
+
+-record(consumer, {setup :: reference(),
+                   setup_timeout :: timeout(),
+                   %% callers whose request the machine is working on: the request, and any
+                   %% shut asked for meanwhile; a `{reply, _}' outcome answers them all
+                   waiting = [] :: [{request(), gen_server:from()}],
+                   %% requests held until the machine is free (it runs one at a time)
+                   queued = queue:new() :: queue:queue({request(), gen_server:from()}),
+                   deadline :: undefined | reference()}).
+
+%% ---- API ----
+
+%% @doc Connects to the consumer node. `Opts' as for `dcp_proxy:start_link/3' (side consumer), plus
+%% `setup_timeout'.
+-spec start_link(dcp_proxy:opts(), timeout()) -> {ok, pid()} | {error, term()}.
+start_link(Opts, SetupTimeout) ->
+    dcp_proxy:start_link(?MODULE, Opts#{side => consumer}, SetupTimeout).
+
+%% @doc Replicate exactly `VBuckets': adds the new ones, closes (on both sides) the ones no longer
+%% wanted. Answers when every add and close is settled, or the deadline passed.
+-spec setup_streams(pid(), [vbucket()]) -> setup_reply() | {error, term()}.
+setup_streams(Pid, VBuckets) when is_list(VBuckets) ->
+    gen_server:call(Pid, {setup_streams, VBuckets}, infinity).
+
+-spec maybe_close_stream(pid(), vbucket()) -> setup_reply() | {error, term()}.
+maybe_close_stream(Pid, VBucket) ->
+    gen_server:call(Pid, {maybe_close_stream, VBucket}, infinity).
+
+%% @doc Adds `VBucket' with the takeover flag; answers when the consumer took it over.
+-spec takeover(pid(), vbucket()) -> setup_reply() | {error, term()}.
+takeover(Pid, VBucket) ->
+    gen_server:call(Pid, {takeover, VBucket}, infinity).
+
+%% @doc Closes every stream; from then on nothing the consumer sends is forwarded.
+-spec shut_connection(pid(), timeout()) -> setup_reply() | {error, term()}.
+shut_connection(Pid, Timeout) ->
+    gen_server:call(Pid, shut_connection, Timeout).
+
+-spec get_partitions(pid()) -> [vbucket()].
+get_partitions(Pid) ->
+    gen_server:call(Pid, get_partitions, infinity).
+
+-spec setup_info(pid()) -> map().
+setup_info(Pid) ->
+    gen_server:call(Pid, setup_info, infinity).
+
+%% ---- connect ----
+
+init(SetupTimeout, _Conn) ->
+    {ok, #consumer{setup = dcp_nif:setup_new(),
+                   setup_timeout = setup_timeout(SetupTimeout)}}.
+
+setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
+setup_timeout(_) -> ?DEFAULT_SETUP_TIMEOUT.
+
+%% ---- set up, take over, shut: the callers ----
+
+handle_call(get_partitions, _From, #consumer{setup = Setup} = St, _Conn) ->
+    {reply, dcp_nif:setup_partitions(Setup), St};
+handle_call(setup_info, _From, #consumer{setup = Setup, waiting = Waiting} = St, _Conn) ->
+    Info = dcp_nif:setup_info(Setup),
+    {reply, Info#{waiting_callers => length(Waiting),
+                  queued_requests => queue:len(St#consumer.queued)}, St};
+handle_call(shut_connection, From, St, Conn) ->
+    %% not queued behind a stuck setup: shutting is how a stuck setup is cleared
+    start_request(shut_connection, From, St, Conn);
+handle_call({setup_streams, VBuckets} = Request, From, St, Conn) when is_list(VBuckets) ->
+    start_or_queue(Request, From, St, Conn);
+handle_call({takeover, _VBucket} = Request, From, St, Conn) ->
+    start_or_queue(Request, From, St, Conn);
+handle_call({maybe_close_stream, _VBucket} = Request, From, St, Conn) ->
+    start_or_queue(Request, From, St, Conn);
+handle_call(Request, _From, St, #{name := Name}) ->
+    ?LOG_WARNING("~s: unexpected call ~p", [Name, Request], ?LOG_META),
+    {reply, {error, {unknown_request, Request}}, St}.
+
+start_or_queue(Request, From, #consumer{waiting = [], queued = Queued} = St, Conn) ->
+    case queue:is_empty(Queued) of
+        true -> start_request(Request, From, St, Conn);
+        false -> {noreply, St#consumer{queued = queue:in({Request, From}, Queued)}}
+    end;
+start_or_queue(Request, From, #consumer{queued = Queued} = St, _Conn) ->
+    {noreply, St#consumer{queued = queue:in({Request, From}, Queued)}}.
+
+start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
+    case begin_request(Request, Setup) of
+        {send, Actions} ->
+            log_begun(Request, Actions, Conn),
+            ok = send_actions(Actions, Conn),
+            St1 = maybe_discard(Request, Conn, St),
+            {noreply, arm_deadline(St1#consumer{waiting = St1#consumer.waiting ++ [{Request, From}]})};
+        {reply, Reply} ->
+            St1 = maybe_discard(Request, Conn, St),
+            {reply, Reply, St1};
+        {error, Reason} ->
+            {reply, {error, Reason}, St}
+    end.
+
+begin_request({setup_streams, VBuckets}, Setup) ->
+    dcp_nif:setup_begin(Setup, VBuckets);
+begin_request({takeover, VBucket}, Setup) ->
+    dcp_nif:setup_takeover_begin(Setup, VBucket);
+begin_request({maybe_close_stream, VBucket}, Setup) ->
+    dcp_nif:setup_maybe_close_stream(Setup, VBucket);
+begin_request(shut_connection, Setup) ->
+    dcp_nif:setup_shut(Setup).
+
+maybe_discard(shut_connection, Conn, St) ->
+    ok = dcp_proxy:discard_reads(Conn),
+    St;
+maybe_discard(_Request, _Conn, St) ->
+    St.
+
+%% ADD_STREAM and consumer CLOSE_STREAM go to the consumer socket, producer CLOSE_STREAM to the
+%% producer socket; the opaque is the vbucket, which is how the machine matches the answers.
+send_actions(Actions, Conn) ->
+    Own = [own_frame(A) || A <- Actions, element(1, A) =:= add_stream orelse
+                                            element(2, A) =:= consumer],
+    Partner = [dcp_commands:close_stream(VB, VB) || {close_stream, producer, VB} <- Actions],
+    ok = case Own of
+             [] -> ok;
+             _ -> dcp_proxy:send_own(Conn, Own)
+         end,
+    case Partner of
+        [] -> ok;
+        _ -> dcp_proxy:send_partner(Conn, Partner)
+    end.
+
+own_frame({add_stream, VB, Flags}) -> dcp_commands:add_stream(VB, Flags, VB);
+own_frame({close_stream, consumer, VB}) -> dcp_commands:close_stream(VB, VB).
+
+arm_deadline(#consumer{deadline = undefined, setup_timeout = infinity} = St) ->
+    St;
+arm_deadline(#consumer{deadline = undefined, setup_timeout = Timeout} = St) ->
+    St#consumer{deadline = erlang:start_timer(Timeout, self(), setup_deadline)};
+arm_deadline(St) ->
+    St.
+
+disarm_deadline(#consumer{deadline = undefined} = St) ->
+    St;
+disarm_deadline(#consumer{deadline = Ref} = St) ->
+    _ = erlang:cancel_timer(Ref),
+    St#consumer{deadline = undefined}.
+
+%% ---- stream: what the consumer node and (through the producer conn) the producer say ----
+
+%% The consumer's answers to our ADD_STREAM and CLOSE_STREAM are reported, not forwarded.
+handle_event(#{opcode_name := dcp_add_stream, status := Status, opaque := Opaque}, St, Conn) ->
+    outcome(dcp_nif:setup_add_stream_response(St#consumer.setup, Opaque, Status), St, Conn);
+handle_event(#{opcode_name := dcp_close_stream, status := Status, opaque := Opaque}, St, Conn) ->
+    outcome(dcp_nif:setup_close_stream_response(St#consumer.setup, consumer, Opaque, Status),
+            St, Conn);
+%% Forwarded and reported: a takeover notes the consumer's own stream opaque and its acknowledgement
+%% of the switch to active.
+handle_event(#{opcode_name := dcp_stream_req, vbucket := VB, opaque := Opaque}, St, Conn) ->
+    outcome(dcp_nif:setup_stream_req(St#consumer.setup, VB, Opaque), St, Conn);
+handle_event(#{opcode_name := dcp_set_vbucket_state, status := Status, opaque := Opaque},
+             St, Conn) ->
+    outcome(dcp_nif:setup_set_vbucket_state_response(St#consumer.setup, Opaque, Status), St, Conn);
+handle_event(Event, St, #{name := Name}) ->
+    ?LOG_WARNING("~s: consumer side reported an unexpected frame ~0p", [Name, Event], ?LOG_META),
+    {ok, St}.
+
+handle_info({'$dcp_producer_event', Event}, St, Conn) ->
+    case producer_event(Event, St#consumer.setup, Conn) of
+        ignore -> {noreply, St};
+        Outcome -> to_noreply(outcome(Outcome, St, Conn))
+    end;
+handle_info({timeout, Ref, setup_deadline}, #consumer{deadline = Ref} = St, Conn) ->
+    ?LOG_WARNING("~s: setup deadline passed: ~0p", [maps:get(name, Conn),
+                                                    dcp_nif:setup_info(St#consumer.setup)],
+                 ?LOG_META),
+    to_noreply(outcome(dcp_nif:setup_deadline(St#consumer.setup),
+                       St#consumer{deadline = undefined}, Conn));
+handle_info({timeout, _StaleRef, setup_deadline}, St, _Conn) ->
+    {noreply, St};
+handle_info(Info, St, #{name := Name}) ->
+    ?LOG_WARNING("~s: unexpected message ~0p", [Name, Info], ?LOG_META),
+    {noreply, St}.
+
+%% A stream end is matched to a pending add by its vbucket: its opaque is the consumer's own
+%% stream opaque, not ours (MB-53445).
+producer_event({stream_end, VB, Opaque, Reason}, Setup, _Conn) ->
+    dcp_nif:setup_stream_end(Setup, VB, Opaque, Reason);
+producer_event(#{opcode_name := dcp_set_vbucket_state, opaque := Opaque} = Frame, Setup,
+               #{name := Name}) ->
+    case mcbp:dcp_fields(Frame) of
+        #{state := State} ->
+            ?LOG_INFO("~s: takeover: producer sets vbucket ~p ~p",
+                      [Name, maps:get(vbucket, Frame, undefined), State], ?LOG_META),
+            dcp_nif:setup_set_vbucket_state(Setup, Opaque, State);
+        Other ->
+            {stop, {bad_set_vbucket_state, Other}}
+    end;
+producer_event(#{opcode_name := dcp_close_stream, status := Status, opaque := Opaque}, Setup,
+               _Conn) ->
+    dcp_nif:setup_close_stream_response(Setup, producer, Opaque, Status);
+producer_event(Event, _Setup, #{name := Name}) ->
+    ?LOG_WARNING("~s: producer side reported an unexpected frame ~0p", [Name, Event], ?LOG_META),
+    ignore.
+
+%% What the machine decided: nothing yet, answer the oldest waiting caller, or stop (an answer
+%% that matches nothing is a protocol violation; terminate/3 answers the caller first).
+outcome(noreply, St, _Conn) ->
+    {ok, St};
+outcome({reply, Reply}, #consumer{waiting = []} = St, #{name := Name}) ->
+    ?LOG_INFO("~s: setup settled with nobody waiting: ~0p", [Name, Reply], ?LOG_META),
+    {ok, St};
+outcome({reply, Reply}, #consumer{waiting = Waiting} = St, Conn) ->
+    %% a shut asked for during a setup joins that setup: its caller is answered with it
+    [begin
+         ?LOG_INFO("~s: ~0p settled: ~0p", [maps:get(name, Conn), Request, Reply], ?LOG_META),
+         gen_server:reply(From, Reply)
+     end || {Request, From} <- Waiting],
+    {ok, next_request(disarm_deadline(St#consumer{waiting = []}), Conn)};
+outcome({stop, Reason}, St, _Conn) ->
+    {stop, Reason, St}.
+
+to_noreply({ok, St}) -> {noreply, St};
+to_noreply({stop, _, _} = Stop) -> Stop.
+
+next_request(#consumer{waiting = [], queued = Queued} = St, Conn) ->
+    case queue:out(Queued) of
+        {empty, _} ->
+            St;
+        {{value, {Request, From}}, Queued1} ->
+            case start_request(Request, From, St#consumer{queued = Queued1}, Conn) of
+                {noreply, St1} ->
+                    St1;
+                {reply, Reply, St1} ->
+                    gen_server:reply(From, Reply),
+                    next_request(St1, Conn)
+            end
+    end;
+next_request(St, _Conn) ->
+    St.
+
+log_begun(Request, Actions, #{name := Name}) ->
+    ?LOG_INFO("~s: ~0p begun: ~b adds, ~b closes", [Name, Request,
+                                                    length([A || {add_stream, _, _} = A <- Actions]),
+                                                    length([A || {close_stream, _, _} = A <- Actions])],
+              ?LOG_META).
+
+%% ---- stop: every caller is answered before the process goes ----
+
+terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued}, #{name := Name}) ->
+    Lost = lost_reason(Reason),
+    Answered = case dcp_nif:setup_connection_lost(Setup, Lost) of
+                   {reply, Reply} ->
+                       [begin
+                            ?LOG_INFO("~s: ~0p settled by connection loss: ~0p",
+                                      [Name, Request, Reply], ?LOG_META),
+                            gen_server:reply(From, Reply)
+                        end || {Request, From} <- Waiting],
+                       Waiting;
+                   _ ->
+                       []
+               end,
+    [gen_server:reply(From, lost_reply(Request, Lost))
+     || {Request, From} <- (Waiting -- Answered) ++ queue:to_list(Queued)],
+    ok.
+
+%% The partner's reason is the one that says what was lost.
+lost_reason({partner_down, Reason}) -> Reason;
+lost_reason(Reason) -> Reason.
+
+lost_reply({setup_streams, VBuckets}, Lost) ->
+    {errors, [{{connection_lost, Lost}, {vbucket, VB}} || VB <- VBuckets]};
+lost_reply({takeover, VB}, Lost) ->
+    {errors, [{{connection_lost, Lost}, {vbucket, VB}}]};
+lost_reply({maybe_close_stream, VB}, Lost) ->
+    {errors, [{{connection_lost, Lost}, {vbucket, VB}}]};
+lost_reply(shut_connection, Lost) ->
+    {error, {connection_lost, Lost}}.

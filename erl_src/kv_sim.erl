@@ -1,0 +1,336 @@
+%% @doc A simulated kv_engine node: a loopback listener speaking the memcached binary protocol and DCP
+%% through `mcbp', as the peer of the replication processes in the demo and the end-to-end tests.
+%%
+%% One `kv_sim' process owns the listening socket and the node's tables; each accepted connection is one
+%% `kv_sim_conn' process. A producer node streams seeded documents (deterministic from `seed', so two
+%% runs and two nodes agree); a consumer node stores what it is sent, and `digest/2' compares the two.
+%%
+%% Options (a map): `role' (`consumer' | `producer', required), `port' (0 = ephemeral, the default),
+%% `bucket' ("default"), `user' ("Administrator"), `password' ("password"), `vbuckets' (a count N for
+%% 0..N-1, or a list; default 64), `docs_per_vbucket' (producer, default 100), `value_size' (default 256),
+%% `seed' (default 42), `ssl' (`false' or `[ssl:tls_server_option()]'), `hello_features' (the HELLO
+%% features the node accepts; default all the replication ones), `consumer_buffer_size' (consumer: the
+%% flow-control window it asks the producer for with DCP_CONTROL `connection_buffer_size' and acknowledges
+%% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB).
+%%
+%% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
+%% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
+%% <ul>
+%% <li>`{stream_end_on_accept, Reason}' (producer): answer the STREAM_REQ with success and end the stream
+%%     at once with `Reason' (an atom of PROTOCOL.md's table or an integer), in the same write.</li>
+%% <li>`no_add_stream_answer_after_stream_end' (consumer): an ADD_STREAM whose stream was ended before it
+%%     was answered is never answered (the kv_engine error path behind MB-53445).</li>
+%% <li>`{add_stream_status, Status}' (consumer): answer ADD_STREAM with `Status' without opening a stream.</li>
+%% <li>`{stream_req_status, Status}' (producer): answer STREAM_REQ with `Status'.</li>
+%% <li>`{drop_answer, Opcode}' / `{delay_answer, Opcode, Ms}': never send / send `Ms' later the answer to
+%%     requests with `Opcode' (a name from `dcp_commands:command_2_atom/1' or a number).</li>
+%% <li>`{close_socket_on, Opcode}': close the socket when a request with `Opcode' arrives.</li>
+%% <li>`{close_socket_after_mutations, N}' (producer): close the socket once `N' mutations of the
+%%     vbucket were sent.</li>
+%% <li>`{chunked_writes, MaxBytes}' (connection-wide): cut every write into random chunks of 1..MaxBytes.</li>
+%% <li>`flexible_framing' (producer): send the stream's frames with the alt-request magic and a DCP
+%%     stream-id framing extra.</li>
+%% <li>`{unknown_opcodes, Opcode}' (producer): send a request with this (unknown) opcode before each
+%%     snapshot marker and each batch of mutations; a consumer node ignores it.</li>
+%% </ul>
+%%
+%% `digest(Node, VBucket) -> {DocCount, Hash}': the hash is a SHA-256 over every live document's key,
+%% by-seqno and value, in key order; a consumer's digest after replication equals the producer's.
+-module(kv_sim).
+
+-behaviour(gen_server).
+
+-export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
+         vbucket_state/2, docs/3, doc/3]).
+
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-export_type([opts/0, fault/0, node_config/0]).
+
+-type opts() :: #{role := consumer | producer, port => inet:port_number(), bucket => string(),
+                  user => string(), password => string(),
+                  vbuckets => non_neg_integer() | [dcp_commands:vbucket()],
+                  docs_per_vbucket => non_neg_integer(), value_size => non_neg_integer(),
+                  seed => integer(), ssl => false | [ssl:tls_server_option()],
+                  hello_features => [dcp_commands:feature()],
+                  consumer_buffer_size => non_neg_integer()}.
+
+-type opcode() :: atom() | 0..255.
+-type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
+               | no_add_stream_answer_after_stream_end
+               | {add_stream_status, atom() | 0..16#ffff}
+               | {stream_req_status, atom() | 0..16#ffff}
+               | {drop_answer, opcode()}
+               | {delay_answer, opcode(), non_neg_integer()}
+               | {close_socket_on, opcode()}
+               | {close_socket_after_mutations, non_neg_integer()}
+               | {chunked_writes, pos_integer()}
+               | flexible_framing
+               | {unknown_opcodes, 0..255}.
+
+%% What a connection process needs of its node.
+-type node_config() :: #{role := consumer | producer, bucket := binary(), user := binary(),
+                         password := binary(), vbuckets := [dcp_commands:vbucket()],
+                         docs_per_vbucket := non_neg_integer(), value_size := non_neg_integer(),
+                         seed := integer(), value_block := binary(),
+                         hello_features := [dcp_commands:feature()],
+                         consumer_buffer_size := non_neg_integer(),
+                         faults := ets:tid(), store := ets:tid(), vbucket_states := ets:tid(),
+                         node := pid()}.
+
+-define(DEFAULT_FEATURES, [tcp_nodelay, mutation_seqno, xattr, xerror, select_bucket, snappy, json,
+                           duplex, alt_request_support]).
+
+%% ---- API ----
+
+-spec start_link(opts()) -> {ok, pid()} | {error, term()}.
+start_link(Opts) ->
+    gen_server:start_link(?MODULE, Opts, []).
+
+%% @doc As `start_link/1' without a link (for the demo's shell and tests that outlive a crash).
+-spec start(opts()) -> {ok, pid()} | {error, term()}.
+start(Opts) ->
+    gen_server:start(?MODULE, Opts, []).
+
+-spec stop(pid()) -> ok.
+stop(Node) ->
+    gen_server:stop(Node).
+
+-spec port(pid()) -> inet:port_number().
+port(Node) ->
+    gen_server:call(Node, port).
+
+-spec set_fault(pid(), dcp_commands:vbucket() | all, fault()) -> ok | {error, term()}.
+set_fault(Node, VBucket, Fault) ->
+    gen_server:call(Node, {set_fault, VBucket, Fault}).
+
+-spec clear_faults(pid()) -> ok.
+clear_faults(Node) ->
+    gen_server:call(Node, clear_faults).
+
+%% @doc The live document count and a hash over the documents of one vbucket.
+-spec digest(pid(), dcp_commands:vbucket()) -> {non_neg_integer(), binary()}.
+digest(Node, VBucket) ->
+    Config = gen_server:call(Node, config),
+    case Config of
+        #{role := producer} ->
+            digest_of(docs(Config, VBucket, 1));
+        #{role := consumer, store := Store} ->
+            Docs = ets:select(Store, [{{{VBucket, '$1'}, '$2', '$3'}, [], [{{'$1', '$2', '$3'}}]}]),
+            digest_of(Docs)
+    end.
+
+%% @doc The node's state of a vbucket: a producer's vbuckets start `active' (`dead' after a takeover),
+%% a consumer's `replica' until a DCP_SET_VBUCKET_STATE changes it.
+-spec vbucket_state(pid(), dcp_commands:vbucket()) -> dcp_commands:vbucket_state() | undefined.
+vbucket_state(Node, VBucket) ->
+    #{vbucket_states := States} = gen_server:call(Node, config),
+    case ets:lookup(States, {state, VBucket}) of
+        [{_, State}] -> State;
+        [] -> undefined
+    end.
+
+%% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
+-spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
+docs(#{docs_per_vbucket := N} = Config, VBucket, From) ->
+    [doc(Config, VBucket, Seqno) || Seqno <- lists:seq(From, N)].
+
+%% @doc Document `Seqno' of a vbucket: a zero-padded key (so key order is seqno order) and a value cut
+%% from the node's seeded random block at an offset that depends on the key.
+-spec doc(node_config(), dcp_commands:vbucket(), pos_integer()) -> {binary(), pos_integer(), binary()}.
+doc(#{value_size := Size, value_block := Block}, VBucket, Seqno) ->
+    Key = <<"doc-", (pad(VBucket, 4))/binary, "-", (pad(Seqno, 8))/binary>>,
+    Offset = erlang:phash2({VBucket, Seqno}, Size + 1),
+    {Key, Seqno, binary:part(Block, Offset, Size)}.
+
+pad(N, Width) ->
+    Bin = integer_to_binary(N),
+    case Width - byte_size(Bin) of
+        Pad when Pad > 0 -> <<(binary:copy(<<"0">>, Pad))/binary, Bin/binary>>;
+        _ -> Bin
+    end.
+
+digest_of(Docs) ->
+    Sorted = lists:keysort(1, Docs),
+    Ctx = lists:foldl(fun({Key, Seqno, Value}, Acc) ->
+                              crypto:hash_update(Acc, [<<(byte_size(Key)):32>>, Key, <<Seqno:64>>,
+                                                       <<(byte_size(Value)):32>>, Value])
+                      end, crypto:hash_init(sha256), Sorted),
+    {length(Sorted), crypto:hash_final(Ctx)}.
+
+%% ---- gen_server ----
+
+init(Opts) ->
+    process_flag(trap_exit, true),
+    case config(Opts) of
+        {ok, Config} ->
+            listen(Opts, Config);
+        {error, Reason} ->
+            {stop, Reason}
+    end.
+
+config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
+    Seed = maps:get(seed, Opts, 42),
+    ValueSize = maps:get(value_size, Opts, 256),
+    {Block, _} = rand:bytes_s(2 * ValueSize + 1, rand:seed_s(exsss, Seed)),
+    VBuckets = case maps:get(vbuckets, Opts, 64) of
+                   N when is_integer(N) -> lists:seq(0, N - 1);
+                   List when is_list(List) -> List
+               end,
+    States = ets:new(kv_sim_vbucket_states, [public, set]),
+    InitialState = case Role of
+                       producer -> active;
+                       consumer -> replica
+                   end,
+    ets:insert(States, [{{state, VB}, InitialState} || VB <- VBuckets]),
+    Docs = case Role of
+               producer -> maps:get(docs_per_vbucket, Opts, 100);
+               consumer -> 0
+           end,
+    {ok, #{role => Role,
+           bucket => iolist_to_binary(maps:get(bucket, Opts, "default")),
+           user => iolist_to_binary(maps:get(user, Opts, "Administrator")),
+           password => iolist_to_binary(maps:get(password, Opts, "password")),
+           vbuckets => VBuckets,
+           docs_per_vbucket => Docs,
+           value_size => ValueSize,
+           seed => Seed,
+           value_block => Block,
+           hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
+           consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
+           faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
+           store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
+           vbucket_states => States,
+           node => self()}};
+config(Opts) ->
+    {error, {bad_role, maps:get(role, Opts, missing)}}.
+
+listen(Opts, Config) ->
+    Port = maps:get(port, Opts, 0),
+    Common = [binary, {active, false}, {ip, loopback}, {reuseaddr, true}, {nodelay, true},
+              {backlog, 128}],
+    {Transport, Listen} = case maps:get(ssl, Opts, false) of
+                              false -> {gen_tcp, gen_tcp:listen(Port, Common)};
+                              SslOpts -> {ssl, ssl:listen(Port, Common ++ SslOpts)}
+                          end,
+    case Listen of
+        {ok, LSock} ->
+            {ok, {_, ActualPort}} = sockname(Transport, LSock),
+            Self = self(),
+            Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
+            {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
+                   acceptor => Acceptor, connections => #{}}};
+        {error, Reason} ->
+            {stop, {listen_failed, Port, Reason}}
+    end.
+
+sockname(gen_tcp, Sock) -> inet:sockname(Sock);
+sockname(ssl, Sock) -> ssl:sockname(Sock).
+
+%% Accepting in its own process keeps the node answering calls; each connection gets its own process,
+%% which does the TLS handshake itself so a slow client never stalls the acceptor.
+accept_loop(Node, Transport, LSock, Config) ->
+    case accept(Transport, LSock) of
+        {ok, Sock} ->
+            ok = hand_over(Node, Transport, Sock, Config),
+            accept_loop(Node, Transport, LSock, Config);
+        {error, closed} ->
+            ok;
+        {error, Reason} ->
+            logger:warning(#{what => kv_sim_accept_failed, reason => Reason},
+                           #{domain => [dcp_proxy, kv_sim]}),
+            accept_loop(Node, Transport, LSock, Config)
+    end.
+
+%% The node learns of each connection (to stop it first when it stops); the connection reads only once
+%% it owns the socket.
+hand_over(Node, Transport, Sock, Config) ->
+    case kv_sim_conn:start(Config, Transport, Sock) of
+        {ok, Pid} ->
+            Node ! {kv_sim_connection, Pid},
+            case controlling_process(Transport, Sock, Pid) of
+                ok ->
+                    Pid ! {kv_sim_socket_ready, Sock},
+                    ok;
+                {error, _} ->
+                    exit(Pid, kill),
+                    ok
+            end;
+        {error, Reason} ->
+            _ = Transport:close(Sock),
+            logger:error(#{what => kv_sim_connection_start_failed, reason => Reason},
+                         #{domain => [dcp_proxy, kv_sim]})
+    end.
+
+accept(gen_tcp, LSock) -> gen_tcp:accept(LSock);
+accept(ssl, LSock) -> ssl:transport_accept(LSock).
+
+controlling_process(gen_tcp, Sock, Pid) -> gen_tcp:controlling_process(Sock, Pid);
+controlling_process(ssl, Sock, Pid) -> ssl:controlling_process(Sock, Pid).
+
+handle_call(port, _From, #{port := Port} = State) ->
+    {reply, Port, State};
+handle_call(config, _From, #{config := Config} = State) ->
+    {reply, Config, State};
+handle_call({set_fault, VBucket, Fault}, _From, #{config := #{faults := Faults}} = State) ->
+    case fault_key(VBucket, Fault) of
+        {ok, Key} ->
+            ets:insert(Faults, {Key, Fault}),
+            {reply, ok, State};
+        {error, _} = Error ->
+            {reply, Error, State}
+    end;
+handle_call(clear_faults, _From, #{config := #{faults := Faults}} = State) ->
+    ets:delete_all_objects(Faults),
+    {reply, ok, State};
+handle_call(Request, _From, State) ->
+    {reply, {error, {unknown_call, Request}}, State}.
+
+handle_cast(_Msg, State) ->
+    {noreply, State}.
+
+handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
+    {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
+handle_info({'DOWN', _Ref, process, Pid, _Reason}, #{connections := Conns} = State) ->
+    {noreply, State#{connections := maps:remove(Pid, Conns)}};
+handle_info({'EXIT', Acceptor, Reason}, #{acceptor := Acceptor} = State) ->
+    {stop, {acceptor_died, Reason}, State};
+handle_info(_Info, State) ->
+    {noreply, State}.
+
+%% The connections use the node's tables, which go with this process: they are stopped first.
+terminate(_Reason, #{transport := Transport, lsock := LSock, connections := Conns}) ->
+    _ = Transport:close(LSock),
+    maps:foreach(fun(Pid, _Ref) -> exit(Pid, kill) end, Conns),
+    maps:foreach(fun(Pid, Ref) ->
+                         receive
+                             {'DOWN', Ref, process, Pid, _} -> ok
+                         end
+                 end, Conns).
+
+%% Faults are keyed by vbucket (or `all') and the fault's name, so the connection looks one up in O(1);
+%% answer and close faults also key on the opcode so several can be set at once.
+fault_key(VBucket, Fault) ->
+    try
+        case Fault of
+            {drop_answer, Op} -> {ok, {VBucket, {drop_answer, dcp_commands:opcode(Op)}}};
+            {delay_answer, Op, Ms} when is_integer(Ms), Ms >= 0 ->
+                {ok, {VBucket, {delay_answer, dcp_commands:opcode(Op)}}};
+            {close_socket_on, Op} -> {ok, {VBucket, {close_socket_on, dcp_commands:opcode(Op)}}};
+            {chunked_writes, Max} when is_integer(Max), Max > 0 -> {ok, {all, chunked_writes}};
+            {stream_end_on_accept, _Reason} -> {ok, {VBucket, stream_end_on_accept}};
+            {add_stream_status, Status} -> _ = dcp_commands:status(Status),
+                                           {ok, {VBucket, add_stream_status}};
+            {stream_req_status, Status} -> _ = dcp_commands:status(Status),
+                                           {ok, {VBucket, stream_req_status}};
+            {close_socket_after_mutations, N} when is_integer(N), N > 0 ->
+                {ok, {VBucket, close_socket_after_mutations}};
+            {unknown_opcodes, Op} when is_integer(Op), Op >= 0, Op =< 255 ->
+                {ok, {VBucket, unknown_opcodes}};
+            no_add_stream_answer_after_stream_end -> {ok, {VBucket, Fault}};
+            flexible_framing -> {ok, {VBucket, Fault}};
+            _ -> {error, {unknown_fault, Fault}}
+        end
+    catch
+        error:Why -> {error, Why}
+    end.

@@ -1,0 +1,598 @@
+//! The machine itself. Every operation is O(1) per event except `begin`/`shut` (linear in the
+//! vbuckets they send requests for) and the one-off sweeps of `deadline`/`connection_lost`.
+
+use crate::vbset::{FlagTable, OwedTable, VbSet};
+use crate::{
+    reason, Action, Outcome, Phase, Refusal, Reply, Response, Side, Start, TakeoverStage, VbState,
+    Why, MAX_VBUCKETS, STATUS_KEY_ENOENT, STATUS_SUCCESS,
+};
+
+// Per-vbucket flags for outstanding requests.
+const ADD: u8 = 1;
+const CLOSE_CONSUMER: u8 = 2;
+const CLOSE_PRODUCER: u8 = 4;
+
+fn close_flag(side: Side) -> u8 {
+    match side {
+        Side::Consumer => CLOSE_CONSUMER,
+        Side::Producer => CLOSE_PRODUCER,
+    }
+}
+
+/// Index of a request kind in the owed table.
+fn owed_kind(flag: u8) -> usize {
+    match flag {
+        ADD => 0,
+        CLOSE_CONSUMER => 1,
+        _ => 2,
+    }
+}
+
+fn in_range(vb: u16) -> bool {
+    usize::from(vb) < MAX_VBUCKETS
+}
+
+/// Requests carry opaque = vbucket, so an answer's opaque names its vbucket (if it is one).
+fn vbucket_of(opaque: u32) -> Option<u16> {
+    u16::try_from(opaque).ok().filter(|vb| in_range(*vb))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    Idle,
+    Shut,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Takeover {
+    vbucket: u16,
+    stage: TakeoverStage,
+    opaque: u32,
+    requested: Option<VbState>,
+    add_acked: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum State {
+    Idle,
+    SettingUp { next: After },
+    Takeover(Takeover),
+    Shut,
+}
+
+/// A takeover as `info` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakeoverInfo {
+    pub vbucket: u16,
+    pub stage: TakeoverStage,
+    /// The consumer's STREAM_REQ opaque, once seen.
+    pub opaque: Option<u32>,
+    pub requested_state: Option<VbState>,
+    pub add_acked: bool,
+}
+
+/// A snapshot of the machine for diagnostics and tests (allocates: not for the hot path).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetupInfo {
+    pub phase: Phase,
+    pub active: Vec<u16>,
+    pub pending_adds: Vec<u16>,
+    pub pending_closes_consumer: Vec<u16>,
+    /// `None` when the producer-side answers are being ignored (a shut interrupted the setup).
+    pub pending_closes_producer: Option<Vec<u16>>,
+    pub errors: Vec<(Why, u16)>,
+    /// The phase entered when the setup completes (`Shut` once a shut was asked for).
+    pub next: Option<Phase>,
+    pub takeover: Option<TakeoverInfo>,
+    /// Late answers absorbed so far (owed answers that arrived), for logs and stats.
+    pub absorbed: u64,
+}
+
+/// The stream-setup bookkeeping of one consumer connection.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    state: State,
+    active: VbSet,
+    /// Requests of the current setup still waiting for their answer.
+    pending: FlagTable,
+    pending_adds: usize,
+    pending_closes_consumer: usize,
+    pending_closes_producer: usize,
+    /// A shut interrupted the setup: producer-side close answers no longer matter.
+    producer_ignored: bool,
+    errors: Vec<(Why, u16)>,
+    /// Answers still owed for requests whose outcome was already decided (failed by a stream end,
+    /// timed out): when they arrive they are absorbed, not treated as violations.
+    owed: Box<OwedTable>,
+    absorbed: u64,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup::new()
+    }
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        Setup {
+            state: State::Idle,
+            active: VbSet::new(),
+            pending: FlagTable::new(),
+            pending_adds: 0,
+            pending_closes_consumer: 0,
+            pending_closes_producer: 0,
+            producer_ignored: false,
+            errors: Vec::new(),
+            owed: Box::new(OwedTable::new()),
+            absorbed: 0,
+        }
+    }
+
+    /// Starts a setup towards exactly `wanted`: adds for wanted vbuckets without a stream, closes
+    /// (both sides) for streams no longer wanted.
+    pub fn begin(&mut self, wanted: &[u16]) -> Result<Start, Refusal> {
+        if let Some(&bad) = wanted.iter().find(|vb| !in_range(**vb)) {
+            return Err(Refusal::BadVbucket(bad));
+        }
+        self.refuse_unless_idle()?;
+        let mut want = VbSet::new();
+        for &vb in wanted {
+            want.insert(vb);
+        }
+        let mut actions = Vec::new();
+        for vb in want.difference(&self.active) {
+            actions.push(Action::AddStream {
+                vbucket: vb,
+                takeover: false,
+            });
+        }
+        for vb in self.active.difference(&want) {
+            actions.push(Action::CloseStream {
+                side: Side::Consumer,
+                vbucket: vb,
+            });
+            actions.push(Action::CloseStream {
+                side: Side::Producer,
+                vbucket: vb,
+            });
+        }
+        if actions.is_empty() {
+            return Ok(Start::Settled);
+        }
+        for action in &actions {
+            self.note_sent(action);
+        }
+        self.state = State::SettingUp { next: After::Idle };
+        Ok(Start::Send(actions))
+    }
+
+    /// Closes one active stream on both sides (a setup towards "active minus `vb`").
+    pub fn maybe_close_stream(&mut self, vb: u16) -> Result<Start, Refusal> {
+        if !in_range(vb) {
+            return Err(Refusal::BadVbucket(vb));
+        }
+        self.refuse_unless_idle()?;
+        if !self.active.contains(vb) {
+            return Ok(Start::Settled);
+        }
+        let actions = vec![
+            Action::CloseStream {
+                side: Side::Consumer,
+                vbucket: vb,
+            },
+            Action::CloseStream {
+                side: Side::Producer,
+                vbucket: vb,
+            },
+        ];
+        for action in &actions {
+            self.note_sent(action);
+        }
+        self.state = State::SettingUp { next: After::Idle };
+        Ok(Start::Send(actions))
+    }
+
+    /// Shuts the connection. From idle: closes every active stream on the consumer, and the reply
+    /// comes once they are answered. From a setup in progress (possibly stuck): closes on the
+    /// consumer every vbucket still being added or active and not yet closing; the setup's own
+    /// caller gets its reply through a later outcome, then the machine is shut. Refused during a
+    /// takeover (the deadline or a lost connection ends that).
+    pub fn shut(&mut self) -> Result<Start, Refusal> {
+        match self.state {
+            State::Shut => Ok(Start::Settled),
+            State::Takeover(_) => Err(Refusal::Busy),
+            State::Idle => {
+                if self.active.is_empty() {
+                    self.state = State::Shut;
+                    return Ok(Start::Settled);
+                }
+                let actions: Vec<Action> = self
+                    .active
+                    .iter()
+                    .map(|vb| Action::CloseStream {
+                        side: Side::Consumer,
+                        vbucket: vb,
+                    })
+                    .collect();
+                for action in &actions {
+                    self.note_sent(action);
+                }
+                self.state = State::SettingUp { next: After::Shut };
+                Ok(Start::Send(actions))
+            }
+            State::SettingUp { .. } => {
+                let mut actions = Vec::new();
+                for vb in 0..MAX_VBUCKETS as u16 {
+                    let wants_close = self.pending.has(vb, ADD) || self.active.contains(vb);
+                    if wants_close && !self.pending.has(vb, CLOSE_CONSUMER) {
+                        actions.push(Action::CloseStream {
+                            side: Side::Consumer,
+                            vbucket: vb,
+                        });
+                    }
+                }
+                for action in &actions {
+                    self.note_sent(action);
+                }
+                // Producer-side answers stop mattering, unless they are all the setup still
+                // waits for: then dropping them would leave the setup's caller without a reply.
+                if self.pending_adds + self.pending_closes_consumer > 0 {
+                    self.pending.clear_flag_everywhere(CLOSE_PRODUCER);
+                    self.pending_closes_producer = 0;
+                    self.producer_ignored = true;
+                }
+                self.state = State::SettingUp { next: After::Shut };
+                Ok(Start::Send(actions))
+            }
+        }
+    }
+
+    /// Starts a takeover of `vb` (an ADD_STREAM with the takeover flag).
+    pub fn takeover_begin(&mut self, vb: u16) -> Result<Vec<Action>, Refusal> {
+        if !in_range(vb) {
+            return Err(Refusal::BadVbucket(vb));
+        }
+        self.refuse_unless_idle()?;
+        if self.active.contains(vb) {
+            return Err(Refusal::AlreadyActive);
+        }
+        self.state = State::Takeover(Takeover {
+            vbucket: vb,
+            stage: TakeoverStage::Requested,
+            opaque: 0,
+            requested: None,
+            add_acked: false,
+        });
+        Ok(vec![Action::AddStream {
+            vbucket: vb,
+            takeover: true,
+        }])
+    }
+
+    /// The consumer memcached answered an ADD_STREAM.
+    pub fn add_stream_response(&mut self, opaque: u32, status: u16) -> Outcome {
+        match &mut self.state {
+            State::Shut => Outcome::NoReply,
+            State::SettingUp { .. } => match vbucket_of(opaque) {
+                Some(vb) if self.pending.has(vb, ADD) => {
+                    self.pending.unset(vb, ADD);
+                    self.pending_adds -= 1;
+                    if status == STATUS_SUCCESS {
+                        self.active.insert(vb);
+                    } else {
+                        self.errors.push((Why::McbpStatus(status), vb));
+                    }
+                    self.finish_if_settled()
+                }
+                _ => self.absorb_owed(opaque, ADD, Response::AddStream),
+            },
+            State::Takeover(t) if opaque == u32::from(t.vbucket) && !t.add_acked => {
+                let vb = t.vbucket;
+                if status == STATUS_SUCCESS {
+                    t.add_acked = true;
+                    self.finish_takeover_if_complete()
+                } else {
+                    self.state = State::Idle;
+                    Outcome::Reply(Reply::Errors(vec![(Why::McbpStatus(status), vb)]))
+                }
+            }
+            State::Takeover(_) | State::Idle => self.absorb_owed(opaque, ADD, Response::AddStream),
+        }
+    }
+
+    /// A memcached answered a CLOSE_STREAM (key_enoent counts as success).
+    pub fn close_stream_response(&mut self, side: Side, opaque: u32, status: u16) -> Outcome {
+        let flag = close_flag(side);
+        match self.state {
+            State::Shut => Outcome::NoReply,
+            State::SettingUp { .. } if side == Side::Producer && self.producer_ignored => {
+                Outcome::NoReply
+            }
+            State::SettingUp { .. } => match vbucket_of(opaque) {
+                Some(vb) if self.pending.has(vb, flag) => {
+                    self.pending.unset(vb, flag);
+                    match side {
+                        Side::Consumer => self.pending_closes_consumer -= 1,
+                        Side::Producer => self.pending_closes_producer -= 1,
+                    }
+                    if status == STATUS_SUCCESS || status == STATUS_KEY_ENOENT {
+                        self.active.remove(vb);
+                    } else {
+                        self.errors.push((Why::McbpStatus(status), vb));
+                    }
+                    self.finish_if_settled()
+                }
+                _ => self.absorb_owed(opaque, flag, Response::CloseStream(side)),
+            },
+            State::Idle | State::Takeover(_) => {
+                self.absorb_owed(opaque, flag, Response::CloseStream(side))
+            }
+        }
+    }
+
+    /// The producer sent DCP_STREAM_END. Matched by vbucket only: the frame's opaque is the
+    /// consumer's own stream opaque, unrelated to ours (MB-53445).
+    pub fn stream_end(&mut self, vb: u16, _opaque: u32, reason: u32) -> Outcome {
+        match self.state {
+            State::Shut => Outcome::NoReply,
+            State::SettingUp { .. } if self.pending.has(vb, ADD) => {
+                if reason == reason::OK {
+                    // The producer sent all it was asked for; the add's answer still completes it.
+                    return Outcome::NoReply;
+                }
+                // kv_engine may never answer this add: fail it now, absorb the answer if it comes.
+                self.pending.unset(vb, ADD);
+                self.pending_adds -= 1;
+                self.owed.add(vb, owed_kind(ADD));
+                self.errors.push((Why::StreamEnd(reason), vb));
+                self.finish_if_settled()
+            }
+            _ => {
+                self.active.remove(vb);
+                Outcome::NoReply
+            }
+        }
+    }
+
+    /// The consumer sent DCP_STREAM_REQ: during a takeover it tells us the opaque the
+    /// set-vbucket-state exchange will use.
+    pub fn stream_req(&mut self, vb: u16, opaque: u32) -> Outcome {
+        if let State::Takeover(t) = &mut self.state {
+            if t.stage == TakeoverStage::Requested && t.vbucket == vb {
+                t.stage = TakeoverStage::OpaqueKnown;
+                t.opaque = opaque;
+            }
+        }
+        Outcome::NoReply
+    }
+
+    /// The producer asked the consumer to change the takeover vbucket's state.
+    pub fn set_vbucket_state(&mut self, opaque: u32, state: VbState) -> Outcome {
+        if let State::Takeover(t) = &mut self.state {
+            if t.stage == TakeoverStage::OpaqueKnown && t.opaque == opaque && t.requested.is_none()
+            {
+                t.requested = Some(state);
+            }
+        }
+        Outcome::NoReply
+    }
+
+    /// The consumer answered a set-vbucket-state request.
+    pub fn set_vbucket_state_response(&mut self, opaque: u32, status: u16) -> Outcome {
+        if let State::Takeover(t) = &mut self.state {
+            if t.stage == TakeoverStage::OpaqueKnown
+                && t.opaque == opaque
+                && status == STATUS_SUCCESS
+            {
+                if t.requested == Some(VbState::Active) {
+                    t.stage = TakeoverStage::Active;
+                    return self.finish_takeover_if_complete();
+                }
+                t.requested = None;
+            }
+        }
+        Outcome::NoReply
+    }
+
+    /// The setup deadline fired: every vbucket still pending fails with `setup_timeout`.
+    pub fn deadline(&mut self) -> Outcome {
+        match self.state {
+            State::SettingUp { .. } => {
+                let timed_out: Vec<u16> = self
+                    .pending
+                    .with_any(ADD | CLOSE_CONSUMER | CLOSE_PRODUCER)
+                    .collect();
+                for vb in timed_out {
+                    let flags = self.pending.get(vb);
+                    for flag in [ADD, CLOSE_CONSUMER, CLOSE_PRODUCER] {
+                        if flags & flag != 0 {
+                            self.owed.add(vb, owed_kind(flag));
+                        }
+                    }
+                    self.pending
+                        .unset(vb, ADD | CLOSE_CONSUMER | CLOSE_PRODUCER);
+                    self.errors.push((Why::SetupTimeout, vb));
+                }
+                self.pending_adds = 0;
+                self.pending_closes_consumer = 0;
+                self.pending_closes_producer = 0;
+                self.finish_if_settled()
+            }
+            State::Takeover(t) => {
+                if !t.add_acked {
+                    self.owed.add(t.vbucket, owed_kind(ADD));
+                }
+                self.state = State::Idle;
+                Outcome::Reply(Reply::Errors(vec![(Why::SetupTimeout, t.vbucket)]))
+            }
+            State::Idle | State::Shut => Outcome::NoReply,
+        }
+    }
+
+    /// The connection is gone: every pending vbucket fails with `connection_lost`, and the
+    /// machine is shut with no streams.
+    pub fn connection_lost(&mut self) -> Outcome {
+        let outcome = match self.state {
+            State::SettingUp { .. } => {
+                let lost: Vec<u16> = self
+                    .pending
+                    .with_any(ADD | CLOSE_CONSUMER | CLOSE_PRODUCER)
+                    .collect();
+                self.errors
+                    .extend(lost.into_iter().map(|vb| (Why::ConnectionLost, vb)));
+                Outcome::Reply(self.take_reply())
+            }
+            State::Takeover(t) => {
+                Outcome::Reply(Reply::Errors(vec![(Why::ConnectionLost, t.vbucket)]))
+            }
+            State::Idle | State::Shut => Outcome::NoReply,
+        };
+        self.state = State::Shut;
+        self.active.clear();
+        self.pending.clear();
+        self.owed.clear();
+        self.pending_adds = 0;
+        self.pending_closes_consumer = 0;
+        self.pending_closes_producer = 0;
+        self.producer_ignored = false;
+        self.errors.clear();
+        outcome
+    }
+
+    /// Vbuckets with an active stream, ascending.
+    pub fn partitions(&self) -> Vec<u16> {
+        self.active.iter().collect()
+    }
+
+    pub fn is_active(&self, vb: u16) -> bool {
+        self.active.contains(vb)
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Idle => Phase::Idle,
+            State::SettingUp { .. } => Phase::SettingUp,
+            State::Takeover(_) => Phase::Takeover,
+            State::Shut => Phase::Shut,
+        }
+    }
+
+    pub fn info(&self) -> SetupInfo {
+        let setting_up = matches!(self.state, State::SettingUp { .. });
+        let pending = |flag| -> Vec<u16> {
+            if setting_up {
+                self.pending.with_any(flag).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        let mut errors = self.errors.clone();
+        errors.sort_by_key(|&(_, vb)| vb);
+        SetupInfo {
+            phase: self.phase(),
+            active: self.partitions(),
+            pending_adds: pending(ADD),
+            pending_closes_consumer: pending(CLOSE_CONSUMER),
+            pending_closes_producer: if self.producer_ignored {
+                None
+            } else {
+                Some(pending(CLOSE_PRODUCER))
+            },
+            errors,
+            next: match self.state {
+                State::SettingUp { next: After::Idle } => Some(Phase::Idle),
+                State::SettingUp { next: After::Shut } => Some(Phase::Shut),
+                _ => None,
+            },
+            takeover: match self.state {
+                State::Takeover(t) => Some(TakeoverInfo {
+                    vbucket: t.vbucket,
+                    stage: t.stage,
+                    opaque: (t.stage != TakeoverStage::Requested).then_some(t.opaque),
+                    requested_state: t.requested,
+                    add_acked: t.add_acked,
+                }),
+                _ => None,
+            },
+            absorbed: self.absorbed,
+        }
+    }
+
+    fn refuse_unless_idle(&self) -> Result<(), Refusal> {
+        match self.state {
+            State::Idle => Ok(()),
+            State::Shut => Err(Refusal::Shut),
+            State::SettingUp { .. } | State::Takeover(_) => Err(Refusal::Busy),
+        }
+    }
+
+    fn note_sent(&mut self, action: &Action) {
+        match *action {
+            Action::AddStream { vbucket, .. } => {
+                self.pending.set(vbucket, ADD);
+                self.pending_adds += 1;
+            }
+            Action::CloseStream { side, vbucket } => {
+                self.pending.set(vbucket, close_flag(side));
+                match side {
+                    Side::Consumer => self.pending_closes_consumer += 1,
+                    Side::Producer => self.pending_closes_producer += 1,
+                }
+            }
+        }
+    }
+
+    /// An answer that matches nothing pending: fine if it was owed, a violation otherwise.
+    fn absorb_owed(&mut self, opaque: u32, flag: u8, response: Response) -> Outcome {
+        match vbucket_of(opaque) {
+            Some(vb) if self.owed.take(vb, owed_kind(flag)) => {
+                self.absorbed += 1;
+                Outcome::NoReply
+            }
+            _ => Outcome::UnexpectedResponse { response, opaque },
+        }
+    }
+
+    fn finish_if_settled(&mut self) -> Outcome {
+        let State::SettingUp { next } = self.state else {
+            return Outcome::NoReply;
+        };
+        let producer_done = self.producer_ignored || self.pending_closes_producer == 0;
+        if self.pending_adds > 0 || self.pending_closes_consumer > 0 || !producer_done {
+            return Outcome::NoReply;
+        }
+        self.producer_ignored = false;
+        self.state = match next {
+            After::Idle => State::Idle,
+            After::Shut => State::Shut,
+        };
+        Outcome::Reply(self.take_reply())
+    }
+
+    fn finish_takeover_if_complete(&mut self) -> Outcome {
+        match self.state {
+            State::Takeover(t) if t.add_acked && t.stage == TakeoverStage::Active => {
+                self.active.insert(t.vbucket);
+                self.state = State::Idle;
+                Outcome::Reply(Reply::Ok)
+            }
+            _ => Outcome::NoReply,
+        }
+    }
+
+    fn take_reply(&mut self) -> Reply {
+        let mut errors = std::mem::take(&mut self.errors);
+        if errors.is_empty() {
+            Reply::Ok
+        } else {
+            // Stable: failures of one vbucket keep the order they happened in.
+            errors.sort_by_key(|&(_, vb)| vb);
+            Reply::Errors(errors)
+        }
+    }
+}

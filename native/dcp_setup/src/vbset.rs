@@ -1,0 +1,183 @@
+//! Fixed-size per-vbucket tables: O(1) membership, no allocation per event.
+
+use crate::MAX_VBUCKETS;
+
+const WORDS: usize = MAX_VBUCKETS / 64;
+
+/// A set of vbuckets as a 1024-bit bitset with a running count.
+#[derive(Clone, Debug)]
+pub(crate) struct VbSet {
+    words: [u64; WORDS],
+    len: usize,
+}
+
+impl VbSet {
+    pub(crate) const fn new() -> Self {
+        VbSet {
+            words: [0; WORDS],
+            len: 0,
+        }
+    }
+
+    /// `vb` must be below MAX_VBUCKETS; callers check with `in_range` first.
+    pub(crate) fn contains(&self, vb: u16) -> bool {
+        let vb = usize::from(vb);
+        vb < MAX_VBUCKETS && self.words[vb / 64] & (1 << (vb % 64)) != 0
+    }
+
+    pub(crate) fn insert(&mut self, vb: u16) {
+        let vb = usize::from(vb);
+        if vb < MAX_VBUCKETS && self.words[vb / 64] & (1 << (vb % 64)) == 0 {
+            self.words[vb / 64] |= 1 << (vb % 64);
+            self.len += 1;
+        }
+    }
+
+    pub(crate) fn remove(&mut self, vb: u16) {
+        let vb = usize::from(vb);
+        if vb < MAX_VBUCKETS && self.words[vb / 64] & (1 << (vb % 64)) != 0 {
+            self.words[vb / 64] &= !(1 << (vb % 64));
+            self.len -= 1;
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = VbSet::new();
+    }
+
+    /// Members of `self` that are not in `other`, ascending. Cost is one pass over 16 words
+    /// plus one step per member found.
+    pub(crate) fn difference<'a>(&'a self, other: &'a VbSet) -> impl Iterator<Item = u16> + 'a {
+        (0..WORDS).flat_map(move |i| {
+            Bits(self.words[i] & !other.words[i]).map(move |b| (i * 64 + b) as u16)
+        })
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..WORDS).flat_map(move |i| Bits(self.words[i]).map(move |b| (i * 64 + b) as u16))
+    }
+}
+
+/// Iterates the set bit positions of one word, lowest first.
+struct Bits(u64);
+
+impl Iterator for Bits {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let bit = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(bit)
+    }
+}
+
+/// One byte of flags per vbucket (which requests are outstanding for it).
+#[derive(Clone, Debug)]
+pub(crate) struct FlagTable {
+    flags: [u8; MAX_VBUCKETS],
+}
+
+impl FlagTable {
+    pub(crate) const fn new() -> Self {
+        FlagTable {
+            flags: [0; MAX_VBUCKETS],
+        }
+    }
+
+    pub(crate) fn has(&self, vb: u16, flag: u8) -> bool {
+        self.flags
+            .get(usize::from(vb))
+            .is_some_and(|f| f & flag != 0)
+    }
+
+    pub(crate) fn get(&self, vb: u16) -> u8 {
+        self.flags.get(usize::from(vb)).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn set(&mut self, vb: u16, flag: u8) {
+        if let Some(f) = self.flags.get_mut(usize::from(vb)) {
+            *f |= flag;
+        }
+    }
+
+    pub(crate) fn unset(&mut self, vb: u16, flag: u8) {
+        if let Some(f) = self.flags.get_mut(usize::from(vb)) {
+            *f &= !flag;
+        }
+    }
+
+    /// Vbuckets with any of `mask` set, ascending (a full scan: used once per setup, not per event).
+    pub(crate) fn with_any(&self, mask: u8) -> impl Iterator<Item = u16> + '_ {
+        self.flags
+            .iter()
+            .enumerate()
+            .filter(move |(_, f)| *f & mask != 0)
+            .map(|(vb, _)| vb as u16)
+    }
+
+    pub(crate) fn clear_flag_everywhere(&mut self, flag: u8) {
+        for f in self.flags.iter_mut() {
+            *f &= !flag;
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.flags = [0; MAX_VBUCKETS];
+    }
+}
+
+/// Per vbucket, how many answers of each kind are still owed (saturating: hundreds of
+/// abandoned requests for one vbucket would already be a broken peer).
+#[derive(Clone, Debug)]
+pub(crate) struct OwedTable {
+    counts: [[u8; 3]; MAX_VBUCKETS],
+}
+
+impl OwedTable {
+    pub(crate) const fn new() -> Self {
+        OwedTable {
+            counts: [[0; 3]; MAX_VBUCKETS],
+        }
+    }
+
+    /// `kind` is 0, 1 or 2 (the caller maps its request kinds).
+    pub(crate) fn add(&mut self, vb: u16, kind: usize) {
+        if let Some(c) = self
+            .counts
+            .get_mut(usize::from(vb))
+            .and_then(|k| k.get_mut(kind))
+        {
+            *c = c.saturating_add(1);
+        }
+    }
+
+    /// Takes one owed answer; false when none was owed.
+    pub(crate) fn take(&mut self, vb: u16, kind: usize) -> bool {
+        match self
+            .counts
+            .get_mut(usize::from(vb))
+            .and_then(|k| k.get_mut(kind))
+        {
+            Some(c) if *c > 0 => {
+                *c -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.counts = [[0; 3]; MAX_VBUCKETS];
+    }
+}
