@@ -339,7 +339,7 @@ handle_info(Info, #state{module = Module, mod_state = ModState, conn = Conn} = S
             {stop, Reason, State#state{mod_state = ModState1}}
     end.
 
-%% One feed, one send to the partner's socket, the events in order. Our own frames waiting for a
+%% One feed, the events in order, one send to the partner's socket. Our own frames waiting for a
 %% boundary, or a pending discard, take the slow path that cuts the chunk where the frame being
 %% forwarded ends.
 process_chunk(Chunk, #state{inject = [], discard = false} = State) ->
@@ -347,7 +347,7 @@ process_chunk(Chunk, #state{inject = [], discard = false} = State) ->
 process_chunk(Chunk, #state{discard = active} = State) ->
     %% a shut consumer: our own frames still go out, what the node sends does not
     case feed(count_chunk(State), Chunk) of
-        {ok, _Dropped, Events, State1} -> dispatch(Events, State1);
+        {ok, _Dropped, Events, State1} -> handle_frames([], Events, State1);
         {error, Reason, State1} -> {stop, Reason, State1}
     end;
 process_chunk(Chunk, State) ->
@@ -375,10 +375,7 @@ process_chunk(Chunk, State) ->
                                       false -> [Forward1, Own, Forward2];
                                       active -> [Forward1, Own]
                                   end,
-                            case forward(Out, State4) of
-                                ok -> dispatch(Events1 ++ Events2, note_traffic(State4));
-                                {error, Reason} -> {stop, Reason, State4}
-                            end;
+                            handle_frames(Out, Events1 ++ Events2, State4);
                         {error, Reason, State4} ->
                             {stop, Reason, State4}
                     end;
@@ -389,13 +386,23 @@ process_chunk(Chunk, State) ->
 
 feed_and_forward(Chunk, State) ->
     case feed(State, Chunk) of
-        {ok, Forward, Events, State1} ->
+        {ok, Forward, Events, State1} -> handle_frames(Forward, Events, State1);
+        {error, Reason, State1} -> {stop, Reason, State1}
+    end.
+
+%% Events before the send: the side module (and through the producer conn, the consumer conn)
+%% learns of a frame before the node it goes to can answer it, so an answer arriving on the other
+%% socket never overtakes the frame it answers (a takeover's set-vbucket-state, a stream end
+%% racing an add's answer).
+handle_frames(Forward, Events, State) ->
+    case dispatch(Events, State) of
+        {ok, State1} ->
             case forward(Forward, State1) of
-                ok -> dispatch(Events, note_traffic(State1));
+                ok -> flush_inject(note_traffic(State1));
                 {error, Reason} -> {stop, Reason, State1}
             end;
-        {error, Reason, State1} ->
-            {stop, Reason, State1}
+        {stop, _, _} = Stop ->
+            Stop
     end.
 
 feed_head(<<>>, State) ->
@@ -445,7 +452,7 @@ forward(IoData, #state{conn = #{partner := {_, PartnerSock}, side := Side}}) ->
     end.
 
 dispatch([], State) ->
-    flush_inject(State);
+    {ok, State};
 dispatch([Event | Events], #state{module = Module, mod_state = ModState, conn = Conn} = State) ->
     case Module:handle_event(Event, ModState, Conn) of
         {ok, ModState1} -> dispatch(Events, State#state{mod_state = ModState1});

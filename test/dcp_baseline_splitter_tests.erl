@@ -1,5 +1,5 @@
-%% @doc Tests of the pure-Erlang baseline splitter (bench/): its side policy, and that it forwards the
-%% same bytes and reports the same events as `mcbp:feed/2' for any stream cut into any chunks.
+%% @doc Tests of the pure-Erlang baseline splitter (bench/): its side policy, and that it forwards
+%% the same bytes and reports the same events as `mcbp:feed/2' for any stream cut into any chunks.
 -module(dcp_baseline_splitter_tests).
 
 -include_lib("proper/include/proper.hrl").
@@ -151,13 +151,61 @@ compare(Side, Chunks) ->
                   {ok, NF, NE} = mcbp:feed(Nif, Chunk),
                   BaseAcc2 = <<BaseAcc/binary, (iolist_to_binary(BF))/binary>>,
                   NifAcc2 = <<NifAcc/binary, (iolist_to_binary(NF))/binary>>,
-                  Prefix = binary:longest_common_prefix([BaseAcc2, NifAcc2]) =:= byte_size(BaseAcc2),
+                  Prefix = binary:longest_common_prefix([BaseAcc2, NifAcc2])
+                      =:= byte_size(BaseAcc2),
                   {Base2, Nif, BaseAcc2, NifAcc2, BE =:= NE andalso Prefix}
           end,
           {Base0, Nif0, <<>>, <<>>, true}, Chunks),
     ?WHENFAIL(io:format(user, "side ~p~nbaseline ~p bytes, nif ~p bytes~n",
                         [Side, byte_size(BaseFwd), byte_size(NifFwd)]),
               Agree andalso BaseFwd =:= NifFwd).
+
+%% A stream that goes bad (a byte that is no magic where a header should start) fails in the same
+%% chunk with the same reason on both paths.
+same_error_as_mcbp_feed_on_a_bad_magic_test_() ->
+    {"a bad magic byte fails both splitters in the same chunk with the same reason",
+     {timeout, 120,
+      fun() ->
+              ?assertEqual(true, proper:quickcheck(prop_same_error_as_mcbp_feed(),
+                                                   [{numtests, 200}, {to_file, user}]))
+      end}}.
+
+prop_same_error_as_mcbp_feed() ->
+    ?FORALL({Side, Before, Bad, After, Cuts},
+            {oneof([consumer, producer]), list(frame()), bad_magic(), list(frame()), list(cut())},
+            begin
+                Stream = iolist_to_binary([Before, <<Bad, 0:(23 * 8)>>, After]),
+                Chunks = chunks(Stream, Cuts),
+                Base = first_error(fun dcp_baseline_splitter:feed/2,
+                                   dcp_baseline_splitter:new(#{side => Side}), Chunks, 0),
+                Nif = first_error(fun(S, C) ->
+                                          case mcbp:feed(S, C) of
+                                              {ok, F, E} -> {ok, F, E, S};
+                                              Error -> Error
+                                          end
+                                  end, mcbp:splitter_new(#{side => Side}), Chunks, 0),
+                Expected = {error_at, chunk_of(Chunks, iolist_size(Before)), {bad_magic, Bad}},
+                ?WHENFAIL(io:format(user, "baseline ~p~nnif ~p~nexpected ~p~n",
+                                    [Base, Nif, Expected]),
+                          Base =:= Expected andalso Nif =:= Expected)
+            end).
+
+first_error(_Feed, _State, [], _N) ->
+    no_error;
+first_error(Feed, State, [Chunk | Chunks], N) ->
+    case Feed(State, Chunk) of
+        {ok, _, _, State2} -> first_error(Feed, State2, Chunks, N + 1);
+        {error, Reason} -> {error_at, N, Reason}
+    end.
+
+%% The index of the chunk that holds byte Offset of the stream.
+chunk_of([Chunk | Chunks], Offset) when Offset >= byte_size(Chunk) ->
+    1 + chunk_of(Chunks, Offset - byte_size(Chunk));
+chunk_of(_Chunks, _Offset) ->
+    0.
+
+bad_magic() ->
+    ?SUCHTHAT(B, range(0, 255), not lists:member(B, [16#80, 16#81, 16#08, 16#18, 16#82, 16#83])).
 
 chunks(<<>>, _Cuts) ->
     [];

@@ -2,6 +2,7 @@
 %% takeover, shut, deadline, and bad arguments (never a crash of the VM, never a changed machine).
 -module(dcp_setup_tests).
 
+-include_lib("proper/include/proper.hrl").
 -include_lib("eunit/include/eunit.hrl").
 
 %% A machine with VBs active (set up and answered).
@@ -184,3 +185,54 @@ bad_terms_raise_badarg_and_leave_the_machine_unchanged_test() ->
              fun() -> dcp_nif:setup_info(<<"not a setup">>) end],
     [?assertError(badarg, Call()) || Call <- Calls],
     ?assertEqual(Before, dcp_nif:setup_info(S)).
+
+%% ---- any term in, a well-formed answer or badarg out ----
+
+junk() ->
+    oneof([integer(), integer(-5, 1100), range(0, 7), atom(), binary(), list(integer(0, 8)),
+           {unknown, integer()}, ok, closed, state_changed, consumer, producer, active, pending,
+           improper_list(), any()]).
+
+improper_list() ->
+    ?LET({H, T}, {integer(0, 3), integer(0, 3)}, [H | T]).
+
+call() ->
+    oneof([{setup_begin, [junk()]},
+           {setup_add_stream_response, [junk(), junk()]},
+           {setup_close_stream_response, [junk(), junk(), junk()]},
+           {setup_stream_end, [junk(), junk(), junk()]},
+           {setup_takeover_begin, [junk()]},
+           {setup_stream_req, [junk(), junk()]},
+           {setup_set_vbucket_state, [junk(), junk()]},
+           {setup_set_vbucket_state_response, [junk(), junk()]},
+           {setup_maybe_close_stream, [junk()]},
+           {setup_shut, []},
+           {setup_deadline, []},
+           {setup_connection_lost, [junk()]}]).
+
+well_formed(noreply) -> true;
+well_formed({reply, ok}) -> true;
+well_formed({reply, {errors, L}}) when is_list(L) -> true;
+well_formed({send, L}) when is_list(L) -> true;
+well_formed({stop, {unexpected_response, _, Opaque}}) when is_integer(Opaque) -> true;
+well_formed({error, _}) -> true;
+well_formed(_) -> false.
+
+prop_any_call_gives_a_well_formed_answer_or_badarg() ->
+    ?FORALL(Calls, list(call()),
+            begin
+                S = dcp_nif:setup_new(),
+                lists:all(
+                  fun({F, Args}) ->
+                          try apply(dcp_nif, F, [S | Args]) of
+                              Result -> well_formed(Result)
+                          catch
+                              error:badarg -> true
+                          end
+                  end, Calls)
+                    andalso is_map(dcp_nif:setup_info(S))
+            end).
+
+any_call_gives_a_well_formed_answer_or_badarg_test() ->
+    ?assert(proper:quickcheck(prop_any_call_gives_a_well_formed_answer_or_badarg(),
+                              [{numtests, 1000}, {to_file, user}])).

@@ -80,7 +80,7 @@ a_header_split_across_chunks_is_held_then_forwarded_test() ->
 a_multi_megabyte_chunk_is_cut_into_several_nif_calls_test() ->
     S = mcbp:splitter_new(#{side => producer}),
     Frame = mutation(1, 1, 0),
-    N = (8 * ?MIB) div byte_size(Frame),
+    N = (16 * ?MIB) div byte_size(Frame),
     Chunk = binary:copy(Frame, N),
     {ok, Forward, []} = mcbp:feed(S, Chunk),
     %% One list per NIF call: more frames than one call's budget means several calls.

@@ -128,9 +128,9 @@ pub struct FeedOutput {
     pub work: usize,
 }
 
-/// A reported frame costs the caller a term to build (a map for most), worth many forwarded
-/// frames, so it weighs this much against the budget.
-pub const REPORTED_FRAME_COST: usize = 32;
+/// A reported frame costs the caller a term to build (a map for most): measured through the NIF,
+/// about 0.7 us against about 4 ns for a forwarded frame, so it weighs this much in the budget.
+pub const REPORTED_FRAME_COST: usize = 128;
 
 fn cost(fate: Fate) -> usize {
     match fate {
@@ -404,6 +404,7 @@ impl Splitter {
                     forwarded += 1;
                     if frame_len <= avail {
                         pos += frame_len as usize;
+                        prefetch_ahead(chunk, pos, frame_len as usize);
                         continue;
                     }
                     break Exit::Straddle(frame_len - avail);
@@ -509,6 +510,27 @@ impl Splitter {
             by_opcode,
         }
     }
+}
+
+/// Headers are a dependent chain (each one's length gives the next one's place), so a stream
+/// larger than the cache stalls on every header. Guess that the next frames are like this one
+/// and ask for the header a few frames ahead.
+#[inline(always)]
+fn prefetch_ahead(chunk: &[u8], pos: usize, frame_len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ahead = pos.saturating_add(frame_len.saturating_mul(8));
+        if ahead < chunk.len() {
+            // SAFETY: the address is inside `chunk`; a prefetch neither reads into the program
+            // nor faults.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(chunk.as_ptr().add(ahead) as *const i8);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (chunk, pos, frame_len);
 }
 
 /// Why the hot loop stopped.
