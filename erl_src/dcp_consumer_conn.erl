@@ -114,7 +114,8 @@ start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
             log_begun(Request, Actions, Conn),
             ok = send_actions(Actions, Conn),
             St1 = maybe_discard(Request, Conn, St),
-            {noreply, arm_deadline(St1#consumer{waiting = St1#consumer.waiting ++ [{Request, From}]})};
+            Waiting = St1#consumer.waiting ++ [{Request, From}],
+            {noreply, arm_deadline(St1#consumer{waiting = Waiting})};
         {reply, Reply} ->
             St1 = maybe_discard(Request, Conn, St),
             {reply, Reply, St1};
@@ -262,10 +263,9 @@ next_request(St, _Conn) ->
     St.
 
 log_begun(Request, Actions, #{name := Name}) ->
-    ?LOG_INFO("~s: ~0p begun: ~b adds, ~b closes", [Name, Request,
-                                                    length([A || {add_stream, _, _} = A <- Actions]),
-                                                    length([A || {close_stream, _, _} = A <- Actions])],
-              ?LOG_META).
+    Adds = length([A || {add_stream, _, _} = A <- Actions]),
+    ?LOG_INFO("~s: ~0p begun: ~b adds, ~b closes",
+              [Name, Request, Adds, length(Actions) - Adds], ?LOG_META).
 
 %% ---- stop: every caller is answered before the process goes ----
 

@@ -20,7 +20,7 @@ main() ->
 %% @doc Runs the demo and halts the VM with status 1 if a check failed (for `make demo').
 -spec main(opts()) -> ok.
 main(Opts) ->
-    logger:set_primary_config(level, warning),
+    ok = logger:set_primary_config(level, warning),
     case catch run(Opts) of
         #{ok := true} ->
             ok;

@@ -34,8 +34,8 @@ init(_Args, _Conn) ->
 %% ---- stream ----
 
 handle_event({stream_end, VB, Opaque, Reason} = Event, St, #{name := Name} = Conn) ->
-    ?LOG_INFO("~s: producer ended stream for vbucket ~b (opaque ~b): ~p", [Name, VB, Opaque, Reason],
-              ?LOG_META),
+    ?LOG_INFO("~s: producer ended stream for vbucket ~b (opaque ~b): ~p",
+              [Name, VB, Opaque, Reason], ?LOG_META),
     ok = to_consumer(Event, Conn),
     {ok, St};
 handle_event(#{opcode_name := Op} = Frame, St, Conn)

@@ -26,7 +26,8 @@
 -type splitter_opt() :: nif | {module(), map()}.
 %% The password travels wrapped in a fun so that no crash report or log line can print it.
 -type secret() :: fun(() -> iodata()).
--type opts() :: #{side := side(),
+%% `side' is set by the side module's start_link.
+-type opts() :: #{side => side(),
                   host := inet:socket_address() | inet:hostname(),
                   port := inet:port_number(),
                   bucket := string() | binary(),

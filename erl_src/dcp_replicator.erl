@@ -142,12 +142,23 @@ init(#{connection_name := Name} = Opts) ->
         {ok, Consumer} ->
             case dcp_producer_conn:start_link(proxy_opts(producer, Opts)) of
                 {ok, Producer} ->
-                    ok = dcp_proxy:connect_proxies(Consumer, Producer),
-                    ?LOG_INFO("~s: replicating ~p -> ~p", [Name, maps:get(producer, Opts),
-                                                          maps:get(consumer, Opts)], ?LOG_META),
-                    {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
-                                shut_timeout = maps:get(shut_timeout, Opts,
-                                                        ?DEFAULT_SHUT_TIMEOUT)}};
+                    try dcp_proxy:connect_proxies(Consumer, Producer) of
+                        ok ->
+                            ?LOG_INFO("~s: replicating ~p -> ~p",
+                                      [Name, maps:get(producer, Opts), maps:get(consumer, Opts)],
+                                      ?LOG_META),
+                            {ok, #state{consumer = Consumer, producer = Producer,
+                                        connection_name = Name,
+                                        shut_timeout = maps:get(shut_timeout, Opts,
+                                                                ?DEFAULT_SHUT_TIMEOUT)}}
+                    catch
+                        exit:{Reason, {gen_server, call, _}} ->
+                            %% a side went away between its handshake and the pairing
+                            dcp_proxy:terminate_and_wait([Consumer, Producer], shutdown,
+                                                         ?STOP_TIMEOUT),
+                            flush_exit(),
+                            {stop, {connect_proxies, Reason}}
+                    end;
                 {error, Reason} ->
                     flush_exit(),
                     dcp_proxy:terminate_and_wait([Consumer], shutdown, ?STOP_TIMEOUT),
@@ -158,9 +169,9 @@ init(#{connection_name := Name} = Opts) ->
             {stop, Reason}
     end.
 
-%% A failed start_link leaves the child's exit signal in our mailbox.
+%% A child that failed to start or was stopped here leaves its exit signal in our mailbox.
 flush_exit() ->
-    receive {'EXIT', _, _} -> ok after 0 -> ok end.
+    receive {'EXIT', _, _} -> flush_exit() after 0 -> ok end.
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->

@@ -5,9 +5,6 @@
 -include_lib("proper/include/proper.hrl").
 -include_lib("eunit/include/eunit.hrl").
 
--define(REQ, req).
--define(RES, res).
-
 %% ---- frames, built with the one codec ----
 
 mutation(VBucket, Key, Value) ->
@@ -27,11 +24,11 @@ noop(Opaque) ->
     request(16#5c, 0, Opaque, <<>>, <<>>, <<>>).
 
 request(Opcode, VBucket, Opaque, Extras, Key, Value) ->
-    encode(#{magic => ?REQ, opcode => Opcode, datatype => 0, vbucket => VBucket, opaque => Opaque,
+    encode(#{magic => req, opcode => Opcode, datatype => 0, vbucket => VBucket, opaque => Opaque,
              cas => 0, framing_extras => [], extras => Extras, key => Key, value => Value}).
 
 response(Opcode, Status, Opaque, Extras) ->
-    encode(#{magic => ?RES, opcode => Opcode, datatype => 0, status => Status, opaque => Opaque,
+    encode(#{magic => res, opcode => Opcode, datatype => 0, status => Status, opaque => Opaque,
              cas => 0, framing_extras => [], extras => Extras, key => <<>>, value => <<>>}).
 
 encode(Frame) ->

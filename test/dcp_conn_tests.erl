@@ -69,8 +69,9 @@ wait_setup_info(C, Pred) ->
 %% boundary from `bytes' (a frame's full length counts once its header is read) minus what it fed.
 splitter_counts_a_frames_full_length_as_soon_as_its_header_is_read_test() ->
     Splitter = mcbp:splitter_new(#{side => producer}),
+    Value = binary:copy(<<"v">>, 1000),
     Mutation = iolist_to_binary(dcp_commands:mutation(3, 7, #{key => <<"k">>, by_seqno => 1,
-                                                              value => binary:copy(<<"v">>, 1000)})),
+                                                              value => Value})),
     {Head, _} = split_binary(Mutation, 100),
     {ok, Forward, []} = mcbp:feed(Splitter, Head),
     ?assertEqual(Head, iolist_to_binary(Forward)),
@@ -306,8 +307,8 @@ password_never_appears_in_logs_or_crash_reports_test_() ->
                  ?assert(length(Logged) > 0),
                  ?assertEqual([], [L || L <- Logged, string:find(L, ?PASSWORD) =/= nomatch])
              after
-                 logger:set_primary_config(level, OldLevel),
-                 logger:remove_handler(dcp_conn_tests_capture),
+                 ok = logger:set_primary_config(level, OldLevel),
+                 ok = logger:remove_handler(dcp_conn_tests_capture),
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer),
                  flush_exits()
@@ -383,9 +384,10 @@ own_frame_waits_for_the_end_of_the_frame_being_cut_through_test_() ->
      fun() ->
              with_fake_nodes(
                fun(C, P, ConsumerNode, ProducerNode) ->
+                       Value = binary:copy(<<"v">>, 1000),
                        Mutation = iolist_to_binary(
                                     dcp_commands:mutation(5, 77, #{key => <<"k">>, by_seqno => 1,
-                                                                   value => binary:copy(<<"v">>, 1000)})),
+                                                                   value => Value})),
                        Marker = iolist_to_binary(dcp_commands:snapshot_marker(5, 77, 2, 2, 1)),
                        {Head, Tail} = split_binary(Mutation, 100),
                        ok = gen_tcp:send(ProducerNode, Head),

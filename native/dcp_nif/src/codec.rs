@@ -63,10 +63,11 @@ rustler::atoms! {
 /// key does not keep a large socket chunk alive.
 const SUBBINARY_MIN: usize = 64;
 
-/// Work units per `feed` call (see `mcbp::splitter::REPORTED_FRAME_COST`): 128 Ki forwarded
-/// frames (~4 ns each when the chunk is in cache) or 1 Ki reported ones (~0.7 us each) keep a
-/// call around half a millisecond.
-const FEED_BUDGET: usize = 128 * 1024;
+/// Work units per `feed` call (see `mcbp::splitter::REPORTED_FRAME_COST`): 32 Ki forwarded
+/// frames or 256 reported ones. A forwarded frame costs ~4 ns when the chunk is in cache but up to
+/// ~15 ns in a chunk larger than L2 (measured by `make bench`'s slice check), so a call stays
+/// near half a millisecond even then.
+const FEED_BUDGET: usize = 32 * 1024;
 
 fn name_atom(env: Env<'_>, name: &str) -> NifResult<Atom> {
     Atom::from_str(env, name)
