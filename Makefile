@@ -30,7 +30,7 @@ test-rust: bootstrap
 test-erlang: bootstrap
 	rebar3 eunit
 
-test: lint test-rust test-erlang
+test: lint test-rust test-erlang dialyzer
 
 dialyzer: compile
 	rebar3 dialyzer
