@@ -2,9 +2,10 @@
 //! The decisions live in the pure `dcp_setup` crate.
 
 use dcp_setup::{
-    reason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, TakeoverStage,
-    VbState, Why, MAX_VBUCKETS,
+    Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, TakeoverStage, VbState,
+    Why, MAX_VBUCKETS,
 };
+use mcbp::StreamEndReason;
 use parking_lot::Mutex;
 use rustler::types::tuple::get_tuple;
 use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
@@ -54,19 +55,6 @@ rustler::atoms! {
     add_acked,
     absorbed,
 }
-
-/// The stream-end reason names, indexed by code (PROTOCOL.md); codes above are `{unknown, N}`.
-const REASON_NAMES: [&str; 9] = [
-    "ok",
-    "closed",
-    "state_changed",
-    "disconnected",
-    "too_slow",
-    "backfill_fail",
-    "rollback",
-    "filter_empty",
-    "lost_privileges",
-];
 
 pub struct SetupResource {
     machine: Mutex<Setup>,
@@ -330,20 +318,17 @@ fn decode_side(side: Atom) -> NifResult<Side> {
 fn decode_reason(term: Term) -> NifResult<u32> {
     if let Ok(atom) = term.decode::<Atom>() {
         let name = atom.to_term(term.get_env()).atom_to_string()?;
-        return REASON_NAMES
-            .iter()
-            .position(|n| *n == name)
-            .map(|code| code as u32)
+        return StreamEndReason::from_name(&name)
+            .map(StreamEndReason::code)
             .ok_or(Error::BadArg);
     }
     let elements = get_tuple(term)?;
     match elements.as_slice() {
         [tag, code] if tag.decode::<Atom>().is_ok_and(|a| a == unknown()) => {
             let code: u32 = code.decode()?;
-            if (code as usize) < REASON_NAMES.len() {
-                Err(Error::BadArg)
-            } else {
-                Ok(code)
+            match StreamEndReason::from_code(code) {
+                StreamEndReason::Unknown(code) => Ok(code),
+                StreamEndReason::Known(_) => Err(Error::BadArg),
             }
         }
         _ => Err(Error::BadArg),
@@ -351,11 +336,11 @@ fn decode_reason(term: Term) -> NifResult<u32> {
 }
 
 fn encode_reason(env: Env<'_>, code: u32) -> Term<'_> {
-    match REASON_NAMES.get(code as usize) {
+    match StreamEndReason::from_code(code) {
         // The names are plain ASCII atoms: creating one cannot fail.
-        Some(name) => Atom::from_str(env, name)
+        StreamEndReason::Known(name) => Atom::from_str(env, name)
             .map_or_else(|_| (unknown(), code).encode(env), |a| a.encode(env)),
-        None => (unknown(), code).encode(env),
+        StreamEndReason::Unknown(code) => (unknown(), code).encode(env),
     }
 }
 
@@ -486,6 +471,3 @@ fn encode_error<'a>(env: Env<'a>, why: Why, vb: u16, lost: Option<Term<'a>>) -> 
     };
     (why, (vbucket(), vb)).encode(env)
 }
-
-// Keep the reason table and the pure crate's codes in step.
-const _: () = assert!(reason::LOST_PRIVILEGES as usize == REASON_NAMES.len() - 1);
