@@ -45,7 +45,9 @@
 -record(state, {consumer :: pid(),
                 producer :: pid(),
                 connection_name :: string(),
-                shut_timeout :: timeout()}).
+                shut_timeout :: timeout(),
+                %% processes waiting for the consumer conn's answer to a caller
+                helpers = #{} :: #{reference() => pid()}}).
 
 %% ---- API ----
 
@@ -191,16 +193,15 @@ hide_password(#{password := P} = Opts) ->
 %% The consumer conn answers (it never hangs); a helper waits for it so that stats and
 %% get_partitions stay answerable meanwhile, and turns a lost conn into the contract's errors.
 handle_call({setup_replication, VBuckets}, From, #state{consumer = C} = State) ->
-    answer_later(From, fun() -> dcp_consumer_conn:setup_streams(C, VBuckets) end, VBuckets),
-    {noreply, State};
+    {noreply, answer_later(From, fun() -> dcp_consumer_conn:setup_streams(C, VBuckets) end,
+                           VBuckets, State)};
 handle_call({takeover, VBucket}, From, #state{consumer = C} = State) ->
-    answer_later(From, fun() ->
-                               case dcp_consumer_conn:maybe_close_stream(C, VBucket) of
-                                   ok -> dcp_consumer_conn:takeover(C, VBucket);
-                                   Error -> Error
-                               end
-                       end, [VBucket]),
-    {noreply, State};
+    {noreply, answer_later(From, fun() ->
+                                         case dcp_consumer_conn:maybe_close_stream(C, VBucket) of
+                                             ok -> dcp_consumer_conn:takeover(C, VBucket);
+                                             Error -> Error
+                                         end
+                                 end, [VBucket], State)};
 handle_call(get_partitions, _From, #state{consumer = C} = State) ->
     {reply, dcp_consumer_conn:get_partitions(C), State};
 handle_call(stats, _From, #state{consumer = C, producer = P} = State) ->
@@ -210,16 +211,17 @@ handle_call(Request, _From, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected call ~p", [Name, Request], ?LOG_META),
     {reply, {error, {unknown_request, Request}}, State}.
 
-answer_later(From, Fun, VBuckets) ->
-    _ = spawn(fun() ->
-                      Reply = try
-                                  Fun()
-                              catch
-                                  exit:{Reason, {gen_server, call, _}} -> lost(Reason, VBuckets)
-                              end,
-                      gen_server:reply(From, Reply)
-              end),
-    ok.
+answer_later(From, Fun, VBuckets, #state{helpers = Helpers} = State) ->
+    {Pid, Ref} = spawn_monitor(fun() ->
+                                       Reply = try
+                                                   Fun()
+                                               catch
+                                                   exit:{Reason, {gen_server, call, _}} ->
+                                                       lost(Reason, VBuckets)
+                                               end,
+                                       gen_server:reply(From, Reply)
+                               end),
+    State#state{helpers = Helpers#{Ref => Pid}}.
 
 handle_cast(Msg, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected cast ~p", [Name, Msg], ?LOG_META),
@@ -230,6 +232,9 @@ handle_cast(Msg, #state{connection_name = Name} = State) ->
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P} = State)
   when Pid =:= C; Pid =:= P ->
     {stop, Reason, State};
+handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
+  when is_map_key(Ref, Helpers) ->
+    {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
 handle_info(Info, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected message ~0p", [Name, Info], ?LOG_META),
     {noreply, State}.
@@ -238,7 +243,7 @@ handle_info(Info, #state{connection_name = Name} = State) ->
 %% started next for the same vbuckets does not meet "stream exists"; only the consumer, so that
 %% a failed-over producer cannot slow this down.
 terminate(Reason, #state{consumer = C, producer = P, connection_name = Name,
-                         shut_timeout = ShutTimeout}) ->
+                         shut_timeout = ShutTimeout, helpers = Helpers}) ->
     case is_orderly(Reason) andalso is_process_alive(C) of
         true ->
             Shut = try dcp_consumer_conn:shut_connection(C, ShutTimeout)
@@ -249,7 +254,20 @@ terminate(Reason, #state{consumer = C, producer = P, connection_name = Name,
             ok
     end,
     dcp_proxy:terminate_and_wait([C, P], Reason, ?STOP_TIMEOUT),
+    %% the consumer conn answered its callers before it went; let those answers reach them
+    %% before our own exit does (a caller seeing our exit first would get the fallback reply)
+    wait_helpers(maps:keys(Helpers), erlang:monotonic_time(millisecond) + ?STOP_TIMEOUT),
     ?LOG_INFO("~s: replicator stopped: ~0p", [Name, Reason], ?LOG_META).
+
+wait_helpers([], _Deadline) ->
+    ok;
+wait_helpers([Ref | Refs], Deadline) ->
+    Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+    receive
+        {'DOWN', Ref, process, _, _} -> wait_helpers(Refs, Deadline)
+    after Left ->
+            ok
+    end.
 
 is_orderly(normal) -> true;
 is_orderly(shutdown) -> true;

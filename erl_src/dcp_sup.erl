@@ -93,7 +93,8 @@ init(#{consumer_node := ConsumerNode, producer_node := ProducerNode, bucket := B
                                           dcp_replicator:get_connection_name(
                                             ConsumerNode, ProducerNode, Bucket, ConnNum)}]},
                   restart => transient,
-                  shutdown => maps:get(shut_timeout, Opts, 10000) + 10000,
+                  %% the replicator's own stop: the consumer shut, then at most 15 s more
+                  shutdown => maps:get(shut_timeout, Opts, 10000) + 20000,
                   type => worker,
                   modules => [dcp_replicator]}
                 || ConnNum <- lists:seq(0, N - 1)],

@@ -424,3 +424,48 @@ tls_peer_that_cannot_be_verified_is_refused_test_() ->
                  kv_sim:stop(Consumer)
              end
      end}.
+
+sup_restarts_a_failed_replicator_which_takes_its_vbuckets_back_on_the_next_setup_test_() ->
+    {timeout, ?BACKSTOP,
+     fun() ->
+             process_flag(trap_exit, true),
+             {Producer, Consumer} = start_nodes(#{}, #{}),
+             try
+                 Opts = maps:remove(connection_name, rep_opts(Producer, Consumer)),
+                 {ok, Sup} = dcp_sup:start_link(Opts#{consumer_node => 'n_0@127.0.0.1',
+                                                      producer_node => 'n_1@127.0.0.1',
+                                                      connections => 2}),
+                 ?assertEqual(ok, dcp_sup:setup_replication(Sup, [0, 1, 2, 3])),
+                 [{0, Rep0}, {1, Rep1}] = dcp_sup:replicators(Sup),
+                 Ref = erlang:monitor(process, Rep1),
+                 ok = kv_sim:set_fault(Consumer, 5, {close_socket_on, dcp_add_stream}),
+                 ?assertMatch({errors, [{{connection_lost, {socket_closed, consumer}},
+                                         {vbucket, 5}}]},
+                              dcp_sup:setup_replication(Sup, [0, 1, 2, 3, 5])),
+                 receive {'DOWN', Ref, process, Rep1, _} -> ok end,
+                 ok = kv_sim:clear_faults(Consumer),
+                 %% connection 1 came back without streams and got 1, 3, 5 again; connection 0
+                 %% (the same process) kept 0 and 2
+                 ?assertEqual([0, 2, 1, 3, 5], wait_setup_ok(Sup, [0, 1, 2, 3, 5])),
+                 [{0, Rep0}, {1, NewRep1}] = dcp_sup:replicators(Sup),
+                 ?assertNotEqual(Rep1, NewRep1),
+                 unlink(Sup),
+                 SupRef = erlang:monitor(process, Sup),
+                 exit(Sup, shutdown),
+                 receive {'DOWN', SupRef, process, Sup, _} -> ok end
+             after
+                 kv_sim:stop(Producer),
+                 kv_sim:stop(Consumer)
+             end
+     end}.
+
+%% The restarted replicator may not be up yet: until it is, its vbuckets come back as not running.
+wait_setup_ok(Sup, VBuckets) ->
+    case dcp_sup:setup_replication(Sup, VBuckets) of
+        ok ->
+            lists:append([dcp_replicator:get_partitions(Rep)
+                          || {_, Rep} <- dcp_sup:replicators(Sup), is_pid(Rep)]);
+        {errors, _} ->
+            timer:sleep(10),
+            wait_setup_ok(Sup, VBuckets)
+    end.
