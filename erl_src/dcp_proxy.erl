@@ -414,7 +414,6 @@ feed_head(Head, State) ->
 count_chunk(#state{chunks = C} = State) ->
     State#state{chunks = C + 1}.
 
-%% `bytes_in' counts exactly the bytes given to the splitter (forward_remaining/1 relies on it).
 feed(#state{splitter = {nif, Ref}, conn = #{side := Side}, bytes_in = In} = State, Chunk) ->
     State1 = State#state{bytes_in = In + byte_size(Chunk)},
     case mcbp:feed(Ref, Chunk) of
@@ -429,13 +428,10 @@ feed(#state{splitter = {Mod, St}, conn = #{side := Side}, bytes_in = In} = State
     end.
 
 %% Bytes of the frame being cut through that are not yet forwarded; 0 at a frame boundary.
-%% The NIF splitter counts a frame's full length in `bytes' as soon as its header is read, so
-%% `bytes' minus what it was fed is what is left of the frame in progress (negative while only
-%% part of the next header is held: then nothing of that frame was forwarded yet).
 %% A splitter that forwards only whole frames is always at a boundary between chunks.
-forward_remaining(#state{splitter = {nif, Ref}, bytes_in = Fed}) ->
-    #{bytes := Announced} = mcbp:splitter_stats(Ref),
-    max(0, Announced - Fed);
+forward_remaining(#state{splitter = {nif, Ref}}) ->
+    #{forward_remaining := Remaining} = mcbp:splitter_stats(Ref),
+    Remaining;
 forward_remaining(#state{splitter = {Mod, St}}) ->
     case erlang:function_exported(Mod, forward_remaining, 1) of
         true -> Mod:forward_remaining(St);

@@ -69,6 +69,7 @@
                    reported_frames := non_neg_integer(),
                    largest_frame := non_neg_integer(),
                    held_bytes := non_neg_integer(),
+                   forward_remaining := non_neg_integer(),
                    by_opcode := #{atom() | {unknown, u8()} =>
                                       #{frames := non_neg_integer(),
                                         bytes := non_neg_integer()}}}.

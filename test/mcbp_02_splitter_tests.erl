@@ -146,7 +146,7 @@ stats_count_frames_per_opcode_test() ->
     ?assertEqual(#{frames => 4,
                    bytes => 2 * byte_size(M) + byte_size(End) + byte_size(Close),
                    forwarded_frames => 3, blocked_frames => 1, reported_frames => 2,
-                   largest_frame => byte_size(M), held_bytes => 1,
+                   largest_frame => byte_size(M), held_bytes => 1, forward_remaining => 0,
                    by_opcode => #{dcp_mutation => #{frames => 2, bytes => 2 * byte_size(M)},
                                   dcp_stream_end => #{frames => 1, bytes => byte_size(End)},
                                   dcp_close_stream => #{frames => 1, bytes => byte_size(Close)}}},

@@ -56,6 +56,7 @@ rustler::atoms! {
     reported_frames,
     largest_frame,
     held_bytes,
+    forward_remaining,
     by_opcode,
 }
 
@@ -485,6 +486,7 @@ fn splitter_stats(env: Env<'_>, resource: ResourceArc<SplitterResource>) -> NifR
         reported_frames(),
         largest_frame(),
         held_bytes(),
+        forward_remaining(),
     ];
     let values = [
         stats.frames,
@@ -494,6 +496,7 @@ fn splitter_stats(env: Env<'_>, resource: ResourceArc<SplitterResource>) -> NifR
         stats.reported_frames,
         stats.largest_frame,
         stats.held_bytes,
+        stats.forward_remaining,
     ];
     Term::map_from_arrays(env, &keys, &values)?.map_put(by_opcode(), by_op)
 }

@@ -202,6 +202,10 @@ pub struct Stats {
     pub reported_frames: u64,
     pub largest_frame: u64,
     pub held_bytes: u64,
+    /// Bytes of the frame being forwarded that have not arrived yet; 0 at a frame boundary (also
+    /// while only part of the next header is held: nothing of that frame was forwarded yet). A
+    /// proxy writes frames of its own into the partner socket only at a boundary.
+    pub forward_remaining: u64,
     /// (opcode, frames, bytes) for every opcode seen, ascending.
     pub by_opcode: Vec<(u8, u64, u64)>,
 }
@@ -507,6 +511,14 @@ impl Splitter {
             reported_frames: self.reported_frames,
             largest_frame: self.largest_frame,
             held_bytes: self.held.len() as u64,
+            forward_remaining: match self.state {
+                State::Passing { remaining } => remaining,
+                State::Gathering {
+                    remaining,
+                    forward: true,
+                } => remaining as u64,
+                _ => 0,
+            },
             by_opcode,
         }
     }

@@ -285,3 +285,22 @@ fn empty_and_zero_body_frames_pass_through() {
     assert_eq!(s.stats().frames, 2);
     assert_eq!(s.held_bytes(), 0);
 }
+
+#[test]
+fn forward_remaining_counts_what_is_left_of_the_frame_being_cut_through() {
+    let m = mutation(1, 1, 1000);
+    let end = stream_end(1, 7, 2);
+    let mut s = Splitter::new(Side::Producer, MAX);
+    feed(&mut s, &m[..10]).unwrap();
+    // Only part of a header is held: nothing of that frame went out, so this is a boundary.
+    assert_eq!(s.stats().forward_remaining, 0);
+    feed(&mut s, &m[10..300]).unwrap();
+    assert_eq!(s.stats().forward_remaining, (m.len() - 300) as u64);
+    feed(&mut s, &m[300..]).unwrap();
+    assert_eq!(s.stats().forward_remaining, 0);
+    // A forwarded and reported frame counts too while it is gathered.
+    feed(&mut s, &end[..26]).unwrap();
+    assert_eq!(s.stats().forward_remaining, (end.len() - 26) as u64);
+    feed(&mut s, &end[26..]).unwrap();
+    assert_eq!(s.stats().forward_remaining, 0);
+}
