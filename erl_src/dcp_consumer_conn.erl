@@ -254,6 +254,11 @@ next_request(#consumer{waiting = [], queued = Queued} = St, Conn) ->
             case start_request(Request, From, St#consumer{queued = Queued1}, Conn) of
                 {noreply, St1} ->
                     St1;
+                {reply, {error, shut}, St1} ->
+                    %% accepted while the connection was up, then shut under it: to this caller
+                    %% the connection is lost (the contract's per-vbucket errors, not a refusal)
+                    gen_server:reply(From, lost_reply(Request, shut)),
+                    next_request(St1, Conn);
                 {reply, Reply, St1} ->
                     gen_server:reply(From, Reply),
                     next_request(St1, Conn)

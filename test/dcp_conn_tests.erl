@@ -183,10 +183,12 @@ setup_asked_for_while_another_runs_waits_its_turn_test_() ->
                        end)
      end}.
 
+%% The consumer answers the shut's CLOSE_STREAM for the stuck vbucket, which settles its add: both
+%% callers are answered then, long before the (30 s) setup deadline.
 shut_during_a_stuck_setup_answers_both_callers_test_() ->
     {timeout, ?BACKSTOP,
      fun() ->
-             with_pair(#{}, #{}, 500,
+             with_pair(#{}, #{}, 30000,
                        fun(C, _P, _Producer, Consumer) ->
                                ok = dcp_consumer_conn:setup_streams(C, [1]),
                                ok = kv_sim:set_fault(Consumer, 2, {drop_answer, dcp_add_stream}),
@@ -195,10 +197,34 @@ shut_during_a_stuck_setup_answers_both_callers_test_() ->
                                              end),
                                wait_setup_info(C, fun(#{pending_adds := P}) -> P =:= [2] end),
                                Shut = dcp_consumer_conn:shut_connection(C, 5000),
-                               ?assertEqual({errors, [{setup_timeout, {vbucket, 2}}]}, Setup()),
-                               ?assertEqual(Shut, {errors, [{setup_timeout, {vbucket, 2}}]}),
+                               Closed = {errors, [{{stream_end, closed}, {vbucket, 2}}]},
+                               ?assertEqual(Closed, Setup()),
+                               ?assertEqual(Closed, Shut),
                                ?assertMatch(#{state := shut}, dcp_consumer_conn:setup_info(C)),
                                ?assertEqual({error, shut}, dcp_consumer_conn:setup_streams(C, [3]))
+                       end)
+     end}.
+
+%% A setup accepted while the connection was up and queued behind the stuck one never runs: the shut
+%% came first, so its caller gets the contract's per-vbucket errors rather than a refusal.
+setup_queued_behind_a_stuck_setup_is_answered_as_lost_when_shut_test_() ->
+    {timeout, ?BACKSTOP,
+     fun() ->
+             with_pair(#{}, #{}, 30000,
+                       fun(C, _P, _Producer, Consumer) ->
+                               ok = kv_sim:set_fault(Consumer, 2, {drop_answer, dcp_add_stream}),
+                               Stuck = async(fun() -> dcp_consumer_conn:setup_streams(C, [2]) end),
+                               wait_setup_info(C, fun(#{pending_adds := P}) -> P =:= [2] end),
+                               Queued = async(fun() ->
+                                                      dcp_consumer_conn:setup_streams(C, [2, 5])
+                                              end),
+                               wait_setup_info(C, fun(#{queued_requests := Q}) -> Q =:= 1 end),
+                               Closed = {errors, [{{stream_end, closed}, {vbucket, 2}}]},
+                               ?assertEqual(Closed, dcp_consumer_conn:shut_connection(C, 5000)),
+                               ?assertEqual(Closed, Stuck()),
+                               Lost = {connection_lost, shut},
+                               ?assertEqual({errors, [{Lost, {vbucket, 2}}, {Lost, {vbucket, 5}}]},
+                                            Queued())
                        end)
      end}.
 

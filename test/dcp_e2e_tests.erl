@@ -474,12 +474,14 @@ async_setup(Rep, VBs) ->
 await_setup_reply(Caller) ->
     receive {setup_reply, Caller, Reply} -> Reply end.
 
-%% The shut of an orderly stop joins the stuck setup and closes vbucket 3 on the consumer, which answers;
-%% the add itself is still owed, so the setup settles only when shut_timeout ends the wait and the
-%% pair stops (each caller then gets connection_lost). Default shut_timeout is 10 s; 500 ms here.
+%% The shut of an orderly stop joins the stuck setup and closes vbucket 3 on the consumer, which answers:
+%% that answer settles the add, so the stuck caller is answered at once with what happened to its
+%% stream, and the shut completes without waiting for shut_timeout (30 s here: a wait would show as a
+%% connection_lost reply). The queued setup never ran: the shut came while it waited, so it is
+%% answered as lost to the shut ({connection_lost, shut}), not refused.
 replicator_stopped_with_a_stuck_setup_answers_the_waiting_and_queued_callers_test_() ->
     e2e("setup of vbucket 3 stuck (add never answered, no deadline), replicator shut down",
-        #{rep => #{setup_timeout => infinity, shut_timeout => 500}},
+        #{rep => #{setup_timeout => infinity, shut_timeout => 30000}},
         fun(#{rep := Rep, consumer := Consumer, keeper := Keeper}) ->
                 ok = kv_sim:set_fault(Consumer, 3, {drop_answer, dcp_add_stream}),
                 Stuck = async_setup(Rep, [3]),
@@ -487,8 +489,9 @@ replicator_stopped_with_a_stuck_setup_answers_the_waiting_and_queued_callers_tes
                 Queued = async_setup(Rep, [3, 4]),
                 wait_stats(Rep, fun(#{setup := #{queued_requests := Q}}) -> Q =:= 1 end),
                 ?assertEqual(shutdown, stop_replicator(Keeper)),
-                Lost = {connection_lost, shutdown},
-                ?assertEqual({errors, [{Lost, {vbucket, 3}}]}, await_setup_reply(Stuck)),
+                ?assertEqual({errors, [{{stream_end, closed}, {vbucket, 3}}]},
+                             await_setup_reply(Stuck)),
+                Lost = {connection_lost, shut},
                 ?assertEqual({errors, [{Lost, {vbucket, 3}}, {Lost, {vbucket, 4}}]},
                              await_setup_reply(Queued))
         end).

@@ -140,14 +140,39 @@ shut_from_a_stuck_setup_answers_the_setup_caller_then_is_shut_test() ->
     ?assertEqual({send, [{close_stream, consumer, 0}, {close_stream, consumer, 1}]},
                  dcp_nif:setup_shut(S)),
     ?assertMatch(#{state := setting_up, next_state := shut}, dcp_nif:setup_info(S)),
+    %% both adds settle before their closes are answered: the closes' answers then complete the setup
+    noreply = dcp_nif:setup_stream_end(S, 0, 0, state_changed),
+    noreply = dcp_nif:setup_add_stream_response(S, 1, 4),
     noreply = dcp_nif:setup_close_stream_response(S, consumer, 0, 0),
-    noreply = dcp_nif:setup_close_stream_response(S, consumer, 1, 1),
-    noreply = dcp_nif:setup_stream_end(S, 0, 0, closed),
-    ?assertEqual({reply, {errors, [{{stream_end, closed}, {vbucket, 0}},
+    ?assertEqual({reply, {errors, [{{stream_end, state_changed}, {vbucket, 0}},
                                    {{mcbp_status, 4}, {vbucket, 1}}]}},
-                 dcp_nif:setup_add_stream_response(S, 1, 4)),
+                 dcp_nif:setup_close_stream_response(S, consumer, 1, 1)),
     ?assertMatch(#{state := shut}, dcp_nif:setup_info(S)),
     ?assertEqual({reply, ok}, dcp_nif:setup_shut(S)).
+
+%% The consumer answers the shut's CLOSE_STREAM but never the ADD_STREAM: the close settles the add.
+shut_closes_a_stuck_add_and_answers_its_caller_at_once_test() ->
+    S = dcp_nif:setup_new(),
+    ?assertEqual({send, [{add_stream, 3, 0}]}, dcp_nif:setup_begin(S, [3])),
+    ?assertEqual({send, [{close_stream, consumer, 3}]}, dcp_nif:setup_shut(S)),
+    ?assertEqual({reply, {errors, [{{stream_end, closed}, {vbucket, 3}}]}},
+                 dcp_nif:setup_close_stream_response(S, consumer, 3, 0)),
+    ?assertMatch(#{state := shut, pending_adds := []}, dcp_nif:setup_info(S)),
+    ?assertEqual(noreply, dcp_nif:setup_add_stream_response(S, 3, 0)),
+    ?assertEqual([], dcp_nif:setup_partitions(S)).
+
+shut_close_failure_settles_a_stuck_add_with_its_status_and_owes_the_add_answer_test() ->
+    S = dcp_nif:setup_new(),
+    {send, _} = dcp_nif:setup_begin(S, [2, 5]),
+    {send, _} = dcp_nif:setup_shut(S),
+    ?assertEqual(noreply, dcp_nif:setup_close_stream_response(S, consumer, 2, 7)),
+    ?assertMatch(#{pending_adds := [5], absorbed := 0}, dcp_nif:setup_info(S)),
+    %% the settled add's late answer is absorbed, not a protocol violation
+    ?assertEqual(noreply, dcp_nif:setup_add_stream_response(S, 2, 0)),
+    ?assertMatch(#{pending_adds := [5], absorbed := 1}, dcp_nif:setup_info(S)),
+    ?assertEqual({reply, {errors, [{{mcbp_status, 7}, {vbucket, 2}},
+                                   {{stream_end, closed}, {vbucket, 5}}]}},
+                 dcp_nif:setup_close_stream_response(S, consumer, 5, 1)).
 
 shut_from_idle_without_streams_is_immediate_test() ->
     S = dcp_nif:setup_new(),

@@ -195,9 +195,10 @@ impl Setup {
 
     /// Shuts the connection. From idle: closes every active stream on the consumer, and the reply
     /// comes once they are answered. From a setup in progress (possibly stuck): closes on the
-    /// consumer every vbucket still being added or active and not yet closing; the setup's own
-    /// caller gets its reply through a later outcome, then the machine is shut. Refused during a
-    /// takeover (the deadline or a lost connection ends that).
+    /// consumer every vbucket still being added or active and not yet closing; the consumer's answer
+    /// to such a close settles a still-pending add (see `close_stream_response`), so the setup's own
+    /// caller gets its reply through a later outcome as soon as the closes are answered, then the
+    /// machine is shut. Refused during a takeover (the deadline or a lost connection ends that).
     pub fn shut(&mut self) -> Result<Start, Refusal> {
         match self.state {
             State::Shut => Ok(Start::Settled),
@@ -301,7 +302,10 @@ impl Setup {
         }
     }
 
-    /// A memcached answered a CLOSE_STREAM (key_enoent counts as success).
+    /// A memcached answered a CLOSE_STREAM (key_enoent counts as success). During a shut over a
+    /// setup, the consumer's answer for a vbucket whose add is still pending also settles that add:
+    /// `{stream_end, closed}` on success, `{mcbp_status, S}` on failure (one error either way), and
+    /// the add's own answer becomes owed.
     pub fn close_stream_response(&mut self, side: Side, opaque: u32, status: u16) -> Outcome {
         let flag = close_flag(side);
         match self.state {
@@ -316,9 +320,23 @@ impl Setup {
                         Side::Consumer => self.pending_closes_consumer -= 1,
                         Side::Producer => self.pending_closes_producer -= 1,
                     }
-                    if status == STATUS_SUCCESS || status == STATUS_KEY_ENOENT {
+                    let closed = status == STATUS_SUCCESS || status == STATUS_KEY_ENOENT;
+                    if closed {
                         self.active.remove(vb);
-                    } else {
+                    }
+                    if side == Side::Consumer && self.shut_is_closing_an_add(vb) {
+                        // The shut's close is the consumer's last word on this stream: settle the
+                        // add now (kv_engine may never answer it) and absorb its answer if it comes.
+                        self.pending.unset(vb, ADD);
+                        self.pending_adds -= 1;
+                        self.owed.add(vb, owed_kind(ADD));
+                        let why = if closed {
+                            Why::StreamEnd(reason::CLOSED)
+                        } else {
+                            Why::McbpStatus(status)
+                        };
+                        self.errors.push((why, vb));
+                    } else if !closed {
                         self.errors.push((Why::McbpStatus(status), vb));
                     }
                     self.finish_if_settled()
@@ -545,6 +563,11 @@ impl Setup {
                 }
             }
         }
+    }
+
+    /// A shut over a setup closed `vb` on the consumer while its add is still unanswered.
+    fn shut_is_closing_an_add(&self, vb: u16) -> bool {
+        matches!(self.state, State::SettingUp { next: After::Shut }) && self.pending.has(vb, ADD)
     }
 
     /// An answer that matches nothing pending: fine if it was owed, a violation otherwise.

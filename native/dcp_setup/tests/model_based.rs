@@ -304,10 +304,11 @@ impl Model {
         match &mut self.state {
             ModelState::Shut => Outcome::NoReply,
             ModelState::SettingUp {
+                adds,
                 closes_consumer,
                 closes_producer,
                 errors,
-                ..
+                then_shut,
             } => {
                 let list = match side {
                     Side::Consumer => closes_consumer,
@@ -321,9 +322,21 @@ impl Model {
                     return self.owed_or_violation(Kind::Close(side), opaque);
                 }
                 let vb = opaque as u16;
-                if status == 0 || status == 1 {
+                let closed = status == 0 || status == 1;
+                if closed {
                     self.active.retain(|&a| a != vb);
-                } else {
+                }
+                // Rule: a shut's consumer close, answered while the vbucket's add is still pending,
+                // settles that add: one error (closed by request, or the close's failure status),
+                // and the add's answer is owed.
+                if side == Side::Consumer && *then_shut && remove_first(adds, &vb) {
+                    self.owed.push((Kind::Add, vb));
+                    if closed {
+                        errors.push((Why::StreamEnd(reason::CLOSED), vb));
+                    } else {
+                        errors.push((Why::McbpStatus(status), vb));
+                    }
+                } else if !closed {
                     errors.push((Why::McbpStatus(status), vb));
                 }
                 self.settle()
