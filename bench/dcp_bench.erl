@@ -388,13 +388,15 @@ e2e_case(Peer, VBuckets, ValueSize, Bytes, Reps) ->
                ratio_text(Throughput), ratio_text(CpuRatio)]),
     io:format("~-16s | user+sys CPU ms/GB (/proc): base ~.1f, nif ~.1f; proxy VM busy: "
               "base ~w%, nif ~w%; mean chunk ~w B; digests equal: ~p~n"
-              "~-16s | kv_sim VM CPU ms/GB (the peer, not the proxy): base ~.1f, nif ~.1f~n",
+              "~-16s | kv_sim VM CPU ms/GB (the peer, not the proxy): base ~.1f, nif ~.1f; "
+              "user+sys (/proc): base ~.1f, nif ~.1f~n",
               ["", maps:get(os_cpu_ms_per_gb, Base), maps:get(os_cpu_ms_per_gb, Nif),
                round(100 * maps:get(cpu_utilisation, Base)),
                round(100 * maps:get(cpu_utilisation, Nif)),
                round(maps:get(mean_producer_chunk_bytes, Nif)),
                maps:get(verified, Base) andalso maps:get(verified, Nif),
-               "", maps:get(kv_sim_cpu_ms_per_gb, Base), maps:get(kv_sim_cpu_ms_per_gb, Nif)]),
+               "", maps:get(kv_sim_cpu_ms_per_gb, Base), maps:get(kv_sim_cpu_ms_per_gb, Nif),
+               maps:get(kv_sim_os_cpu_ms_per_gb, Base), maps:get(kv_sim_os_cpu_ms_per_gb, Nif)]),
     #{value_bytes => ValueSize, docs => VBuckets * Docs, baseline => Base, nif => Nif,
       throughput_ratio => Throughput, cpu_per_gb_ratio_baseline_to_nif => CpuRatio}.
 
@@ -405,12 +407,14 @@ e2e_summary(Runs) ->
     OsCpu = median([C || #{os_cpu_ms := C} <- Runs]),
     Chunks = median([C || #{producer_chunks := C} <- Runs]),
     PeerCpu = median([C || #{kv_sim_cpu_ms := C} <- Runs]),
+    PeerOsCpu = median([C || #{kv_sim_os_cpu_ms := C} <- Runs]),
     #{median_wall_s => Wall, median_cpu_ms => Cpu, bytes => Bytes,
       mb_per_s => Bytes / ?MB / Wall, cpu_ms_per_gb => Cpu / (Bytes / 1.0e9),
       median_os_cpu_ms => OsCpu, os_cpu_ms_per_gb => OsCpu / (Bytes / 1.0e9),
       cpu_utilisation => Cpu / 1000 / Wall,
       mean_producer_chunk_bytes => Bytes / max(1, Chunks),
       kv_sim_cpu_ms_per_gb => PeerCpu / (Bytes / 1.0e9),
+      kv_sim_os_cpu_ms_per_gb => PeerOsCpu / (Bytes / 1.0e9),
       verified => lists:all(fun(#{verified := V}) -> V end, Runs),
       runs => Runs}.
 
@@ -446,6 +450,7 @@ replicate(RepOpts, VBuckets, Peer, Consumer, Expected) ->
     {Cpu0, _} = erlang:statistics(runtime),
     Os0 = os_cpu_ms(),
     {PeerCpu0, _} = peer:call(Peer, erlang, statistics, [runtime]),
+    PeerOs0 = peer_os_cpu_ms(Peer),
     T0 = erlang:monotonic_time(),
     {ok, Rep} = dcp_replicator:start_link(RepOpts),
     ok = dcp_replicator:setup_replication(Rep, VBuckets),
@@ -454,19 +459,27 @@ replicate(RepOpts, VBuckets, Peer, Consumer, Expected) ->
     {Cpu1, _} = erlang:statistics(runtime),
     Os1 = os_cpu_ms(),
     {PeerCpu1, _} = peer:call(Peer, erlang, statistics, [runtime]),
+    PeerOs1 = peer_os_cpu_ms(Peer),
     #{producer := #{bytes_in := Bytes, chunks := Chunks}} = dcp_replicator:stats(Rep),
     unlink(Rep),
     Ref = erlang:monitor(process, Rep),
     exit(Rep, shutdown),
     receive {'DOWN', Ref, process, Rep, _} -> ok end,
     #{wall_s => Wall, cpu_ms => Cpu1 - Cpu0, os_cpu_ms => Os1 - Os0, bytes => Bytes,
-      kv_sim_cpu_ms => PeerCpu1 - PeerCpu0,
+      kv_sim_cpu_ms => PeerCpu1 - PeerCpu0, kv_sim_os_cpu_ms => PeerOs1 - PeerOs0,
       producer_chunks => Chunks}.
 
 %% This VM's user + system CPU from /proc (statistics(runtime) is user time only, and the socket
 %% copies are system time); 0 where /proc is missing. Ticks are taken as 10 ms (USER_HZ 100).
 os_cpu_ms() ->
-    case file:read_file("/proc/self/stat") of
+    os_cpu_ms(file:read_file("/proc/self/stat")).
+
+%% The same for the kv_sim peer VM (its socket work is system time too).
+peer_os_cpu_ms(Peer) ->
+    os_cpu_ms(peer:call(Peer, file, read_file, ["/proc/self/stat"])).
+
+os_cpu_ms(ReadStat) ->
+    case ReadStat of
         {ok, Stat} ->
             %% The fields after the command name (which may hold spaces) end with ")".
             [_, After] = string:split(Stat, ")", trailing),

@@ -78,6 +78,9 @@
                          faults := ets:tid(), store := ets:tid(), vbucket_states := ets:tid(),
                          node := pid()}.
 
+%% The driver's read buffer of an accepted socket: the largest chunk one turn takes.
+-define(SOCKET_BUFFER, 256 * 1024).
+
 -define(DEFAULT_FEATURES, [tcp_nodelay, mutation_seqno, xattr, xerror, select_bucket, snappy, json,
                            duplex, alt_request_support]).
 
@@ -214,8 +217,10 @@ config(Opts) ->
 
 listen(Opts, Config) ->
     Port = maps:get(port, Opts, 0),
+    %% Without `buffer' the driver reads 1460 bytes at a time: a consumer node would take a turn per
+    %% few hundred bytes of a fast stream.
     Common = [binary, {active, false}, {ip, loopback}, {reuseaddr, true}, {nodelay, true},
-              {backlog, 128}],
+              {backlog, 128}, {buffer, ?SOCKET_BUFFER}],
     {Transport, Listen} = case maps:get(ssl, Opts, false) of
                               false -> {gen_tcp, gen_tcp:listen(Port, Common)};
                               SslOpts -> {ssl, ssl:listen(Port, Common ++ SslOpts)}

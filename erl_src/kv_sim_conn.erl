@@ -1,5 +1,6 @@
 %% @doc One connection to a `kv_sim' node: the memcached handshake, then a DCP consumer or producer as
-%% kv_engine behaves on the wire. Frames are read with `mcbp:decode/1' and built with `dcp_commands'.
+%% kv_engine behaves on the wire. Frames are read with `mcbp:decode/1' and built with `dcp_commands'
+%% or, for a producer's mutations, `mcbp:encode/1' (one codec).
 %%
 %% Everything a turn writes (the answers to one socket chunk, or one batch of a producer's stream) goes
 %% out in one write, so frames that kv_engine sends back to back also reach the peer back to back.
@@ -332,13 +333,14 @@ consumer_request(?DCP_CLOSE_STREAM, #{vbucket := VB, opaque := Opaque}, _Size, C
             answer(?DCP_CLOSE_STREAM, VB,
                    dcp_commands:response(?DCP_CLOSE_STREAM, ?KEY_ENOENT, Opaque), C)
     end;
-consumer_request(Opcode, Frame, Size, #conn{flow_control = FlowControl} = C) ->
+consumer_request(Opcode, Frame, Size, C) ->
     %% Everything else comes from the producer through the proxy and counts toward flow control.
-    C1 = case FlowControl of
-             true -> C#conn{rx_unacked = C#conn.rx_unacked + Size};
-             false -> C
-         end,
-    stream_message(Opcode, Frame, C1).
+    stream_message(Opcode, Frame, count_received(Size, C)).
+
+count_received(Size, #conn{flow_control = true, rx_unacked = Unacked} = C) ->
+    C#conn{rx_unacked = Unacked + Size};
+count_received(_Size, C) ->
+    C.
 
 %% kv_engine answers ADD_STREAM only once the producer answered the consumer's own STREAM_REQ, whose
 %% opaque is the consumer's and not the proxy's.
@@ -421,13 +423,7 @@ stream_message(?DCP_SNAPSHOT_MARKER, _Frame, C) ->
     {ok, C};
 stream_message(?DCP_MUTATION, #{vbucket := VB, opaque := Opaque, key := Key, value := Value} = Frame,
                C) ->
-    case owns_stream(VB, Opaque, C) of
-        true ->
-            Seqno = by_seqno(Frame),
-            {ok, set_high_seqno(C#conn{rows = [{{VB, Key}, Seqno, Value} | C#conn.rows]}, VB, Seqno)};
-        false ->
-            {ok, C}
-    end;
+    {ok, mutation(VB, Opaque, Key, by_seqno(Frame), Value, C)};
 stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := Key} = Frame, C)
   when Opcode =:= ?DCP_DELETION; Opcode =:= ?DCP_EXPIRATION ->
     case owns_stream(VB, Opaque, C) of
@@ -473,6 +469,12 @@ store_rows(#conn{rows = []} = C) ->
 store_rows(#conn{config = #{store := Store}, rows = Rows} = C) ->
     ets:insert(Store, lists:reverse(Rows)),
     C#conn{rows = []}.
+
+mutation(VB, Opaque, Key, Seqno, Value, C) ->
+    case owns_stream(VB, Opaque, C) of
+        true -> set_high_seqno(C#conn{rows = [{{VB, Key}, Seqno, Value} | C#conn.rows]}, VB, Seqno);
+        false -> C
+    end.
 
 owns_stream(VB, Opaque, C) ->
     case maps:find(VB, C#conn.streams) of
@@ -659,8 +661,8 @@ stream_steps(VB, Stream, N, Sent, Faults, C) ->
     end.
 
 stream_step(VB, Stream, N, Sent, Faults, C) ->
-    case step(VB, Stream, Faults, C) of
-        {continue, Stream1, C1} -> stream_steps(VB, Stream1, N, Sent + 1, Faults, C1);
+    case step(VB, Stream, N - Sent, Faults, C) of
+        {continue, Stream1, C1, Frames} -> stream_steps(VB, Stream1, N, Sent + Frames, Faults, C1);
         {park, Stream1, C1} -> {ok, C1#conn{pstreams = (C1#conn.pstreams)#{VB => Stream1}}, Sent + 1};
         {done, C1} -> {ok, C1#conn{pstreams = maps:remove(VB, C1#conn.pstreams)}, Sent + 1};
         {close, _, _} = Close -> Close
@@ -669,7 +671,8 @@ stream_step(VB, Stream, N, Sent, Faults, C) ->
 requeue(VB, Stream, C) ->
     C#conn{pstreams = (C#conn.pstreams)#{VB => Stream}, runnable = queue:in(VB, C#conn.runnable)}.
 
-step(VB, #{phase := marker, opaque := Opaque, next := Next, last := Last} = Stream, Faults, C) ->
+step(VB, #{phase := marker, opaque := Opaque, next := Next, last := Last} = Stream, _Budget, Faults,
+     C) ->
     C1 = case Faults of
              #{unknown := {unknown_opcodes, Op}} ->
                  emit(dcp_commands:request(Op, #{vbucket => VB, opaque => Opaque}), C);
@@ -679,34 +682,69 @@ step(VB, #{phase := marker, opaque := Opaque, next := Next, last := Last} = Stre
     case Next =< Last of
         true ->
             Marker = dcp_commands:snapshot_marker(VB, Opaque, Next - 1, Last, 1),
-            {continue, Stream#{phase => mutations}, emit(Marker, C1)};
+            {continue, Stream#{phase => mutations}, emit(Marker, C1), 1};
         false ->
-            {continue, Stream#{phase => finish}, C1}
+            {continue, Stream#{phase => finish}, C1, 1}
     end;
-step(_VB, #{phase := mutations, next := Next, last := Last} = Stream, _Faults, C) when Next > Last ->
-    {continue, Stream#{phase => finish}, C};
-step(VB, #{phase := mutations, opaque := Opaque, next := Seqno, sent := Sent} = Stream, Faults, C) ->
-    {Key, Seqno, Value} = kv_sim:doc(C#conn.config, VB, Seqno),
-    Doc0 = #{key => Key, value => Value, by_seqno => Seqno, rev_seqno => 1, cas => Seqno},
-    Doc = case Faults of
-              #{flexible := true} -> Doc0#{framing_extras => [{?STREAM_ID_FRAME_INFO, <<1:16>>}]};
-              _ -> Doc0
+step(_VB, #{phase := mutations, next := Next, last := Last} = Stream, _Budget, _Faults, C)
+  when Next > Last ->
+    {continue, Stream#{phase => finish}, C, 1};
+step(VB, #{phase := mutations, opaque := Opaque, next := Seqno, last := Last, sent := Sent} = Stream,
+     Budget, Faults, C) ->
+    %% Up to `Budget' mutations in one run; as everywhere, a frame goes out only while the window
+    %% is open (the run stops at the frame that fills it).
+    Run = case Faults of
+              #{close_after := {close_socket_after_mutations, CloseAfter}} ->
+                  min(Budget, CloseAfter - Sent);
+              _ ->
+                  Budget
           end,
-    C1 = emit(dcp_commands:mutation(VB, Opaque, Doc), C),
+    #conn{flow_limit = Limit, tx_unacked = Unacked, config = Config} = C,
+    Window = case Limit of
+                 0 -> unlimited;
+                 _ -> Limit - Unacked
+             end,
+    {Next, Frames, Bytes} = mutations(VB, Opaque, Seqno, min(Last, Seqno + Run - 1), Window, Faults,
+                                      Config, [], 0),
+    Count = Next - Seqno,
+    C1 = C#conn{out = [lists:reverse(Frames) | C#conn.out], tx_unacked = Unacked + Bytes},
     case Faults of
-        #{close_after := {close_socket_after_mutations, Max}} when Sent + 1 >= Max ->
-            {close, {fault, close_socket_after_mutations, VB, Sent + 1}, C1};
+        #{close_after := {close_socket_after_mutations, Max}} when Sent + Count >= Max ->
+            {close, {fault, close_socket_after_mutations, VB, Sent + Count}, C1};
         _ ->
-            {continue, Stream#{next => Seqno + 1, sent => Sent + 1}, C1}
+            {continue, Stream#{next => Next, sent => Sent + Count}, C1, Count}
     end;
-step(VB, #{phase := finish, opaque := Opaque, takeover := true} = Stream, _Faults, C) ->
+step(VB, #{phase := finish, opaque := Opaque, takeover := true} = Stream, _Budget, _Faults, C) ->
     {park, Stream#{phase => wait_pending_ack},
      emit(dcp_commands:set_vbucket_state(VB, Opaque, pending), C)};
-step(VB, #{phase := finish, opaque := Opaque, finite := true}, _Faults, C) ->
+step(VB, #{phase := finish, opaque := Opaque, finite := true}, _Budget, _Faults, C) ->
     {done, emit(dcp_commands:stream_end(VB, Opaque, ok), C)};
-step(_VB, #{phase := finish} = Stream, _Faults, C) ->
+step(_VB, #{phase := finish} = Stream, _Budget, _Faults, C) ->
     %% An open-ended stream stays open with nothing more to send, until it is closed.
     {park, Stream#{phase => idle}, C}.
+
+%% Mutations `Seqno'..`To' (newest first) while the window has room, with the next seqno and their bytes.
+mutations(VB, Opaque, Seqno, To, Window, Faults, Config, Frames, Bytes)
+  when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
+    {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+    Frame = mcbp:encode(mutation_spec(VB, Opaque, Key, Seqno, Value, Faults)),
+    mutations(VB, Opaque, Seqno + 1, To, Window, Faults, Config, [Frame | Frames],
+              Bytes + iolist_size(Frame));
+mutations(_VB, _Opaque, Seqno, _To, _Window, _Faults, _Config, Frames, Bytes) ->
+    {Seqno, Frames, Bytes}.
+
+%% A document as DCP_MUTATION (rev seqno 1, no flags, expiry or lock time) for `mcbp:encode/1': the
+%% frame `dcp_commands:mutation/3' builds, without its defaulting of every field, as this is done for
+%% every document a producer sends.
+mutation_spec(VB, Opaque, Key, Seqno, Value, Faults) ->
+    Spec = #{magic => req, opcode => ?DCP_MUTATION, vbucket => VB, opaque => Opaque, cas => Seqno,
+             extras => <<Seqno:64, 1:64, 0:32, 0:32, 0:32, 0:16, 0:8>>, key => Key, value => Value},
+    case Faults of
+        #{flexible := true} ->
+            Spec#{magic := alt_req, framing_extras => [{?STREAM_ID_FRAME_INFO, <<1:16>>}]};
+        _ ->
+            Spec
+    end.
 
 maybe_schedule_pump(#conn{pump_scheduled = false, type = producer} = C) ->
     case queue:is_empty(C#conn.runnable) orelse flow_blocked(C) of

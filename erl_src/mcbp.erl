@@ -92,7 +92,7 @@ decode(Bin) when is_binary(Bin) ->
 %% Raises `error({bad_frame, Why})' for a map that cannot be encoded.
 -spec encode(frame_spec()) -> iodata().
 encode(Frame) when is_map(Frame) ->
-    case dcp_nif:encode(maps:map(fun flatten_part/2, Frame)) of
+    case dcp_nif:encode(flatten_part(value, flatten_part(key, flatten_part(extras, Frame)))) of
         Bin when is_binary(Bin) ->
             Bin;
         {error, Why} ->
@@ -101,15 +101,19 @@ encode(Frame) when is_map(Frame) ->
 encode(Other) ->
     error({bad_frame, {not_a_map, Other}}).
 
-flatten_part(Part, Data) when (Part =:= extras orelse Part =:= key orelse Part =:= value),
-                              is_list(Data) ->
-    try
-        iolist_to_binary(Data)
-    catch
-        error:badarg -> error({bad_frame, {bad_field, Part}})
-    end;
-flatten_part(_Field, Value) ->
-    Value.
+%% Only the three iodata parts can need it; a simulated node encodes a frame per mutation, so the
+%% other fields are not visited.
+flatten_part(Part, Frame) ->
+    case Frame of
+        #{Part := Data} when is_list(Data) ->
+            try
+                Frame#{Part := iolist_to_binary(Data)}
+            catch
+                error:badarg -> error({bad_frame, {bad_field, Part}})
+            end;
+        _ ->
+            Frame
+    end.
 
 %% @doc The extras (and fixed-layout values) of a DCP frame by name, e.g. `#{reason => closed}'
 %% for a stream end. Non-DCP frames give `#{}'.
