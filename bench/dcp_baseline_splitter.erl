@@ -15,6 +15,8 @@
 %% the connection adds `side' and `max_frame_size').
 -module(dcp_baseline_splitter).
 
+-include_lib("dcp_proxy/include/mcbp.hrl").
+
 -export([new/1, feed/2, held_bytes/1]).
 
 -export_type([state/0, event/0]).
@@ -22,19 +24,6 @@
 -define(HEADER_LEN, 24).
 %% memcached's default max_packet_size (PROTOCOL.md).
 -define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
-
--define(REQ, 16#80).
--define(RES, 16#81).
--define(ALT_REQ, 16#08).
--define(ALT_RES, 16#18).
--define(SERVER_REQ, 16#82).
--define(SERVER_RES, 16#83).
-
--define(DCP_ADD_STREAM, 16#51).
--define(DCP_CLOSE_STREAM, 16#52).
--define(DCP_STREAM_REQ, 16#53).
--define(DCP_STREAM_END, 16#55).
--define(DCP_SET_VBUCKET_STATE, 16#5b).
 
 %% Client requests and responses, classic or flexible framing; server-initiated frames
 %% (0x82/0x83) have their own opcode space and are never DCP.

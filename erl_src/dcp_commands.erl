@@ -4,6 +4,8 @@
 %% the extras, keys and values of each command (the one codec owns the header). Builders return iodata.
 -module(dcp_commands).
 
+-include("mcbp.hrl").
+
 %% Handshake and stream setup (what a connection to memcached sends)
 -export([sasl_auth_plain/3, select_bucket/2, hello/3, dcp_open/4,
          add_stream/3, close_stream/2, stream_req/3, control/3, buffer_ack/2,
@@ -33,32 +35,6 @@
                            | non_neg_integer().
 -type vbucket_state() :: active | replica | pending | dead.
 -type frame() :: #{atom() => term()}.
-
-%% Opcodes (PROTOCOL.md)
--define(NOOP, 16#0a).
--define(HELLO, 16#1f).
--define(SASL_AUTH, 16#21).
--define(SELECT_BUCKET, 16#89).
--define(DCP_OPEN, 16#50).
--define(DCP_ADD_STREAM, 16#51).
--define(DCP_CLOSE_STREAM, 16#52).
--define(DCP_STREAM_REQ, 16#53).
--define(DCP_STREAM_END, 16#55).
--define(DCP_SNAPSHOT_MARKER, 16#56).
--define(DCP_MUTATION, 16#57).
--define(DCP_DELETION, 16#58).
--define(DCP_EXPIRATION, 16#59).
--define(DCP_SET_VBUCKET_STATE, 16#5b).
--define(DCP_NOOP, 16#5c).
--define(DCP_BUFFER_ACK, 16#5d).
--define(DCP_CONTROL, 16#5e).
-
--define(OPEN_PRODUCER, 16#01).
--define(OPEN_XATTR, 16#04).
--define(OPEN_DEL_TIMES, 16#20).
--define(OPEN_DEL_USER_XATTR, 16#100).
-
--define(MAX_SEQNO, 16#ffffffffffffffff).
 
 %% ---- handshake ----
 

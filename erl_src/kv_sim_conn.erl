@@ -6,6 +6,8 @@
 %% out in one write, so frames that kv_engine sends back to back also reach the peer back to back.
 -module(kv_sim_conn).
 
+-include("mcbp.hrl").
+
 -behaviour(gen_server).
 
 -export([start/3]).
@@ -14,40 +16,6 @@
 
 -define(DOMAIN, #{domain => [dcp_proxy, kv_sim]}).
 
-%% Opcodes this node acts on (PROTOCOL.md).
--define(NOOP, 16#0a).
--define(HELLO, 16#1f).
--define(SASL_LIST_MECHS, 16#20).
--define(SASL_AUTH, 16#21).
--define(SELECT_BUCKET, 16#89).
--define(DCP_OPEN, 16#50).
--define(DCP_ADD_STREAM, 16#51).
--define(DCP_CLOSE_STREAM, 16#52).
--define(DCP_STREAM_REQ, 16#53).
--define(DCP_GET_FAILOVER_LOG, 16#54).
--define(DCP_STREAM_END, 16#55).
--define(DCP_SNAPSHOT_MARKER, 16#56).
--define(DCP_MUTATION, 16#57).
--define(DCP_DELETION, 16#58).
--define(DCP_EXPIRATION, 16#59).
--define(DCP_SET_VBUCKET_STATE, 16#5b).
--define(DCP_NOOP, 16#5c).
--define(DCP_BUFFER_ACK, 16#5d).
--define(DCP_CONTROL, 16#5e).
-
--define(SUCCESS, 16#00).
--define(KEY_ENOENT, 16#01).
--define(KEY_EEXISTS, 16#02).
--define(EINVAL, 16#04).
--define(NOT_MY_VBUCKET, 16#07).
--define(NO_BUCKET, 16#08).
--define(AUTH_ERROR, 16#20).
--define(ROLLBACK, 16#23).
--define(EACCESS, 16#24).
--define(UNKNOWN_COMMAND, 16#81).
--define(NOT_SUPPORTED, 16#83).
-
--define(MAX_SEQNO, 16#ffffffffffffffff).
 %% The consumer's own stream opaques start above every vbucket id, so they never equal one.
 -define(FIRST_OWN_OPAQUE, 16#10000).
 %% A producer turn sends at most this many frames (or bytes) before reading its socket again.

@@ -2,10 +2,11 @@
 %% mcbp, as memcached's peers do. Receive timeouts are backstops only: every check waits for a frame.
 -module(kv_sim_tests).
 
+-include_lib("dcp_proxy/include/mcbp.hrl").
+
 -include_lib("eunit/include/eunit.hrl").
 
 -define(RECV_TIMEOUT, 5000).
--define(MAX_SEQNO, 16#ffffffffffffffff).
 
 %% ---- helpers ----
 
