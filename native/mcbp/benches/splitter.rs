@@ -78,6 +78,26 @@ fn bench(c: &mut Criterion) {
         });
     }
     per_byte.finish();
+    // One 64 KiB chunk fed again and again: the cost with the chunk in cache, as a proxy sees a
+    // chunk it has just received.
+    let mut hot = c.benchmark_group("splitter_hot_chunk");
+    for (name, size) in [("256B", 256), ("4KiB", 4096)] {
+        let (s, _) = stream(size, CHUNK);
+        let chunk = &s[..CHUNK - CHUNK % size];
+        let frames = (chunk.len() / size) as u64;
+        hot.throughput(Throughput::Elements(frames));
+        let mut splitter = Splitter::new(Side::Producer, 30 * 1024 * 1024);
+        hot.bench_with_input(BenchmarkId::from_parameter(name), chunk, |b, chunk| {
+            b.iter(|| {
+                out.clear();
+                splitter
+                    .feed(black_box(chunk), 0, usize::MAX, &mut out)
+                    .expect("valid stream");
+                out.forward.len()
+            })
+        });
+    }
+    hot.finish();
 }
 
 criterion_group! {

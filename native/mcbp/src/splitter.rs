@@ -375,6 +375,11 @@ impl Splitter {
             let max = self.max_frame_size;
             let mut largest = self.largest_frame;
             let mut forwarded = 0u64;
+            // The counters of the current run of one opcode stay in registers: the per-opcode
+            // arrays are written when the opcode changes and when the loop ends.
+            let mut run_op = 0usize;
+            let mut run_frames = 0u64;
+            let mut run_bytes = 0u64;
             let exit = loop {
                 let Some(h) = chunk
                     .get(pos..pos + HEADER_LEN)
@@ -398,8 +403,15 @@ impl Splitter {
                     break Exit::Error(header_error(h, max));
                 }
                 let opcode = h[1] as usize;
-                self.frames_by_opcode[opcode] += 1;
-                self.bytes_by_opcode[opcode] += frame_len;
+                if opcode != run_op {
+                    self.frames_by_opcode[run_op] += run_frames;
+                    self.bytes_by_opcode[run_op] += run_bytes;
+                    run_op = opcode;
+                    run_frames = 0;
+                    run_bytes = 0;
+                }
+                run_frames += 1;
+                run_bytes += frame_len;
                 largest = largest.max(frame_len);
                 let fate = policy[(info & 0x3) as usize][opcode];
                 let avail = (len - pos) as u64;
@@ -416,6 +428,8 @@ impl Splitter {
                 *left = left.saturating_sub(REPORTED_FRAME_COST);
                 break Exit::Reported(frame_len, fate);
             };
+            self.frames_by_opcode[run_op] += run_frames;
+            self.bytes_by_opcode[run_op] += run_bytes;
             self.largest_frame = largest;
             self.forwarded_frames += forwarded;
             match exit {
