@@ -21,7 +21,10 @@
 start_link(Opts) ->
     dcp_proxy:start_link(?MODULE, Opts#{side => producer}, []).
 
-%% @doc Closes `VBucket''s stream on the producer; the answer goes to the consumer conn.
+%% @doc Closes `VBucket''s stream on the producer; the answer goes to the consumer conn. Stream
+%% closes that belong to a setup are sent by `dcp_consumer_conn' (its machine expects their answers);
+%% this is for a connection that is shut, where the machine ignores the answer. Before that, an
+%% answer the machine did not ask for is a protocol violation that stops the pair.
 -spec close_stream(pid(), 0..1023) -> ok.
 close_stream(Pid, VBucket) ->
     gen_server:call(Pid, {close_stream, VBucket}, infinity).
