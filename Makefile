@@ -2,7 +2,7 @@
 # Each target bootstraps a fresh machine first (scripts/bootstrap.sh is idempotent and fast when done).
 
 VBUCKETS   ?= 64
-DOCS       ?= 2000
+DOCS       ?= 10000
 VALUE_SIZE ?= 256
 
 EBIN = -pa _build/default/lib/dcp_proxy/ebin -pa _build/default/lib/dcp_proxy/bench

@@ -12,7 +12,7 @@
                   splitter => nif | {module(), term()}}.
 -export_type([opts/0]).
 
-%% @doc Runs the demo with the defaults (64 vbuckets of 200 documents of 256 bytes).
+%% @doc Runs the demo with the defaults (64 vbuckets of 10000 documents of 256 bytes).
 -spec main() -> ok.
 main() ->
     main(#{}).
@@ -33,7 +33,7 @@ main(Opts) ->
 -spec run(opts()) -> #{ok := boolean(), atom() => term()}.
 run(Opts) ->
     NumVBs = maps:get(vbuckets, Opts, 64),
-    Docs = maps:get(docs, Opts, 200),
+    Docs = maps:get(docs, Opts, 10000),
     ValueSize = maps:get(value_size, Opts, 256),
     Splitter = maps:get(splitter, Opts, nif),
     VBuckets = lists:seq(0, NumVBs - 1),
