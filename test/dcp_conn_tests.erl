@@ -39,15 +39,12 @@ with_pair(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) ->
             Fun(C, P, Producer, Consumer)
         after
             dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
-            flush_exits()
+            dcp_test_lib:flush_exits()
         end
     after
         kv_sim:stop(Producer),
         kv_sim:stop(Consumer)
     end.
-
-flush_exits() ->
-    receive {'EXIT', _, _} -> flush_exits() after 0 -> ok end.
 
 %% Calls `Fun' in another process; returns a function that waits for its result.
 async(Fun) ->
@@ -94,7 +91,7 @@ wrong_password_is_a_clear_sasl_error_test_() ->
                               dcp_consumer_conn:start_link(
                                 proxy_opts(Consumer, #{password => fun() -> "wrong" end}),
                                 1000)),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              after
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer)
@@ -110,7 +107,7 @@ unknown_bucket_is_a_select_bucket_error_test_() ->
                  ?assertMatch({error, {producer, {select_bucket, {mcbp_status, _}}}},
                               dcp_producer_conn:start_link(
                                 proxy_opts(Producer, #{bucket => "no-such-bucket"}))),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              after
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer)
@@ -129,7 +126,7 @@ refused_snappy_is_tolerated_but_refused_xattr_is_an_error_test_() ->
                  ?assertEqual({error, {producer, {hello, {features_refused, [xattr]}}}},
                               dcp_producer_conn:start_link(
                                 proxy_opts(Producer, #{features => [xattr, snappy]}))),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              after
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer)
@@ -146,7 +143,7 @@ connection_refused_is_a_connect_error_test() ->
                                                 bucket => "default", connection_name => ?NAME,
                                                 user => "u", password => fun() -> "p" end},
                                               1000)),
-    flush_exits().
+    dcp_test_lib:flush_exits().
 
 %% ---- the consumer conn's callers ----
 
@@ -291,7 +288,7 @@ traffic_monitor_hears_from_both_sides_while_frames_flow_test_() ->
                  [receive {dcp_traffic, Name, Side, T} -> ?assert(is_integer(T)) end
                   || Side <- [consumer, producer]],
                  dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              after
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer)
@@ -337,7 +334,7 @@ password_never_appears_in_logs_or_crash_reports_test_() ->
                  ok = logger:remove_handler(dcp_conn_tests_capture),
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              end
      end}.
 
@@ -396,7 +393,7 @@ with_fake_nodes(Fun) ->
         dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
         gen_tcp:close(CL),
         gen_tcp:close(PL),
-        flush_exits()
+        dcp_test_lib:flush_exits()
     end.
 
 wait_stats(Pid, Pred) ->

@@ -12,8 +12,6 @@
 -define(NAME, "replication:p_1@127.0.0.1->c_0@127.0.0.1:default").
 %% EUnit timeouts are only a backstop: each test ends in seconds.
 -define(BACKSTOP, 60).
-%% How long a test waits for the consumer to hold the producer's data before it compares and fails.
--define(REPLICATION_WAIT_MS, 45000).
 %% A setup deadline that no test should reach (it would show up as `setup_timeout' in a reply).
 -define(LONG_SETUP_TIMEOUT, 20000).
 -define(SHORT_SETUP_TIMEOUT, 300).
@@ -140,22 +138,6 @@ stop_env(#{producer := Producer, consumer := Consumer} = Env) ->
 stop_node(Node) ->
     try kv_sim:stop(Node) catch exit:_ -> ok end.
 
-%% Polls the nodes until the consumer holds what the producer has for every vbucket, then compares
-%% them (so a test that lost data fails with the vbuckets whose digests differ, not by the backstop).
-assert_replicated(Producer, Consumer, VBuckets) ->
-    wait_replicated(Producer, Consumer, VBuckets,
-                    erlang:monotonic_time(millisecond) + ?REPLICATION_WAIT_MS),
-    Differ = [{VB, kv_sim:digest(Producer, VB), kv_sim:digest(Consumer, VB)}
-              || VB <- VBuckets, kv_sim:digest(Producer, VB) =/= kv_sim:digest(Consumer, VB)],
-    ?assertEqual([], Differ).
-
-wait_replicated(Producer, Consumer, VBuckets, Deadline) ->
-    Pending = [VB || VB <- VBuckets, kv_sim:digest(Producer, VB) =/= kv_sim:digest(Consumer, VB)],
-    case Pending =/= [] andalso erlang:monotonic_time(millisecond) < Deadline of
-        true -> timer:sleep(20), wait_replicated(Producer, Consumer, Pending, Deadline);
-        false -> ok
-    end.
-
 %% Polls the replicator's stats until `Pred(Stats)' holds.
 wait_stats(Rep, Pred) ->
     case Pred(dcp_replicator:stats(Rep)) of
@@ -191,7 +173,7 @@ many_vbuckets_replicate_with_equal_digests_through_random_write_chunks_test_() -
                 ok = kv_sim:set_fault(Consumer, all, {chunked_writes, 5}),
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, VBs)),
                 ?assertEqual(VBs, dcp_replicator:get_partitions(Rep)),
-                assert_replicated(Producer, Consumer, VBs),
+                dcp_test_lib:assert_replicated(Producer, Consumer, VBs),
                 ?assertEqual({300, element(2, kv_sim:digest(Producer, 17))},
                              kv_sim:digest(Consumer, 17)),
                 ?assertEqual(64 * 300, frames(producer, dcp_mutation, dcp_replicator:stats(Rep)))
@@ -206,7 +188,7 @@ tiny_write_chunks_split_every_header_and_still_replicate_test_() ->
                 ok = kv_sim:set_fault(Producer, all, {chunked_writes, 7}),
                 ok = kv_sim:set_fault(Consumer, all, {chunked_writes, 7}),
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, VBs)),
-                assert_replicated(Producer, Consumer, VBs)
+                dcp_test_lib:assert_replicated(Producer, Consumer, VBs)
         end).
 
 flexible_framing_and_unknown_opcodes_in_the_stream_replicate_with_equal_digests_test_() ->
@@ -219,7 +201,7 @@ flexible_framing_and_unknown_opcodes_in_the_stream_replicate_with_equal_digests_
                 ok = kv_sim:set_fault(Producer, all, {unknown_opcodes, 16#ee}),
                 ok = kv_sim:set_fault(Producer, all, {chunked_writes, 700}),
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, VBs)),
-                assert_replicated(Producer, Consumer, VBs),
+                dcp_test_lib:assert_replicated(Producer, Consumer, VBs),
                 Stats = dcp_replicator:stats(Rep),
                 %% the unknown opcode really went through the proxy, once per marker at least
                 ?assert(maps:is_key({unknown, 16#ee},
@@ -279,7 +261,7 @@ two_vbuckets_one_ended_waits_for_the_other_and_reports_only_the_failure_test_() 
                              dcp_replicator:setup_replication(Rep, [0, 1])),
                 %% vbucket 1 is active: the reply came only after its answer
                 ?assertEqual([1], dcp_replicator:get_partitions(Rep)),
-                assert_replicated(Producer, Consumer, [1])
+                dcp_test_lib:assert_replicated(Producer, Consumer, [1])
         end).
 
 vbucket_1024_setup_with_one_ended_reports_only_that_one_test_() ->
@@ -293,7 +275,7 @@ vbucket_1024_setup_with_one_ended_reports_only_that_one_test_() ->
                 ?assertEqual(stream_end_error(state_changed, 777),
                              dcp_replicator:setup_replication(Rep, VBs)),
                 ?assertEqual(VBs -- [777], dcp_replicator:get_partitions(Rep)),
-                assert_replicated(Producer, Consumer, VBs -- [777]),
+                dcp_test_lib:assert_replicated(Producer, Consumer, VBs -- [777]),
                 ?assertEqual({0, crypto:hash(sha256, <<>>)}, kv_sim:digest(Consumer, 777))
         end).
 
@@ -331,7 +313,7 @@ late_answer_is_absorbed_and_the_replicator_keeps_working_test_() ->
                 ok = kv_sim:clear_faults(Consumer),
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [5, 6])),
                 ?assertEqual([5, 6], dcp_replicator:get_partitions(Rep)),
-                assert_replicated(Producer, Consumer, [5, 6])
+                dcp_test_lib:assert_replicated(Producer, Consumer, [5, 6])
         end).
 
 %% ---- setup never hangs ----
@@ -440,16 +422,16 @@ takeover_makes_the_vbucket_active_on_the_consumer_and_dead_on_the_producer_test_
     e2e("takeover of a replicated vbucket and of a fresh one", #{},
         fun(#{rep := Rep, producer := Producer, consumer := Consumer}) ->
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [13])),
-                assert_replicated(Producer, Consumer, [13]),
+                dcp_test_lib:assert_replicated(Producer, Consumer, [13]),
                 ?assertEqual(ok, dcp_replicator:takeover(Rep, 13)),
                 ?assertEqual(active, kv_sim:vbucket_state(Consumer, 13)),
                 ?assertEqual(dead, kv_sim:vbucket_state(Producer, 13)),
-                assert_replicated(Producer, Consumer, [13]),
+                dcp_test_lib:assert_replicated(Producer, Consumer, [13]),
                 %% a vbucket never replicated before: the takeover stream carries all its data
                 ?assertEqual(ok, dcp_replicator:takeover(Rep, 14)),
                 ?assertEqual(active, kv_sim:vbucket_state(Consumer, 14)),
                 ?assertEqual(dead, kv_sim:vbucket_state(Producer, 14)),
-                assert_replicated(Producer, Consumer, [14]),
+                dcp_test_lib:assert_replicated(Producer, Consumer, [14]),
                 %% untouched vbuckets stay as they were
                 ?assertEqual(replica, kv_sim:vbucket_state(Consumer, 15)),
                 ?assertEqual(active, kv_sim:vbucket_state(Producer, 15))
@@ -463,7 +445,7 @@ takeover_with_chunked_writes_completes_test_() ->
                 ?assertEqual(ok, dcp_replicator:takeover(Rep, 6)),
                 ?assertEqual(active, kv_sim:vbucket_state(Consumer, 6)),
                 ?assertEqual(dead, kv_sim:vbucket_state(Producer, 6)),
-                assert_replicated(Producer, Consumer, [6])
+                dcp_test_lib:assert_replicated(Producer, Consumer, [6])
         end).
 
 %% Starts `setup_replication(Rep, VBs)' in another process; its reply comes as `{setup_reply, Pid, R}'.
@@ -512,21 +494,11 @@ replicator_stopped_with_a_stuck_setup_and_a_silent_consumer_still_answers_test_(
 %% ---- TLS and credentials ----
 
 %% OTP 25's default test keys are refused by its own TLS 1.3 server (insufficient_security).
-tls_configs() ->
-    {ok, _} = application:ensure_all_started(ssl),
-    Rsa = [{key, {rsa, 2048, 65537}}],
-    Chain = #{root => Rsa, intermediates => [], peer => Rsa},
-    #{server_config := Server, client_config := Client} =
-        public_key:pkix_test_data(#{server_chain => Chain, client_chain => Chain}),
-    %% the test certificates name no host: the client verifies the chain, not the name
-    {[{verify, verify_peer}, {fail_if_no_peer_cert, true} | Server],
-     [{verify, verify_peer}, {server_name_indication, disable} | Client]}.
-
 tls_on_both_sides_with_peer_verification_replicates_with_equal_digests_test_() ->
     {"TLS on both nodes, both ends verify the peer",
      {setup,
       fun() ->
-              {ServerTls, ClientTls} = tls_configs(),
+              {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
               start_env(#{producer => #{ssl => ServerTls, docs_per_vbucket => 100},
                           consumer => #{ssl => ServerTls},
                           rep => #{ssl => ClientTls}})
@@ -540,7 +512,7 @@ tls_on_both_sides_with_peer_verification_replicates_with_equal_digests_test_() -
                           never_answer_after_stream_end(Env, 15),
                           ?assertEqual(stream_end_error(state_changed, 15),
                                        dcp_replicator:setup_replication(Rep, VBs)),
-                          assert_replicated(Producer, Consumer, lists:seq(0, 14)),
+                          dcp_test_lib:assert_replicated(Producer, Consumer, lists:seq(0, 14)),
                           ?assertEqual(ok, dcp_replicator:takeover(Rep, 2)),
                           ?assertEqual(dead, kv_sim:vbucket_state(Producer, 2))
                       end)}
@@ -550,7 +522,7 @@ tls_client_without_a_certificate_is_refused_test_() ->
     {"TLS: a replicator with no client certificate cannot start",
      {setup,
       fun() ->
-              {ServerTls, ClientTls} = tls_configs(),
+              {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
               {start_env(#{producer => #{ssl => ServerTls}, consumer => #{ssl => ServerTls},
                            rep => none}), ClientTls}
       end,
@@ -600,7 +572,7 @@ baseline_splitter_replicates_with_equal_digests_test_() ->
                         ok = kv_sim:set_fault(Producer, all, {chunked_writes, 1500}),
                         ok = kv_sim:set_fault(Consumer, all, {chunked_writes, 5}),
                         ?assertEqual(ok, dcp_replicator:setup_replication(Rep, VBs)),
-                        assert_replicated(Producer, Consumer, VBs),
+                        dcp_test_lib:assert_replicated(Producer, Consumer, VBs),
                         %% the NIF splitter's counters are absent: the baseline did the splitting
                         #{producer := #{splitter := Counters}} = dcp_replicator:stats(Rep),
                         ?assertEqual(#{}, Counters)

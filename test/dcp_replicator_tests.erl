@@ -51,20 +51,10 @@ stop_replicator(Rep) ->
     unlink(Rep),
     exit(Rep, shutdown),
     receive {'DOWN', Ref, process, Rep, _} -> ok end,
-    flush_exits().
-
-flush_exits() ->
-    receive {'EXIT', _, _} -> flush_exits() after 0 -> ok end.
+    dcp_test_lib:flush_exits().
 
 %% Waits (polling the nodes, no time limit but EUnit's backstop) until the consumer holds what the
 %% producer has for every vbucket.
-wait_replicated(Producer, Consumer, VBuckets) ->
-    Pending = [VB || VB <- VBuckets, kv_sim:digest(Producer, VB) =/= kv_sim:digest(Consumer, VB)],
-    case Pending of
-        [] -> ok;
-        _ -> timer:sleep(20), wait_replicated(Producer, Consumer, Pending)
-    end.
-
 wait_exit(Rep) ->
     receive {'EXIT', Rep, Reason} -> Reason end.
 
@@ -86,7 +76,7 @@ replicates_every_document_of_every_vbucket_test_() ->
                        VBs = lists:seq(0, 15),
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, VBs)),
                        ?assertEqual(VBs, dcp_replicator:get_partitions(Rep)),
-                       wait_replicated(Producer, Consumer, VBs),
+                       dcp_test_lib:assert_replicated(Producer, Consumer, VBs),
                        ?assertEqual({20, element(2, kv_sim:digest(Producer, 7))},
                                     kv_sim:digest(Consumer, 7))
                end)
@@ -105,7 +95,7 @@ replicates_byte_identical_through_random_small_write_chunks_test_() ->
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1, 2, 3])),
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, lists:seq(0, 11))),
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, lists:seq(0, 15))),
-                       wait_replicated(Producer, Consumer, lists:seq(0, 15))
+                       dcp_test_lib:assert_replicated(Producer, Consumer, lists:seq(0, 15))
                end)
      end}.
 
@@ -119,7 +109,7 @@ replicates_with_the_pure_erlang_splitter_test_() ->
                fun(Rep, Producer, Consumer) ->
                        ok = kv_sim:set_fault(Producer, all, {chunked_writes, 100}),
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, lists:seq(0, 15))),
-                       wait_replicated(Producer, Consumer, lists:seq(0, 15)),
+                       dcp_test_lib:assert_replicated(Producer, Consumer, lists:seq(0, 15)),
                        #{producer := #{chunks := Chunks}} = dcp_replicator:stats(Rep),
                        ?assert(Chunks > 0)
                end)
@@ -314,7 +304,7 @@ stats_give_both_splitters_and_the_setup_state_test_() ->
              with_replication(
                fun(Rep, Producer, Consumer) ->
                        ok = dcp_replicator:setup_replication(Rep, [0, 1]),
-                       wait_replicated(Producer, Consumer, [0, 1]),
+                       dcp_test_lib:assert_replicated(Producer, Consumer, [0, 1]),
                        #{consumer := C, producer := P, setup := Setup} = dcp_replicator:stats(Rep),
                        ?assertMatch(#{side := consumer, splitter := #{frames := _}}, C),
                        #{splitter := #{by_opcode := ByOpcode}} = P,
@@ -378,47 +368,31 @@ sup_gives_vbucket_v_to_connection_v_rem_n_and_merges_replies_test_() ->
 
 %% ---- TLS ----
 
-%% OTP 25's default test keys are refused by its own TLS 1.3 server (insufficient_security).
-tls_chain() ->
-    Rsa = [{key, {rsa, 2048, 65537}}],
-    #{root => Rsa, intermediates => [], peer => Rsa}.
-
 replicates_over_tls_with_peer_verification_test_() ->
     {timeout, ?BACKSTOP,
      fun() ->
-             {ok, _} = application:ensure_all_started(ssl),
-             Chain = tls_chain(),
-             #{server_config := Server, client_config := Client} =
-                 public_key:pkix_test_data(#{server_chain => Chain, client_chain => Chain}),
-             ServerTls = [{verify, verify_peer}, {fail_if_no_peer_cert, true} | Server],
-             %% the test certificates name no host: verify the chain, not the name
-             ClientTls = [{verify, verify_peer}, {server_name_indication, disable} | Client],
+             {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
              with_replication(
                #{ssl => ServerTls}, #{ssl => ServerTls}, #{ssl => ClientTls},
                fun(Rep, Producer, Consumer) ->
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1, 2])),
-                       wait_replicated(Producer, Consumer, [0, 1, 2])
+                       dcp_test_lib:assert_replicated(Producer, Consumer, [0, 1, 2])
                end)
      end}.
 
 tls_peer_that_cannot_be_verified_is_refused_test_() ->
     {timeout, ?BACKSTOP,
      fun() ->
-             {ok, _} = application:ensure_all_started(ssl),
-             Chain = tls_chain(),
-             #{server_config := Server} =
-                 public_key:pkix_test_data(#{server_chain => Chain, client_chain => Chain}),
-             #{client_config := Other} =
-                 public_key:pkix_test_data(#{server_chain => Chain, client_chain => Chain}),
-             %% trusts another test CA only
-             ClientTls = [{verify, verify_peer}, {server_name_indication, disable} | Other],
+             {Server, _} = dcp_test_lib:tls_configs(),
+             %% a client of another test CA: it trusts that CA only
+             {_, ClientTls} = dcp_test_lib:tls_configs(),
              process_flag(trap_exit, true),
              {Producer, Consumer} = start_nodes(#{ssl => Server}, #{ssl => Server}),
              try
                  ?assertMatch({error, {consumer, {connect_failed, {tls, _}}}},
                               dcp_replicator:start_link(
                                 (rep_opts(Producer, Consumer))#{ssl => ClientTls})),
-                 flush_exits()
+                 dcp_test_lib:flush_exits()
              after
                  kv_sim:stop(Producer),
                  kv_sim:stop(Consumer)
