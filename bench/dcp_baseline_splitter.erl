@@ -11,13 +11,15 @@
 %% Erlang. The side policy is a local function, where ns_server makes a call into the connection
 %% module for every frame, so if anything this baseline is a little faster than ns_server.
 %%
-%% The proxy accepts it as `splitter => {dcp_baseline_splitter, Args}' (Args as for `new/1';
-%% the connection adds `side' and `max_frame_size').
+%% It implements `dcp_splitter': the proxy takes it as `splitter => {dcp_baseline_splitter, Args}'
+%% (Args as for `new/2', plus the connection's `max_frame_size' when it has one).
 -module(dcp_baseline_splitter).
+
+-behaviour(dcp_splitter).
 
 -include_lib("dcp_proxy/include/mcbp.hrl").
 
--export([new/1, feed/2, held_bytes/1]).
+-export([new/2, feed/2, stats/1, held_bytes/1]).
 
 -export_type([state/0, event/0]).
 
@@ -46,8 +48,8 @@
 -type action() :: forward | report | forward_report | stream_end.
 
 %% @doc A splitter for one side of the proxy. `max_frame_size' defaults to 30 MiB.
--spec new(#{side := consumer | producer, max_frame_size => pos_integer()}) -> state().
-new(#{side := Side} = Opts) when Side =:= consumer; Side =:= producer ->
+-spec new(consumer | producer, #{max_frame_size => pos_integer()}) -> state().
+new(Side, Opts) when Side =:= consumer; Side =:= producer ->
     case maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE) of
         Max when is_integer(Max), Max >= ?HEADER_LEN ->
             #splitter{side = Side, max_frame_size = Max};
@@ -56,12 +58,18 @@ new(#{side := Side} = Opts) when Side =:= consumer; Side =:= producer ->
     end.
 
 %% @doc Takes the next socket chunk; returns the iodata to forward and the events, in stream order.
+%% It forwards whole frames only, so nothing of a frame is left to forward after a feed (0).
 %% An error means the stream cannot be resynchronised: the connection must close.
--spec feed(state(), binary()) -> {ok, iodata(), [event()], state()} | {error, reason()}.
+-spec feed(state(), binary()) -> {ok, iodata(), [event()], 0, state()} | {error, reason()}.
 feed(#splitter{held = Held} = State, Chunk) when is_binary(Chunk) ->
     %% As ns_server: one binary of everything not yet handled.
     Data = <<Held/binary, Chunk/binary>>,
     split(Data, State, [], []).
+
+%% @doc No counters: the hot loop stays ns_server's.
+-spec stats(state()) -> #{}.
+stats(#splitter{}) ->
+    #{}.
 
 %% @doc Bytes held for an incomplete frame.
 -spec held_bytes(state()) -> non_neg_integer().
@@ -98,7 +106,7 @@ split(Data, State, Fwd, Events) ->
     done(Data, State, Fwd, Events).
 
 done(Held, State, Fwd, Events) ->
-    {ok, lists:reverse(Fwd), lists:reverse(Events), State#splitter{held = Held}}.
+    {ok, lists:reverse(Fwd), lists:reverse(Events), 0, State#splitter{held = Held}}.
 
 %% The side policy of DESIGN.md "Events and side policies"; everything else is forwarded silently.
 -spec action(consumer | producer, byte(), byte()) -> action().

@@ -165,9 +165,9 @@ summary(Runs, Frames, Bytes) ->
       runs_s => Runs}.
 
 baseline_run(Chunks, How) ->
-    State = dcp_baseline_splitter:new(#{side => producer}),
+    State = dcp_baseline_splitter:new(producer, #{}),
     Feed = fun(S, Chunk) ->
-                   {ok, _Forward, _Events, S2} = dcp_baseline_splitter:feed(S, Chunk),
+                   {ok, _Forward, _Events, 0, S2} = dcp_baseline_splitter:feed(S, Chunk),
                    S2
            end,
     timed_feeds(How, Chunks, State, Feed).

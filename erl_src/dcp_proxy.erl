@@ -23,7 +23,7 @@
 
 -type side() :: consumer | producer.
 -type feature() :: xattr | snappy | del_times | del_user_xattr | json.
--type splitter_opt() :: nif | {module(), map()}.
+-type splitter_opt() :: dcp_splitter:option().
 %% The password travels wrapped in a fun so that no crash report or log line can print it.
 -type secret() :: fun(() -> iodata()).
 %% `side' is set by the side module's start_link.
@@ -49,8 +49,6 @@
                   name := binary(),
                   socket := socket(),
                   partner := undefined | {pid(), socket()}}.
--type splitter() :: {nif, reference()} | {module(), term()}.
-
 %% A side module: the protocol half of a connection process.
 -callback init(Args :: term(), conn()) -> {ok, State :: term()}.
 -callback handle_event(Event :: term(), State :: term(), conn()) ->
@@ -62,7 +60,6 @@
     {noreply, State :: term()} | {stop, Reason :: term(), State :: term()}.
 -callback terminate(Reason :: term(), State :: term(), conn()) -> any().
 
--define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
 %% Kernel buffers and the driver's read buffer: a chunk of up to 256 KiB per feed and send. Against
 %% 64 KiB, fewer and larger chunks raised end-to-end throughput with either splitter (make bench).
 -define(DEFAULT_BUF, 256 * 1024).
@@ -76,7 +73,9 @@
 -record(state, {module :: module(),
                 mod_state :: term(),
                 conn :: conn(),
-                splitter :: splitter(),
+                splitter :: dcp_splitter:splitter(),
+                %% what the last feed left of the frame being cut through: 0 at a frame boundary
+                forward_remaining = 0 :: non_neg_integer(),
                 partner_ref :: undefined | reference(),
                 %% our own frames for the partner's socket, newest first, held until a frame boundary
                 inject = [] :: [iodata()],
@@ -260,16 +259,9 @@ recv_frame(Sock, Buf, Timeout) ->
             {error, {bad_frame, Reason}}
     end.
 
+%% The splitter's own default applies when no max_frame_size is given.
 new_splitter(Side, Opts) ->
-    Max = maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE),
-    case maps:get(splitter, Opts, nif) of
-        nif ->
-            {ok, {nif, mcbp:splitter_new(#{side => Side, max_frame_size => Max})}};
-        {Mod, InitArgs} when is_atom(Mod), is_map(InitArgs) ->
-            {ok, {Mod, Mod:new(InitArgs#{side => Side, max_frame_size => Max})}};
-        Other ->
-            {error, {bad_splitter_option, Other}}
-    end.
+    dcp_splitter:new(Side, maps:get(splitter, Opts, nif), maps:with([max_frame_size], Opts)).
 
 %% ---- calls: the pair, stats, then the side module's own ----
 
@@ -320,7 +312,7 @@ handle_info({Tag, S, Reason}, #state{conn = #{socket := {_, S}}} = State)
 handle_info({'$dcp_inject', Frames}, #state{inject = Inject} = State) ->
     flush_after_callback(State#state{inject = [Frames | Inject]});
 handle_info('$dcp_discard', #state{discard = false} = State) ->
-    Discard = case forward_remaining(State) of
+    Discard = case State#state.forward_remaining of
                   0 -> active;
                   _ -> pending
               end,
@@ -355,7 +347,7 @@ process_chunk(Chunk, #state{discard = active} = State) ->
     end;
 process_chunk(Chunk, State) ->
     State1 = count_chunk(State),
-    Remaining = forward_remaining(State1),
+    Remaining = State1#state.forward_remaining,
     case Remaining >= byte_size(Chunk) of
         true ->
             %% the whole chunk belongs to the frame being forwarded
@@ -416,28 +408,14 @@ feed_head(Head, State) ->
 count_chunk(#state{chunks = C} = State) ->
     State#state{chunks = C + 1}.
 
-feed(#state{splitter = {nif, Ref}, conn = #{side := Side}, bytes_in = In} = State, Chunk) ->
+feed(#state{splitter = Splitter, conn = #{side := Side}, bytes_in = In} = State, Chunk) ->
     State1 = State#state{bytes_in = In + byte_size(Chunk)},
-    case mcbp:feed(Ref, Chunk) of
-        {ok, Forward, Events} -> {ok, Forward, Events, State1};
-        {error, Reason} -> {error, {splitter_error, Side, Reason}, State1}
-    end;
-feed(#state{splitter = {Mod, St}, conn = #{side := Side}, bytes_in = In} = State, Chunk) ->
-    State1 = State#state{bytes_in = In + byte_size(Chunk)},
-    case Mod:feed(St, Chunk) of
-        {ok, Forward, Events, St1} -> {ok, Forward, Events, State1#state{splitter = {Mod, St1}}};
-        {error, Reason} -> {error, {splitter_error, Side, Reason}, State1}
-    end.
-
-%% Bytes of the frame being cut through that are not yet forwarded; 0 at a frame boundary.
-%% A splitter that forwards only whole frames is always at a boundary between chunks.
-forward_remaining(#state{splitter = {nif, Ref}}) ->
-    #{forward_remaining := Remaining} = mcbp:splitter_stats(Ref),
-    Remaining;
-forward_remaining(#state{splitter = {Mod, St}}) ->
-    case erlang:function_exported(Mod, forward_remaining, 1) of
-        true -> Mod:forward_remaining(St);
-        false -> 0
+    case dcp_splitter:feed(Splitter, Chunk) of
+        {ok, Forward, Events, Remaining, Splitter1} ->
+            {ok, Forward, Events,
+             State1#state{splitter = Splitter1, forward_remaining = Remaining}};
+        {error, Reason} ->
+            {error, {splitter_error, Side, Reason}, State1}
     end.
 
 forward([], _State) ->
@@ -463,7 +441,7 @@ dispatch([Event | Events], #state{module = Module, mod_state = ModState, conn = 
 flush_inject(#state{inject = []} = State) ->
     {ok, State};
 flush_inject(#state{inject = Inject, discard = Discard} = State) ->
-    case Discard =:= active orelse forward_remaining(State) =:= 0 of
+    case Discard =:= active orelse State#state.forward_remaining =:= 0 of
         true ->
             Own = lists:reverse(Inject),
             State1 = State#state{inject = [], injected = State#state.injected + length(Own)},
@@ -507,18 +485,9 @@ partner_side(producer) -> consumer.
 
 stats_map(#state{splitter = Splitter, chunks = Chunks, bytes_in = BytesIn, injected = Injected,
                  inject = Inject, conn = #{side := Side, name := Name}}) ->
-    SplitterStats = case Splitter of
-                        {nif, Ref} ->
-                            mcbp:splitter_stats(Ref);
-                        {Mod, St} ->
-                            case erlang:function_exported(Mod, stats, 1) of
-                                true -> Mod:stats(St);
-                                false -> #{}
-                            end
-                    end,
     #{side => Side, connection_name => Name, chunks => Chunks, bytes_in => BytesIn,
       own_batches_sent => Injected, own_batches_waiting => length(Inject),
-      splitter => SplitterStats}.
+      splitter => dcp_splitter:stats(Splitter)}.
 
 %% ---- shut and stop ----
 

@@ -1,6 +1,8 @@
-%% @doc Tests of the pure-Erlang baseline splitter (bench/): its side policy, and that it forwards
-%% the same bytes and reports the same events as `mcbp:feed/2' for any stream cut into any chunks.
--module(dcp_baseline_splitter_tests).
+%% @doc The splitters behind `dcp_splitter': the mcbp adapter's forward_remaining (what the proxy
+%% reads to find a frame boundary), the option that picks a splitter, and the pure-Erlang baseline
+%% (bench/): its side policy, and that it forwards the same bytes and reports the same events as
+%% `mcbp:feed/2' for any stream cut into any chunks.
+-module(dcp_02_splitter_tests).
 
 -include_lib("proper/include/proper.hrl").
 -include_lib("eunit/include/eunit.hrl").
@@ -37,12 +39,59 @@ encode(Frame) ->
 feed_all(Side, Chunks) ->
     lists:foldl(
       fun(Chunk, {S, Fwd, Events}) ->
-              {ok, F, E, S2} = dcp_baseline_splitter:feed(S, Chunk),
+              {ok, F, E, 0, S2} = dcp_baseline_splitter:feed(S, Chunk),
               {S2, [Fwd, F], Events ++ E}
       end,
-      {dcp_baseline_splitter:new(#{side => Side}), [], []}, Chunks).
+      {dcp_baseline_splitter:new(Side, #{}), [], []}, Chunks).
 
-%% ---- side policy ----
+%% ---- the mcbp adapter and the splitter option ----
+
+%% dcp_proxy writes its own frames only at a frame boundary of what it forwards: the boundary is
+%% where forward_remaining, returned by every feed, is 0.
+mcbp_adapter_returns_what_is_left_of_the_frame_being_cut_through_test() ->
+    Frame = mutation(3, <<"k">>, binary:copy(<<"v">>, 1000)),
+    Noop = noop(1),
+    {Head, Tail} = split_binary(Frame, 100),
+    S = dcp_splitter_mcbp:new(producer, #{}),
+    {ok, F1, [], Left, S} = dcp_splitter_mcbp:feed(S, Head),
+    ?assertEqual(Head, iolist_to_binary(F1)),
+    ?assertEqual(byte_size(Frame) - 100, Left),
+    ?assertMatch(#{forward_remaining := Left}, dcp_splitter_mcbp:stats(S)),
+    {ok, F2, [], 0, S} = dcp_splitter_mcbp:feed(S, <<Tail/binary, Noop/binary>>),
+    ?assertEqual(<<Tail/binary, Noop/binary>>, iolist_to_binary(F2)),
+    %% a partial header: nothing of that frame is forwarded or owed yet
+    {ok, F3, [], 0, S} = dcp_splitter_mcbp:feed(S, binary:part(Noop, 0, 10)),
+    ?assertEqual(<<>>, iolist_to_binary(F3)).
+
+%% The `bytes' stat counts a frame's full length as soon as its header is read.
+splitter_counts_a_frames_full_length_as_soon_as_its_header_is_read_test() ->
+    Splitter = mcbp:splitter_new(#{side => producer}),
+    Value = binary:copy(<<"v">>, 1000),
+    Mutation = iolist_to_binary(dcp_commands:mutation(3, 7, #{key => <<"k">>, by_seqno => 1,
+                                                              value => Value})),
+    {Head, _} = split_binary(Mutation, 100),
+    {ok, Forward, []} = mcbp:feed(Splitter, Head),
+    ?assertEqual(Head, iolist_to_binary(Forward)),
+    ?assertMatch(#{bytes := Len} when Len =:= byte_size(Mutation), mcbp:splitter_stats(Splitter)),
+    %% a partial header only: nothing of that frame counted (or forwarded) yet
+    Splitter2 = mcbp:splitter_new(#{side => producer}),
+    {ok, Forward2, []} = mcbp:feed(Splitter2, binary:part(Mutation, 0, 10)),
+    ?assertEqual(<<>>, iolist_to_binary(Forward2)),
+    ?assertMatch(#{bytes := 0}, mcbp:splitter_stats(Splitter2)).
+
+splitter_option_picks_the_splitter_and_passes_max_frame_size_test() ->
+    {ok, Nif} = dcp_splitter:new(producer, nif, #{max_frame_size => 1024}),
+    ?assertMatch(#{frames := 0}, dcp_splitter:stats(Nif)),
+    {ok, Base} = dcp_splitter:new(producer, {dcp_baseline_splitter, #{}},
+                                  #{max_frame_size => 1024}),
+    ?assertEqual(#{}, dcp_splitter:stats(Base)),
+    {Header, _} = split_binary(mutation(1, <<"k">>, binary:copy(<<"v">>, 2000)), 24),
+    ?assertMatch({error, {frame_too_large, _, 1024}}, dcp_splitter:feed(Nif, Header)),
+    ?assertMatch({error, {frame_too_large, _, 1024}}, dcp_splitter:feed(Base, Header)),
+    ?assertEqual({error, {bad_splitter_option, {dcp_baseline_splitter, []}}},
+                 dcp_splitter:new(producer, {dcp_baseline_splitter, []}, #{})).
+
+%% ---- the baseline's side policy ----
 
 mutations_are_forwarded_whole_and_silently_test() ->
     Stream = <<(mutation(1, <<"a">>, <<"x">>))/binary, (mutation(2, <<"b">>, <<"yy">>))/binary>>,
@@ -54,11 +103,11 @@ mutations_are_forwarded_whole_and_silently_test() ->
 frame_cut_across_chunks_is_held_until_complete_test() ->
     Frame = mutation(7, <<"key">>, binary:copy(<<"v">>, 1000)),
     {A, B} = split_binary(Frame, 100),
-    S0 = dcp_baseline_splitter:new(#{side => producer}),
-    {ok, F1, [], S1} = dcp_baseline_splitter:feed(S0, A),
+    S0 = dcp_baseline_splitter:new(producer, #{}),
+    {ok, F1, [], 0, S1} = dcp_baseline_splitter:feed(S0, A),
     ?assertEqual(<<>>, iolist_to_binary(F1)),
     ?assertEqual(100, dcp_baseline_splitter:held_bytes(S1)),
-    {ok, F2, [], S2} = dcp_baseline_splitter:feed(S1, B),
+    {ok, F2, [], 0, S2} = dcp_baseline_splitter:feed(S1, B),
     ?assertEqual(Frame, iolist_to_binary(F2)),
     ?assertEqual(0, dcp_baseline_splitter:held_bytes(S2)).
 
@@ -98,12 +147,12 @@ consumer_forwards_stream_end_silently_test() ->
     ?assertMatch({_, _, []}, feed_all(consumer, [Frame])).
 
 bad_magic_is_an_error_test() ->
-    S = dcp_baseline_splitter:new(#{side => producer}),
+    S = dcp_baseline_splitter:new(producer, #{}),
     ?assertEqual({error, {bad_magic, 16#42}},
                  dcp_baseline_splitter:feed(S, <<16#42, 0:(23 * 8)>>)).
 
 frame_over_max_frame_size_is_an_error_before_it_arrives_test() ->
-    S = dcp_baseline_splitter:new(#{side => producer, max_frame_size => 1024}),
+    S = dcp_baseline_splitter:new(producer, #{max_frame_size => 1024}),
     Frame = mutation(1, <<"k">>, binary:copy(<<"v">>, 2000)),
     {Header, _} = split_binary(Frame, 24),
     ?assertMatch({error, {frame_too_large, _, 1024}}, dcp_baseline_splitter:feed(S, Header)).
@@ -137,14 +186,14 @@ prop_same_as_mcbp_feed() ->
 %% baseline does (cut-through), so what the baseline forwarded so far is a prefix of what the NIF
 %% forwarded; once the stream ends on a frame boundary, both forwarded the same bytes.
 compare(Side, Chunks) ->
-    Base0 = dcp_baseline_splitter:new(#{side => Side}),
+    Base0 = dcp_baseline_splitter:new(Side, #{}),
     Nif0 = mcbp:splitter_new(#{side => Side}),
     {_, _, BaseFwd, NifFwd, Agree} =
         lists:foldl(
           fun(_Chunk, {_, _, _, _, false} = Acc) ->
                   Acc;
              (Chunk, {Base, Nif, BaseAcc, NifAcc, true}) ->
-                  {ok, BF, BE, Base2} = dcp_baseline_splitter:feed(Base, Chunk),
+                  {ok, BF, BE, 0, Base2} = dcp_baseline_splitter:feed(Base, Chunk),
                   {ok, NF, NE} = mcbp:feed(Nif, Chunk),
                   BaseAcc2 = <<BaseAcc/binary, (iolist_to_binary(BF))/binary>>,
                   NifAcc2 = <<NifAcc/binary, (iolist_to_binary(NF))/binary>>,
@@ -174,13 +223,9 @@ prop_same_error_as_mcbp_feed() ->
                 Stream = iolist_to_binary([Before, <<Bad, 0:(23 * 8)>>, After]),
                 Chunks = chunks(Stream, Cuts),
                 Base = first_error(fun dcp_baseline_splitter:feed/2,
-                                   dcp_baseline_splitter:new(#{side => Side}), Chunks, 0),
-                Nif = first_error(fun(S, C) ->
-                                          case mcbp:feed(S, C) of
-                                              {ok, F, E} -> {ok, F, E, S};
-                                              Error -> Error
-                                          end
-                                  end, mcbp:splitter_new(#{side => Side}), Chunks, 0),
+                                   dcp_baseline_splitter:new(Side, #{}), Chunks, 0),
+                Nif = first_error(fun dcp_splitter_mcbp:feed/2,
+                                  dcp_splitter_mcbp:new(Side, #{}), Chunks, 0),
                 Expected = {error_at, chunk_of(Chunks, iolist_size(Before)), {bad_magic, Bad}},
                 ?WHENFAIL(io:format(user, "baseline ~p~nnif ~p~nexpected ~p~n",
                                     [Base, Nif, Expected]),
@@ -191,7 +236,7 @@ first_error(_Feed, _State, [], _N) ->
     no_error;
 first_error(Feed, State, [Chunk | Chunks], N) ->
     case Feed(State, Chunk) of
-        {ok, _, _, State2} -> first_error(Feed, State2, Chunks, N + 1);
+        {ok, _, _, _, State2} -> first_error(Feed, State2, Chunks, N + 1);
         {error, Reason} -> {error_at, N, Reason}
     end.
 

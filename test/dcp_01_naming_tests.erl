@@ -1,5 +1,5 @@
 %% @doc dcp_replicator:get_connection_name/4: ns_server's naming and truncation rule.
--module(dcp_naming_tests).
+-module(dcp_01_naming_tests).
 
 -include_lib("eunit/include/eunit.hrl").
 
