@@ -44,9 +44,8 @@ setup_replication(Sup, VBuckets) ->
 call(undefined, []) ->
     ok;
 call(Rep, Wanted) when is_pid(Rep) ->
-    try dcp_replicator:setup_replication(Rep, Wanted)
-    catch exit:{Reason, _} -> lost(Reason, Wanted)
-    end;
+    %% a replicator that goes away answers with the contract's errors itself
+    dcp_replicator:setup_replication(Rep, Wanted);
 call(NotRunning, Wanted) ->
     lost({not_running, NotRunning}, Wanted).
 

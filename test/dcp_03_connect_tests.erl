@@ -96,43 +96,39 @@ tls_on_both_sides_with_peer_verification_replicates_with_equal_digests_test_() -
       end}}.
 
 tls_client_without_a_certificate_is_refused_test_() ->
-    {"TLS: a replicator with no client certificate cannot start",
+    tls_nodes_test("TLS: a replicator with no client certificate cannot start", same_ca,
+                   fun(Env, ClientTls) ->
+                           NoCert = [O || O <- ClientTls, not is_tuple(O)
+                                              orelse not lists:member(element(1, O),
+                                                                      [cert, key, certs_keys])],
+                           Result = start_replicator((rep_opts(Env))#{ssl => NoCert}),
+                           ?assertMatch({error, {consumer, _}}, Result)
+                   end).
+
+tls_peer_that_cannot_be_verified_is_refused_test_() ->
+    tls_nodes_test("TLS: a replicator trusting another CA refuses the nodes", other_ca,
+                   fun(Env, ClientTls) ->
+                           ?assertMatch({error, {consumer, {connect_failed, {tls, _}}}},
+                                        start_replicator((rep_opts(Env))#{ssl => ClientTls}))
+                   end).
+
+%% Nodes that speak TLS only, no replicator: `Body(Env, ClientTls)', the client options of the
+%% nodes' test CA (`same_ca') or of another one that the nodes' certificates do not chain to.
+tls_nodes_test(Title, Ca, Body) ->
+    {Title,
      {setup,
       fun() ->
               {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
+              Client = case Ca of
+                           same_ca -> ClientTls;
+                           other_ca -> element(2, dcp_test_lib:tls_configs())
+                       end,
               {dcp_test_lib:start_env(#{producer => #{ssl => ServerTls},
                                         consumer => #{ssl => ServerTls}, rep => none}),
-               ClientTls}
+               Client}
       end,
       fun({Env, _}) -> dcp_test_lib:stop_env(Env) end,
-      fun({Env, ClientTls}) ->
-              {timeout, 60,
-               ?_test(begin
-                          NoCert = [O || O <- ClientTls, not is_tuple(O)
-                                             orelse not lists:member(element(1, O),
-                                                                     [cert, key, certs_keys])],
-                          Result = start_replicator((rep_opts(Env))#{ssl => NoCert}),
-                          ?assertMatch({error, {consumer, _}}, Result)
-                      end)}
-      end}}.
-
-tls_peer_that_cannot_be_verified_is_refused_test_() ->
-    {"TLS: a replicator trusting another CA refuses the nodes",
-     {setup,
-      fun() ->
-              {ServerTls, _} = dcp_test_lib:tls_configs(),
-              %% a client of another test CA: it trusts that CA only
-              {_, ClientTls} = dcp_test_lib:tls_configs(),
-              {dcp_test_lib:start_env(#{producer => #{ssl => ServerTls},
-                                        consumer => #{ssl => ServerTls}, rep => none}),
-               ClientTls}
-      end,
-      fun({Env, _}) -> dcp_test_lib:stop_env(Env) end,
-      fun({Env, ClientTls}) ->
-              {timeout, 60,
-               ?_test(?assertMatch({error, {consumer, {connect_failed, {tls, _}}}},
-                                   start_replicator((rep_opts(Env))#{ssl => ClientTls})))}
-      end}}.
+      fun({Env, Client}) -> {timeout, 60, ?_test(Body(Env, Client))} end}}.
 
 %% ---- credentials and liveliness ----
 
