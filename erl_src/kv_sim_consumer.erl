@@ -153,8 +153,10 @@ stream_message(_Unknown, _Frame, S, C) ->
     %% A proxy passes opcodes it does not know through; this consumer has no use for them.
     {ok, S, C}.
 
-by_seqno(Frame) ->
-    #{by_seqno := Seqno} = mcbp:dcp_fields(Frame),
+%% Mutations, deletions and expirations all start their extras with the by-seqno. It is read there
+%% rather than with `mcbp:dcp_fields/1', which costs about 2 us a call against 0.02 us: once per
+%% document, that was 1.4 s more CPU (and half the throughput) in `make demo'.
+by_seqno(#{extras := <<Seqno:64, _/binary>>}) ->
     Seqno.
 
 owns_stream(VB, Opaque, S) ->
