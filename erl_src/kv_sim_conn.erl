@@ -40,8 +40,7 @@
                next_opaque = ?FIRST_OWN_OPAQUE :: non_neg_integer()}).
 
 -opaque conn() :: #conn{}.
-%% The state of a `kv_sim_consumer' or `kv_sim_producer'.
--type engine() :: term().
+-type engine() :: kv_sim_consumer:consumer() | kv_sim_producer:producer().
 %% A DCP_CONTROL the connection accepted, as an engine reads it.
 -type control() :: {connection_buffer_size, non_neg_integer()}
                  | {send_stream_end_on_client_close_stream, boolean()}
@@ -50,6 +49,22 @@
                  | other.
 %% What an engine's step gives back: go on, or close the socket (after writing what the turn wrote).
 -type turn(Engine) :: {ok, Engine, conn()} | {close, term(), Engine, conn()}.
+
+%% An engine: the DCP side of the node's role, over its own state. Its steps thread the connection
+%% through for the writes, faults and own opaques they need (the exports below).
+-callback new(kv_sim:node_config()) -> engine().
+%% DCP_OPEN opened the connection.
+-callback open(engine()) -> engine().
+-callback control(control(), engine(), conn()) -> {engine(), conn()}.
+%% A DCP request once the connection is open (`Size': its bytes on the wire).
+-callback request(0..255, mcbp:frame(), non_neg_integer(), engine(), conn()) -> turn(engine()).
+-callback response(mcbp:frame(), engine(), conn()) -> turn(engine()).
+%% A message the engine sent itself with `later/2'.
+-callback info(term(), engine(), conn()) -> turn(engine()).
+%% The turn's frames were all read: what the engine writes at its end (before the write goes out).
+-callback end_turn(engine(), conn()) -> {engine(), conn()}.
+%% The socket closes after this turn's write.
+-callback closing(engine()) -> engine().
 
 %% ---- connect ----
 

@@ -5,6 +5,8 @@
 
 -include("mcbp.hrl").
 
+-behaviour(kv_sim_conn).
+
 -export([new/1, open/1, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
 
 -export_type([producer/0]).
