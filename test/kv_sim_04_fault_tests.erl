@@ -7,18 +7,40 @@
                              assert_nothing_sent_before_noop/1, recv_until/2, mutations/1,
                              digest_of_mutations/1, recv_timeout/0, recv_until_stream_end/1]).
 
-fault_stream_end_on_accept_ends_the_stream_right_after_its_answer_test() ->
-    Node = sim(producer),
-    ok = kv_sim:set_fault(Node, 3, {stream_end_on_accept, state_changed}),
-    Conn = open(Node, producer),
-    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(3, #{}, 30)))),
-    End = recv(Conn),
-    ?assertMatch(#{opcode_name := dcp_stream_end, vbucket := 3, opaque := 30}, End),
-    ?assertEqual(#{reason => state_changed}, mcbp:dcp_fields(End)),
-    %% Other vbuckets stream as usual.
-    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(4, #{end_seqno => 20}, 40)))),
-    ?assertEqual(20, length(mutations(recv_until_stream_end(Conn)))),
+%% ---- faults of the connection: answers, socket, writes ----
+
+fault_drop_answer_never_answers_and_delay_answer_answers_later_test() ->
+    Node = sim(consumer, #{consumer_buffer_size => 0}),
+    ok = kv_sim:set_fault(Node, 1, {drop_answer, dcp_close_stream}),
+    ok = kv_sim:set_fault(Node, 2, {delay_answer, dcp_close_stream, 50}),
+    Conn = open(Node, consumer),
+    send(Conn, dcp_commands:close_stream(1, 1)),
+    assert_nothing_sent_before_noop(Conn),
+    %% Sent in one write and read in one turn: the noop's answer goes out with the turn, the delayed
+    %% one only later.
+    send(Conn, [dcp_commands:close_stream(2, 2), dcp_commands:request(16#0a, #{opaque => 16#abcd})]),
+    ?assertMatch(#{opcode_name := noop, opaque := 16#abcd}, recv(Conn)),
+    ?assertMatch(#{opcode_name := dcp_close_stream, opaque := 2, status := 16#01}, recv(Conn)),
     kv_sim:stop(Node).
+
+fault_close_socket_on_closes_when_the_request_arrives_test() ->
+    Node = sim(consumer),
+    ok = kv_sim:set_fault(Node, 3, {close_socket_on, dcp_add_stream}),
+    {gen_tcp, Sock} = Conn = open(Node, consumer),
+    send(Conn, dcp_commands:add_stream(3, 0, 3)),
+    ?assertEqual({error, closed}, gen_tcp:recv(Sock, 0, recv_timeout())),
+    kv_sim:stop(Node).
+
+fault_chunked_writes_still_deliver_every_frame_test() ->
+    Node = sim(producer),
+    ok = kv_sim:set_fault(Node, 0, {chunked_writes, 7}),
+    Conn = open(Node, producer),
+    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(5, #{end_seqno => 20}, 5)))),
+    Frames = recv_until_stream_end(Conn),
+    ?assertEqual(kv_sim:digest(Node, 5), digest_of_mutations(Frames)),
+    kv_sim:stop(Node).
+
+%% ---- consumer faults ----
 
 fault_no_add_stream_answer_after_stream_end_leaves_the_add_unanswered_test() ->
     Node = sim(consumer, #{consumer_buffer_size => 0}),
@@ -49,33 +71,26 @@ fault_add_stream_status_answers_with_that_status_test() ->
     ?assertMatch(#{opcode_name := dcp_control}, call(Conn, dcp_commands:add_stream(6, 0, 6))),
     kv_sim:stop(Node).
 
+%% ---- producer faults ----
+
+fault_stream_end_on_accept_ends_the_stream_right_after_its_answer_test() ->
+    Node = sim(producer),
+    ok = kv_sim:set_fault(Node, 3, {stream_end_on_accept, state_changed}),
+    Conn = open(Node, producer),
+    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(3, #{}, 30)))),
+    End = recv(Conn),
+    ?assertMatch(#{opcode_name := dcp_stream_end, vbucket := 3, opaque := 30}, End),
+    ?assertEqual(#{reason => state_changed}, mcbp:dcp_fields(End)),
+    %% Other vbuckets stream as usual.
+    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(4, #{end_seqno => 20}, 40)))),
+    ?assertEqual(20, length(mutations(recv_until_stream_end(Conn)))),
+    kv_sim:stop(Node).
+
 fault_stream_req_status_answers_with_that_status_test() ->
     Node = sim(producer),
     ok = kv_sim:set_fault(Node, all, {stream_req_status, 16#23}),
     Conn = open(Node, producer),
     ?assertEqual(16#23, status(call(Conn, dcp_commands:stream_req(1, #{}, 1)))),
-    kv_sim:stop(Node).
-
-fault_drop_answer_never_answers_and_delay_answer_answers_later_test() ->
-    Node = sim(consumer, #{consumer_buffer_size => 0}),
-    ok = kv_sim:set_fault(Node, 1, {drop_answer, dcp_close_stream}),
-    ok = kv_sim:set_fault(Node, 2, {delay_answer, dcp_close_stream, 50}),
-    Conn = open(Node, consumer),
-    send(Conn, dcp_commands:close_stream(1, 1)),
-    assert_nothing_sent_before_noop(Conn),
-    %% Sent in one write and read in one turn: the noop's answer goes out with the turn, the delayed
-    %% one only later.
-    send(Conn, [dcp_commands:close_stream(2, 2), dcp_commands:request(16#0a, #{opaque => 16#abcd})]),
-    ?assertMatch(#{opcode_name := noop, opaque := 16#abcd}, recv(Conn)),
-    ?assertMatch(#{opcode_name := dcp_close_stream, opaque := 2, status := 16#01}, recv(Conn)),
-    kv_sim:stop(Node).
-
-fault_close_socket_on_closes_when_the_request_arrives_test() ->
-    Node = sim(consumer),
-    ok = kv_sim:set_fault(Node, 3, {close_socket_on, dcp_add_stream}),
-    {gen_tcp, Sock} = Conn = open(Node, consumer),
-    send(Conn, dcp_commands:add_stream(3, 0, 3)),
-    ?assertEqual({error, closed}, gen_tcp:recv(Sock, 0, recv_timeout())),
     kv_sim:stop(Node).
 
 fault_close_socket_after_mutations_closes_mid_stream_test() ->
@@ -86,15 +101,6 @@ fault_close_socket_after_mutations_closes_mid_stream_test() ->
     Frames = recv_until(Conn, fun(F) -> maps:get(by_seqno, mcbp:dcp_fields(F), 0) =:= 5 end),
     ?assertEqual(5, length(mutations(Frames))),
     ?assertEqual({error, closed}, gen_tcp:recv(Sock, 0, recv_timeout())),
-    kv_sim:stop(Node).
-
-fault_chunked_writes_still_deliver_every_frame_test() ->
-    Node = sim(producer),
-    ok = kv_sim:set_fault(Node, 0, {chunked_writes, 7}),
-    Conn = open(Node, producer),
-    ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(5, #{end_seqno => 20}, 5)))),
-    Frames = recv_until_stream_end(Conn),
-    ?assertEqual(kv_sim:digest(Node, 5), digest_of_mutations(Frames)),
     kv_sim:stop(Node).
 
 fault_flexible_framing_and_unknown_opcodes_change_the_frames_not_the_data_test() ->
@@ -108,6 +114,8 @@ fault_flexible_framing_and_unknown_opcodes_change_the_frames_not_the_data_test()
     ?assertMatch([_ | _], [F || #{opcode := 16#ee} = F <- Frames]),
     ?assertEqual(kv_sim:digest(Node, 2), digest_of_mutations(Frames)),
     kv_sim:stop(Node).
+
+%% ---- setting faults ----
 
 set_fault_refuses_unknown_faults_and_opcode_names_test() ->
     Node = sim(producer),
