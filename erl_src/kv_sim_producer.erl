@@ -97,23 +97,10 @@ info(send_noop, P, C) ->
 -spec request(0..255, mcbp:frame(), non_neg_integer(), producer(), conn()) ->
           kv_sim_conn:turn(producer()).
 request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C) ->
-    #producer{config = #{docs_per_vbucket := High, vbuckets := VBuckets,
-                         vbucket_states := Table}} = P,
+    #producer{config = #{docs_per_vbucket := High}} = P,
     #{start_seqno := Start, end_seqno := End} = Fields = mcbp:dcp_fields(Frame),
-    Live = lists:member(VB, VBuckets) andalso kv_sim_vbuckets:state(Table, VB) =/= dead,
-    case {Live, maps:is_key(VB, P#producer.streams), kv_sim_conn:fault(C, VB, stream_req_status)} of
-        {false, _, _} ->
-            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, ?NOT_MY_VBUCKET, <<>>),
-                   P, C);
-        {true, true, _} ->
-            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, ?KEY_EEXISTS, <<>>),
-                   P, C);
-        {true, false, {stream_req_status, Status}} ->
-            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, Status, <<>>), P, C);
-        {true, false, none} when Start > High ->
-            %% The consumer is ahead of this node: it must roll back to what the node has.
-            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_rollback(Opaque, High), P, C);
-        {true, false, none} ->
+    case stream_req_refusal(VB, Start, P, C) of
+        none ->
             Accept = dcp_commands:stream_req_response(Opaque, ?SUCCESS, failover_log(P, VB)),
             {ok, P, C1} = answer(?DCP_STREAM_REQ, VB, Accept, P, C),
             case kv_sim_conn:fault(C1, VB, stream_end_on_accept) of
@@ -125,7 +112,12 @@ request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C
                                      takeover = dcp_commands:stream_req_takeover(Fields)},
                     {ok, P#producer{streams = (P#producer.streams)#{VB => Stream},
                                     runnable = queue:in(VB, P#producer.runnable)}, C1}
-            end
+            end;
+        rollback ->
+            %% The consumer is ahead of this node: it must roll back to what the node has.
+            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_rollback(Opaque, High), P, C);
+        Status ->
+            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, Status, <<>>), P, C)
     end;
 request(?DCP_CLOSE_STREAM, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
     case maps:take(VB, P#producer.streams) of
@@ -149,6 +141,19 @@ request(?DCP_GET_FAILOVER_LOG, #{vbucket := VB, opaque := Opaque}, _Size, P, C) 
            P, C);
 request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
     answer(Opcode, VB, dcp_commands:response(Opcode, ?UNKNOWN_COMMAND, Opaque), P, C).
+
+%% Why a STREAM_REQ is refused (a status, or `rollback'), or `none'.
+stream_req_refusal(VB, Start, P, C) ->
+    #producer{config = #{docs_per_vbucket := High, vbuckets := VBuckets,
+                         vbucket_states := Table}} = P,
+    Live = lists:member(VB, VBuckets) andalso kv_sim_vbuckets:state(Table, VB) =/= dead,
+    case {Live, maps:is_key(VB, P#producer.streams), kv_sim_conn:fault(C, VB, stream_req_status)} of
+        {false, _, _} -> ?NOT_MY_VBUCKET;
+        {true, true, _} -> ?KEY_EEXISTS;
+        {true, false, {stream_req_status, Status}} -> Status;
+        {true, false, none} when Start > High -> rollback;
+        {true, false, none} -> none
+    end.
 
 answer(Opcode, VB, Bytes, P, C) ->
     {ok, C1} = kv_sim_conn:answer(Opcode, VB, Bytes, C),

@@ -23,6 +23,17 @@ producer_streams_marker_mutations_and_stream_end_ok_test() ->
     ?assertEqual(kv_sim:digest(Node, 3), digest_of_mutations(Frames)),
     kv_sim:stop(Node).
 
+producer_answers_get_failover_log_with_the_log_its_streams_start_with_test() ->
+    Node = sim(producer),
+    Conn = open(Node, producer),
+    Answer = call(Conn, dcp_commands:request(16#54, #{vbucket => 3, opaque => 8})),
+    ?assertMatch(#{opcode_name := dcp_get_failover_log, status := 0, opaque := 8}, Answer),
+    Log = dcp_commands:failover_log(maps:get(value, Answer)),
+    ?assertMatch([{_, 0}], Log),
+    StreamAnswer = call(Conn, dcp_commands:stream_req(3, #{end_seqno => 20}, 9)),
+    ?assertEqual(Log, dcp_commands:failover_log(maps:get(value, StreamAnswer))),
+    kv_sim:stop(Node).
+
 producer_stream_from_a_seqno_sends_only_what_follows_test() ->
     Node = sim(producer),
     Conn = open(Node, producer),

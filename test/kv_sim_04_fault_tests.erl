@@ -111,6 +111,8 @@ fault_flexible_framing_and_unknown_opcodes_change_the_frames_not_the_data_test()
     ?assertEqual(0, status(call(Conn, dcp_commands:stream_req(2, #{end_seqno => 20}, 2)))),
     Frames = recv_until_stream_end(Conn),
     ?assert(lists:all(fun(#{magic := M}) -> M =:= alt_req end, mutations(Frames))),
+    ?assert(lists:all(fun(#{framing_extras := Infos}) -> Infos =:= [{2, <<1:16>>}] end,
+                      mutations(Frames))),
     ?assertMatch([_ | _], [F || #{opcode := 16#ee} = F <- Frames]),
     ?assertEqual(kv_sim:digest(Node, 2), digest_of_mutations(Frames)),
     kv_sim:stop(Node).
