@@ -5,7 +5,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
-use dcp_setup::{reason, Outcome, Setup, Side, Start};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::Drive;
+use dcp_setup::{StreamEndReason, Outcome, Setup, Side, Start};
 
 /// Answers in an order unlike the request order (a stride walk), as a real consumer might.
 fn answer_order(n: u16) -> Vec<u16> {
@@ -66,7 +70,7 @@ fn per_event(c: &mut Criterion) {
                 let batch = (iters - done).min(1024) as usize;
                 let start = Instant::now();
                 for &vb in &order[..batch] {
-                    black_box(machine.stream_end(vb, 0xabcd, reason::STATE_CHANGED));
+                    black_box(machine.stream_end(vb, 0xabcd, StreamEndReason::STATE_CHANGED));
                 }
                 total += start.elapsed();
                 done += batch as u64;
@@ -79,7 +83,7 @@ fn per_event(c: &mut Criterion) {
     group.bench_function("stream_end_untracked", |b| {
         let mut machine = Setup::new();
         black_box(machine.begin(&[1, 2, 3])).ok();
-        b.iter(|| black_box(machine.stream_end(black_box(700), 5, reason::CLOSED)))
+        b.iter(|| black_box(machine.stream_end(black_box(700), 5, StreamEndReason::CLOSED)))
     });
     group.bench_function("close_stream_response_owed", |b| {
         b.iter_batched_ref(

@@ -1,20 +1,20 @@
 //! Named cases of a shut over a setup whose add the consumer never answers: the consumer's answer
 //! to the shut's CLOSE_STREAM settles that add, so the setup's caller is answered at once.
 
-use dcp_setup::{reason, Action, Outcome, Phase, Reply, Response, Setup, Side, Start, Why};
+mod common;
+
+use common::Drive;
+use dcp_setup::{StreamEndReason, Action, Outcome, Phase, Reply, Response, Setup, Side, Start, Why};
 
 fn close_consumer(vb: u16) -> Action {
-    Action::CloseStream {
-        side: Side::Consumer,
-        vbucket: vb,
-    }
+    Action::CloseStream { side: Side::Consumer, vbucket: vb, opaque: u32::from(vb) }
 }
 
 fn errors(list: &[(Why, u16)]) -> Outcome {
     Outcome::Reply(Reply::Errors(list.to_vec()))
 }
 
-const CLOSED: Why = Why::StreamEnd(reason::CLOSED);
+const CLOSED: Why = Why::StreamEnd(StreamEndReason::CLOSED);
 
 /// A setup of `vbs` whose adds are all unanswered, then a shut over it.
 fn shut_over_stuck_adds(vbs: &[u16]) -> Setup {
@@ -95,7 +95,7 @@ fn stream_end_after_the_close_settled_the_add_changes_nothing() {
         s.close_stream_response(Side::Consumer, 4, 0),
         Outcome::NoReply
     );
-    assert_eq!(s.stream_end(4, 0x99, reason::CLOSED), Outcome::NoReply);
+    assert_eq!(s.stream_end(4, 0x99, StreamEndReason::CLOSED), Outcome::NoReply);
     assert_eq!(
         s.close_stream_response(Side::Consumer, 6, 0),
         errors(&[(CLOSED, 4), (CLOSED, 6)])
@@ -106,13 +106,13 @@ fn stream_end_after_the_close_settled_the_add_changes_nothing() {
 fn stream_end_before_the_close_answer_keeps_its_own_reason_and_is_reported_once() {
     let mut s = shut_over_stuck_adds(&[4]);
     assert_eq!(
-        s.stream_end(4, 0x99, reason::STATE_CHANGED),
+        s.stream_end(4, 0x99, StreamEndReason::STATE_CHANGED),
         Outcome::NoReply,
         "the shut's close is still unanswered"
     );
     assert_eq!(
         s.close_stream_response(Side::Consumer, 4, 0),
-        errors(&[(Why::StreamEnd(reason::STATE_CHANGED), 4)])
+        errors(&[(Why::StreamEnd(StreamEndReason::STATE_CHANGED), 4)])
     );
 }
 

@@ -1,18 +1,18 @@
 //! Named cases of the MB-53445 stream-end semantics and the other rules of the machine.
 
+mod common;
+
+use common::Drive;
 use dcp_setup::{
-    reason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, VbState, Why,
+    StreamEndReason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, VbState, Why,
 };
 
 fn add(vb: u16) -> Action {
-    Action::AddStream {
-        vbucket: vb,
-        takeover: false,
-    }
+    Action::AddStream { vbucket: vb, opaque: u32::from(vb), flags: 0 }
 }
 
 fn close(side: Side, vb: u16) -> Action {
-    Action::CloseStream { side, vbucket: vb }
+    Action::CloseStream { side, vbucket: vb, opaque: u32::from(vb) }
 }
 
 fn errors(list: &[(Why, u16)]) -> Outcome {
@@ -37,8 +37,8 @@ fn stream_end_with_state_changed_before_add_answer_fails_that_vbucket() {
     let mut s = Setup::new();
     assert_eq!(s.begin(&[5]), Ok(Start::Send(vec![add(5)])));
     assert_eq!(
-        s.stream_end(5, 5, reason::STATE_CHANGED),
-        errors(&[(Why::StreamEnd(reason::STATE_CHANGED), 5)])
+        s.stream_end(5, 5, StreamEndReason::STATE_CHANGED),
+        errors(&[(Why::StreamEnd(StreamEndReason::STATE_CHANGED), 5)])
     );
     assert_eq!(s.phase(), Phase::Idle);
     assert!(s.partitions().is_empty());
@@ -48,10 +48,10 @@ fn stream_end_with_state_changed_before_add_answer_fails_that_vbucket() {
 fn reply_waits_for_the_answered_vbucket_and_reports_only_the_ended_one() {
     let mut s = Setup::new();
     assert_eq!(s.begin(&[0, 1]), Ok(Start::Send(vec![add(0), add(1)])));
-    assert_eq!(s.stream_end(0, 0, reason::STATE_CHANGED), Outcome::NoReply);
+    assert_eq!(s.stream_end(0, 0, StreamEndReason::STATE_CHANGED), Outcome::NoReply);
     assert_eq!(
         s.add_stream_response(1, 0),
-        errors(&[(Why::StreamEnd(reason::STATE_CHANGED), 0)])
+        errors(&[(Why::StreamEnd(StreamEndReason::STATE_CHANGED), 0)])
     );
     assert_eq!(s.partitions(), vec![1]);
 }
@@ -61,11 +61,11 @@ fn stream_end_is_matched_by_vbucket_not_by_its_opaque() {
     let mut s = Setup::new();
     assert!(s.begin(&[3, 7]).is_ok());
     // The opaque is the consumer's own stream opaque; here it even equals the other pending vbucket.
-    assert_eq!(s.stream_end(3, 7, reason::BACKFILL_FAIL), Outcome::NoReply);
+    assert_eq!(s.stream_end(3, 7, StreamEndReason::BACKFILL_FAIL), Outcome::NoReply);
     assert_eq!(s.info().pending_adds, vec![7]);
     assert_eq!(
         s.add_stream_response(7, 0),
-        errors(&[(Why::StreamEnd(reason::BACKFILL_FAIL), 3)])
+        errors(&[(Why::StreamEnd(StreamEndReason::BACKFILL_FAIL), 3)])
     );
 }
 
@@ -73,7 +73,7 @@ fn stream_end_is_matched_by_vbucket_not_by_its_opaque() {
 fn stream_end_with_reason_ok_leaves_the_add_pending_and_its_success_replies_ok() {
     let mut s = Setup::new();
     assert!(s.begin(&[2]).is_ok());
-    assert_eq!(s.stream_end(2, 0x1234, reason::OK), Outcome::NoReply);
+    assert_eq!(s.stream_end(2, 0x1234, StreamEndReason::OK), Outcome::NoReply);
     assert_eq!(s.info().pending_adds, vec![2]);
     assert_eq!(s.add_stream_response(2, 0), Outcome::Reply(Reply::Ok));
     assert_eq!(s.partitions(), vec![2]);
@@ -83,13 +83,13 @@ fn stream_end_with_reason_ok_leaves_the_add_pending_and_its_success_replies_ok()
 fn late_add_answer_after_a_stream_end_failure_is_absorbed_not_a_violation() {
     let mut s = Setup::new();
     assert!(s.begin(&[0, 1]).is_ok());
-    assert_eq!(s.stream_end(0, 9, reason::ROLLBACK), Outcome::NoReply);
+    assert_eq!(s.stream_end(0, 9, StreamEndReason::ROLLBACK), Outcome::NoReply);
     // Still setting up: the late answer for 0 is absorbed and does not complete anything.
     assert_eq!(s.add_stream_response(0, 0), Outcome::NoReply);
     assert_eq!(s.phase(), Phase::SettingUp);
     assert_eq!(
         s.add_stream_response(1, 0),
-        errors(&[(Why::StreamEnd(reason::ROLLBACK), 0)])
+        errors(&[(Why::StreamEnd(StreamEndReason::ROLLBACK), 0)])
     );
     assert_eq!(s.partitions(), vec![1]);
 }
@@ -99,8 +99,8 @@ fn late_add_answer_arriving_after_the_reply_is_absorbed_once() {
     let mut s = Setup::new();
     assert!(s.begin(&[4]).is_ok());
     assert_eq!(
-        s.stream_end(4, 1, reason::CLOSED),
-        errors(&[(Why::StreamEnd(reason::CLOSED), 4)])
+        s.stream_end(4, 1, StreamEndReason::CLOSED),
+        errors(&[(Why::StreamEnd(StreamEndReason::CLOSED), 4)])
     );
     assert_eq!(s.add_stream_response(4, 0x22), Outcome::NoReply);
     assert!(
@@ -123,18 +123,18 @@ fn unknown_stream_end_reason_code_is_kept_in_the_error() {
     let mut s = Setup::new();
     assert!(s.begin(&[9]).is_ok());
     assert_eq!(
-        s.stream_end(9, 0, 4242),
-        errors(&[(Why::StreamEnd(4242), 9)])
+        s.stream_end(9, 0, StreamEndReason(4242)),
+        errors(&[(Why::StreamEnd(StreamEndReason(4242)), 9)])
     );
 }
 
 #[test]
 fn stream_end_of_an_active_stream_removes_it_and_others_change_nothing() {
     let mut s = with_active(&[1, 2]);
-    assert_eq!(s.stream_end(1, 0, reason::OK), Outcome::NoReply);
+    assert_eq!(s.stream_end(1, 0, StreamEndReason::OK), Outcome::NoReply);
     assert_eq!(s.partitions(), vec![2]);
-    assert_eq!(s.stream_end(8, 0, reason::CLOSED), Outcome::NoReply);
-    assert_eq!(s.stream_end(60000, 0, reason::CLOSED), Outcome::NoReply);
+    assert_eq!(s.stream_end(8, 0, StreamEndReason::CLOSED), Outcome::NoReply);
+    assert_eq!(s.stream_end(60000, 0, StreamEndReason::CLOSED), Outcome::NoReply);
     assert_eq!(s.partitions(), vec![2]);
 }
 
@@ -155,11 +155,11 @@ fn errors_are_in_ascending_vbucket_order() {
     let mut s = Setup::new();
     assert!(s.begin(&[1, 2, 3]).is_ok());
     assert_eq!(s.add_stream_response(3, 0x85), Outcome::NoReply);
-    assert_eq!(s.stream_end(1, 0, reason::TOO_SLOW), Outcome::NoReply);
+    assert_eq!(s.stream_end(1, 0, StreamEndReason::TOO_SLOW), Outcome::NoReply);
     assert_eq!(
         s.add_stream_response(2, 0x04),
         errors(&[
-            (Why::StreamEnd(reason::TOO_SLOW), 1),
+            (Why::StreamEnd(StreamEndReason::TOO_SLOW), 1),
             (Why::McbpStatus(0x04), 2),
             (Why::McbpStatus(0x85), 3),
         ])
@@ -253,12 +253,12 @@ fn deadline_fails_every_pending_vbucket_once_with_setup_timeout() {
 fn connection_lost_fails_pending_vbuckets_and_shuts() {
     let mut s = Setup::new();
     assert!(s.begin(&[0, 1]).is_ok());
-    assert_eq!(s.stream_end(1, 0, reason::DISCONNECTED), Outcome::NoReply);
+    assert_eq!(s.stream_end(1, 0, StreamEndReason::DISCONNECTED), Outcome::NoReply);
     assert_eq!(
         s.connection_lost(),
         errors(&[
             (Why::ConnectionLost, 0),
-            (Why::StreamEnd(reason::DISCONNECTED), 1)
+            (Why::StreamEnd(StreamEndReason::DISCONNECTED), 1)
         ])
     );
     assert_eq!(s.phase(), Phase::Shut);
@@ -271,20 +271,17 @@ fn takeover_completes_only_after_add_ack_and_switch_to_active_ack() {
     let mut s = Setup::new();
     assert_eq!(
         s.takeover_begin(6),
-        Ok(vec![Action::AddStream {
-            vbucket: 6,
-            takeover: true
-        }])
+        Ok(vec![Action::AddStream { vbucket: 6, opaque: 6, flags: 1 }])
     );
     assert_eq!(s.stream_req(6, 0x5000), Outcome::NoReply);
     assert_eq!(
-        s.set_vbucket_state(0x5000, VbState::Pending),
+        s.set_vbucket_state(0x5000, VbState::PENDING),
         Outcome::NoReply
     );
     assert_eq!(s.set_vbucket_state_response(0x5000, 0), Outcome::NoReply);
     assert_eq!(s.add_stream_response(6, 0), Outcome::NoReply);
     assert_eq!(
-        s.set_vbucket_state(0x5000, VbState::Active),
+        s.set_vbucket_state(0x5000, VbState::ACTIVE),
         Outcome::NoReply
     );
     // An answer with another opaque is someone else's exchange.
@@ -302,7 +299,7 @@ fn takeover_waits_for_the_add_ack_when_active_comes_first() {
     let mut s = Setup::new();
     assert!(s.takeover_begin(2).is_ok());
     assert_eq!(s.stream_req(2, 11), Outcome::NoReply);
-    assert_eq!(s.set_vbucket_state(11, VbState::Active), Outcome::NoReply);
+    assert_eq!(s.set_vbucket_state(11, VbState::ACTIVE), Outcome::NoReply);
     assert_eq!(s.set_vbucket_state_response(11, 0), Outcome::NoReply);
     assert_eq!(s.add_stream_response(2, 0), Outcome::Reply(Reply::Ok));
 }

@@ -47,7 +47,7 @@ fn producer_stream_end_is_forwarded_and_reported() {
         vec![Event::StreamEnd {
             vbucket: 5,
             opaque: 77,
-            reason: StreamEndReason::Known("state_changed")
+            reason: StreamEndReason::STATE_CHANGED
         }]
     );
 }
@@ -61,7 +61,13 @@ fn producer_close_stream_answer_is_reported_and_not_forwarded() {
     let mut s = Splitter::new(Side::Producer, MAX);
     let (fwd, events, pieces) = feed(&mut s, &stream).unwrap();
     assert_eq!(fwd, [m1.clone(), m2].concat());
-    assert_eq!(events, vec![Event::Frame(close.into())]);
+    assert_eq!(
+        events,
+        vec![Event::CloseStreamResponse {
+            opaque: 9,
+            status: 0
+        }]
+    );
     assert_eq!(pieces.len(), 2);
     assert_eq!(s.stats().blocked_frames, 1);
 }
@@ -109,7 +115,14 @@ fn consumer_add_stream_answer_is_held_across_chunks_until_whole() {
     assert!(ev1.is_empty());
     assert_eq!(s.held_bytes(), 26);
     let (fwd2, ev2, _) = feed(&mut s, &stream[cut..]).unwrap();
-    assert_eq!(ev2, vec![Event::Frame(answer.into())]);
+    assert_eq!(
+        ev2,
+        vec![Event::AddStreamResponse {
+            opaque: 3,
+            status: 0,
+            stream_opaque: Some(4)
+        }]
+    );
     assert_eq!(s.held_bytes(), 0);
     assert_eq!(
         [fwd1, fwd2].concat(),
