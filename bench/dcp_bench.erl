@@ -301,7 +301,7 @@ flush_long_schedules(Pid, N) ->
 %% about 4x what 256 cost.
 setup_section(#{reps := Reps}) ->
     Batch = 100,
-    io:format("~n== Setup: dcp_nif:setup_request begin + one add_stream answer per vbucket, "
+    io:format("~n== Setup: dcp_nif:setup_request + one add_stream answer per vbucket, "
               "median of ~p interleaved batches of ~p setups ==~n", [Reps, Batch]),
     Runs = interleave(Reps, fun() -> isolated(fun() -> setup_batch(256, Batch) end) end,
                       fun() -> isolated(fun() -> setup_batch(1024, Batch) end) end),
@@ -324,7 +324,7 @@ setup_batch(N, Batch) ->
 
 setup_once(VBuckets) ->
     Setup = dcp_nif:setup_new(),
-    {send, Actions} = dcp_nif:setup_request(Setup, {begin, VBuckets}),
+    {send, Actions} = dcp_nif:setup_request(Setup, {setup_streams, VBuckets}),
     true = length(Actions) =:= length(VBuckets),
     answer_adds(Setup, VBuckets).
 

@@ -115,7 +115,7 @@ start_or_queue(Request, From, #consumer{queued = Queued} = St, _Conn) ->
     {noreply, St#consumer{queued = queue:in({Request, From}, Queued)}}.
 
 start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
-    case begin_request(Request, Setup) of
+    case dcp_nif:setup_request(Setup, Request) of
         {send, Actions} ->
             log_begun(Request, Actions, Conn),
             ok = send_actions(Actions, Conn),
@@ -128,13 +128,6 @@ start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
         {error, Reason} ->
             {reply, {error, Reason}, St}
     end.
-
-begin_request({setup_streams, VBuckets}, Setup) ->
-    dcp_nif:setup_request(Setup, {begin, VBuckets});
-begin_request(shut_connection, Setup) ->
-    dcp_nif:setup_request(Setup, shut);
-begin_request(Request, Setup) ->
-    dcp_nif:setup_request(Setup, Request).
 
 maybe_discard(shut_connection, Conn, St) ->
     ok = dcp_proxy:discard_reads(Conn),

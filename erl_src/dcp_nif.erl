@@ -68,8 +68,9 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
                          Flags :: non_neg_integer()}
                       | {close_stream, side(), vbucket(), Opaque :: non_neg_integer()}.
 -type setup_start() :: {send, [setup_action()]} | {reply, ok}.
--type setup_request() :: {begin, [vbucket()]} | {takeover, vbucket()}
-                       | {maybe_close_stream, vbucket()} | shut.
+%% dcp_consumer_conn's own request terms.
+-type setup_request() :: {setup_streams, [vbucket()]} | {takeover, vbucket()}
+                       | {maybe_close_stream, vbucket()} | shut_connection.
 %% A splitter event (mcbp:event()) tagged with the side whose splitter reported it, the setup
 %% deadline, or the loss of the connection (its reason goes into the errors of the reply).
 -type setup_event() :: {side(), mcbp:event()} | deadline | {connection_lost, term()}.

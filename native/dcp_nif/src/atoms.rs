@@ -27,7 +27,7 @@ rustler::atoms! {
     frames, bytes, forwarded_frames, blocked_frames, reported_frames, largest_frame, held_bytes,
     forward_remaining, by_opcode,
     // setup machine
-    begin, takeover, maybe_close_stream, shut, deadline, connection_lost, send, reply, noreply,
+    setup_streams, takeover, maybe_close_stream, shut_connection, shut, deadline, connection_lost, send, reply, noreply,
     stop, errors, mcbp_status, setup_timeout, busy, bad_vbucket, already_active, add_stream,
     close_stream, unexpected_response, idle, setting_up, requested, opaque_known, active, ignore,
     state, pending_adds, pending_closes_consumer, pending_closes_producer, next_state, stage,

@@ -30,14 +30,15 @@ fn setup_new() -> ResourceArc<SetupResource> {
     })
 }
 
-/// `{begin, [VBucket]}`, `{takeover, VBucket}`, `{maybe_close_stream, VBucket}` or `shut`.
+/// `{setup_streams, [VBucket]}`, `{takeover, VBucket}`, `{maybe_close_stream, VBucket}` or
+/// `shut_connection` (dcp_consumer_conn's own request terms).
 #[rustler::nif]
 fn setup_request<'a>(
     env: Env<'a>,
     setup: ResourceArc<SetupResource>,
     request: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    if request.decode::<Atom>().is_ok_and(|a| a == shut()) {
+    if request.decode::<Atom>().is_ok_and(|a| a == shut_connection()) {
         return Ok(encode_start(
             env,
             setup.machine.lock().request(Request::Shut),
@@ -48,7 +49,7 @@ fn setup_request<'a>(
         return Err(Error::BadArg);
     };
     let tag: Atom = tag.decode()?;
-    let started = if tag == begin() {
+    let started = if tag == setup_streams() {
         // list_length rejects improper lists, on which rustler's list iterator would panic.
         let mut wanted = Vec::with_capacity(arg.list_length()?);
         for term in arg.into_list_iterator()? {
