@@ -38,7 +38,10 @@ fn setup_request<'a>(
     setup: ResourceArc<SetupResource>,
     request: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    if request.decode::<Atom>().is_ok_and(|a| a == shut_connection()) {
+    if request
+        .decode::<Atom>()
+        .is_ok_and(|a| a == shut_connection())
+    {
         return Ok(encode_start(
             env,
             setup.machine.lock().request(Request::Shut),

@@ -9,7 +9,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 mod common;
 
 use common::Drive;
-use dcp_setup::{StreamEndReason, Outcome, Setup, Side, Start};
+use dcp_setup::{Outcome, Setup, Side, Start, StreamEndReason};
 
 /// Answers in an order unlike the request order (a stride walk), as a real consumer might.
 fn answer_order(n: u16) -> Vec<u16> {

@@ -6,8 +6,8 @@ mod common;
 
 use common::Drive;
 use dcp_setup::{
-    StreamEndReason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, SetupInfo, Side, Start,
-    TakeoverInfo, TakeoverStage, VbState, Why, MAX_VBUCKETS,
+    Action, Outcome, Phase, Refusal, Reply, Response, Setup, SetupInfo, Side, Start,
+    StreamEndReason, TakeoverInfo, TakeoverStage, VbState, Why, MAX_VBUCKETS,
 };
 use proptest::prelude::*;
 
@@ -120,11 +120,23 @@ impl Model {
         }
         let mut actions: Vec<Action> = adds
             .iter()
-            .map(|&vb| Action::AddStream { vbucket: vb, opaque: u32::from(vb), flags: 0 })
+            .map(|&vb| Action::AddStream {
+                vbucket: vb,
+                opaque: u32::from(vb),
+                flags: 0,
+            })
             .collect();
         for &vb in &closes {
-            actions.push(Action::CloseStream { side: Side::Consumer, vbucket: vb, opaque: u32::from(vb) });
-            actions.push(Action::CloseStream { side: Side::Producer, vbucket: vb, opaque: u32::from(vb) });
+            actions.push(Action::CloseStream {
+                side: Side::Consumer,
+                vbucket: vb,
+                opaque: u32::from(vb),
+            });
+            actions.push(Action::CloseStream {
+                side: Side::Producer,
+                vbucket: vb,
+                opaque: u32::from(vb),
+            });
         }
         self.state = ModelState::SettingUp {
             adds,
@@ -162,7 +174,11 @@ impl Model {
             requested: None,
             acked: false,
         });
-        Ok(vec![Action::AddStream { vbucket: vb, opaque: u32::from(vb), flags: 1 }])
+        Ok(vec![Action::AddStream {
+            vbucket: vb,
+            opaque: u32::from(vb),
+            flags: 1,
+        }])
     }
 
     fn shut(&mut self) -> Result<Start, Refusal> {
@@ -177,7 +193,11 @@ impl Model {
                 let closes = sorted_unique(self.active.clone());
                 let actions = closes
                     .iter()
-                    .map(|&vb| Action::CloseStream { side: Side::Consumer, vbucket: vb, opaque: u32::from(vb) })
+                    .map(|&vb| Action::CloseStream {
+                        side: Side::Consumer,
+                        vbucket: vb,
+                        opaque: u32::from(vb),
+                    })
                     .collect();
                 self.state = ModelState::SettingUp {
                     adds: Vec::new(),
@@ -208,7 +228,11 @@ impl Model {
                 *then_shut = true;
                 Ok(Start::Send(
                     more.into_iter()
-                        .map(|vb| Action::CloseStream { side: Side::Consumer, vbucket: vb, opaque: u32::from(vb) })
+                        .map(|vb| Action::CloseStream {
+                            side: Side::Consumer,
+                            vbucket: vb,
+                            opaque: u32::from(vb),
+                        })
                         .collect(),
                 ))
             }

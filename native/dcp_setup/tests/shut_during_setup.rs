@@ -4,10 +4,16 @@
 mod common;
 
 use common::Drive;
-use dcp_setup::{StreamEndReason, Action, Outcome, Phase, Reply, Response, Setup, Side, Start, Why};
+use dcp_setup::{
+    Action, Outcome, Phase, Reply, Response, Setup, Side, Start, StreamEndReason, Why,
+};
 
 fn close_consumer(vb: u16) -> Action {
-    Action::CloseStream { side: Side::Consumer, vbucket: vb, opaque: u32::from(vb) }
+    Action::CloseStream {
+        side: Side::Consumer,
+        vbucket: vb,
+        opaque: u32::from(vb),
+    }
 }
 
 fn errors(list: &[(Why, u16)]) -> Outcome {
@@ -95,7 +101,10 @@ fn stream_end_after_the_close_settled_the_add_changes_nothing() {
         s.close_stream_response(Side::Consumer, 4, 0),
         Outcome::NoReply
     );
-    assert_eq!(s.stream_end(4, 0x99, StreamEndReason::CLOSED), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(4, 0x99, StreamEndReason::CLOSED),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.close_stream_response(Side::Consumer, 6, 0),
         errors(&[(CLOSED, 4), (CLOSED, 6)])

@@ -4,15 +4,24 @@ mod common;
 
 use common::Drive;
 use dcp_setup::{
-    StreamEndReason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, VbState, Why,
+    Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, StreamEndReason, VbState,
+    Why,
 };
 
 fn add(vb: u16) -> Action {
-    Action::AddStream { vbucket: vb, opaque: u32::from(vb), flags: 0 }
+    Action::AddStream {
+        vbucket: vb,
+        opaque: u32::from(vb),
+        flags: 0,
+    }
 }
 
 fn close(side: Side, vb: u16) -> Action {
-    Action::CloseStream { side, vbucket: vb, opaque: u32::from(vb) }
+    Action::CloseStream {
+        side,
+        vbucket: vb,
+        opaque: u32::from(vb),
+    }
 }
 
 fn errors(list: &[(Why, u16)]) -> Outcome {
@@ -48,7 +57,10 @@ fn stream_end_with_state_changed_before_add_answer_fails_that_vbucket() {
 fn reply_waits_for_the_answered_vbucket_and_reports_only_the_ended_one() {
     let mut s = Setup::new();
     assert_eq!(s.begin(&[0, 1]), Ok(Start::Send(vec![add(0), add(1)])));
-    assert_eq!(s.stream_end(0, 0, StreamEndReason::STATE_CHANGED), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(0, 0, StreamEndReason::STATE_CHANGED),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.add_stream_response(1, 0),
         errors(&[(Why::StreamEnd(StreamEndReason::STATE_CHANGED), 0)])
@@ -61,7 +73,10 @@ fn stream_end_is_matched_by_vbucket_not_by_its_opaque() {
     let mut s = Setup::new();
     assert!(s.begin(&[3, 7]).is_ok());
     // The opaque is the consumer's own stream opaque; here it even equals the other pending vbucket.
-    assert_eq!(s.stream_end(3, 7, StreamEndReason::BACKFILL_FAIL), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(3, 7, StreamEndReason::BACKFILL_FAIL),
+        Outcome::NoReply
+    );
     assert_eq!(s.info().pending_adds, vec![7]);
     assert_eq!(
         s.add_stream_response(7, 0),
@@ -73,7 +88,10 @@ fn stream_end_is_matched_by_vbucket_not_by_its_opaque() {
 fn stream_end_with_reason_ok_leaves_the_add_pending_and_its_success_replies_ok() {
     let mut s = Setup::new();
     assert!(s.begin(&[2]).is_ok());
-    assert_eq!(s.stream_end(2, 0x1234, StreamEndReason::OK), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(2, 0x1234, StreamEndReason::OK),
+        Outcome::NoReply
+    );
     assert_eq!(s.info().pending_adds, vec![2]);
     assert_eq!(s.add_stream_response(2, 0), Outcome::Reply(Reply::Ok));
     assert_eq!(s.partitions(), vec![2]);
@@ -83,7 +101,10 @@ fn stream_end_with_reason_ok_leaves_the_add_pending_and_its_success_replies_ok()
 fn late_add_answer_after_a_stream_end_failure_is_absorbed_not_a_violation() {
     let mut s = Setup::new();
     assert!(s.begin(&[0, 1]).is_ok());
-    assert_eq!(s.stream_end(0, 9, StreamEndReason::ROLLBACK), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(0, 9, StreamEndReason::ROLLBACK),
+        Outcome::NoReply
+    );
     // Still setting up: the late answer for 0 is absorbed and does not complete anything.
     assert_eq!(s.add_stream_response(0, 0), Outcome::NoReply);
     assert_eq!(s.phase(), Phase::SettingUp);
@@ -133,8 +154,14 @@ fn stream_end_of_an_active_stream_removes_it_and_others_change_nothing() {
     let mut s = with_active(&[1, 2]);
     assert_eq!(s.stream_end(1, 0, StreamEndReason::OK), Outcome::NoReply);
     assert_eq!(s.partitions(), vec![2]);
-    assert_eq!(s.stream_end(8, 0, StreamEndReason::CLOSED), Outcome::NoReply);
-    assert_eq!(s.stream_end(60000, 0, StreamEndReason::CLOSED), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(8, 0, StreamEndReason::CLOSED),
+        Outcome::NoReply
+    );
+    assert_eq!(
+        s.stream_end(60000, 0, StreamEndReason::CLOSED),
+        Outcome::NoReply
+    );
     assert_eq!(s.partitions(), vec![2]);
 }
 
@@ -155,7 +182,10 @@ fn errors_are_in_ascending_vbucket_order() {
     let mut s = Setup::new();
     assert!(s.begin(&[1, 2, 3]).is_ok());
     assert_eq!(s.add_stream_response(3, 0x85), Outcome::NoReply);
-    assert_eq!(s.stream_end(1, 0, StreamEndReason::TOO_SLOW), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(1, 0, StreamEndReason::TOO_SLOW),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.add_stream_response(2, 0x04),
         errors(&[
@@ -253,7 +283,10 @@ fn deadline_fails_every_pending_vbucket_once_with_setup_timeout() {
 fn connection_lost_fails_pending_vbuckets_and_shuts() {
     let mut s = Setup::new();
     assert!(s.begin(&[0, 1]).is_ok());
-    assert_eq!(s.stream_end(1, 0, StreamEndReason::DISCONNECTED), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(1, 0, StreamEndReason::DISCONNECTED),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.connection_lost(),
         errors(&[
@@ -271,7 +304,11 @@ fn takeover_completes_only_after_add_ack_and_switch_to_active_ack() {
     let mut s = Setup::new();
     assert_eq!(
         s.takeover_begin(6),
-        Ok(vec![Action::AddStream { vbucket: 6, opaque: 6, flags: 1 }])
+        Ok(vec![Action::AddStream {
+            vbucket: 6,
+            opaque: 6,
+            flags: 1
+        }])
     );
     assert_eq!(s.stream_req(6, 0x5000), Outcome::NoReply);
     assert_eq!(

@@ -630,13 +630,13 @@ pub fn event(f: &Frame<'_>) -> Result<Option<Event>, Error> {
             DCP_STREAM_END => Event::StreamEnd {
                 vbucket,
                 opaque,
-                reason: StreamEndReason(u32::from_be_bytes(fixed_extras(&f)?)),
+                reason: StreamEndReason(u32::from_be_bytes(fixed_extras(f)?)),
             },
             DCP_STREAM_REQ => Event::StreamReq { vbucket, opaque },
             DCP_SET_VBUCKET_STATE => Event::SetVbucketState {
                 vbucket,
                 opaque,
-                state: VbState(fixed_extras::<1>(&f)?[0]),
+                state: VbState(fixed_extras::<1>(f)?[0]),
             },
             _ => return Ok(None),
         }

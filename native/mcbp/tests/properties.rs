@@ -4,7 +4,6 @@
 use mcbp::splitter::{fate, Fate};
 use mcbp::{
     decode, Decoded, Error, Event, FeedOutput, FeedStatus, Frame, FrameInfo, Magic, Side, Splitter,
-    StreamEndReason,
 };
 use proptest::prelude::*;
 
@@ -133,7 +132,11 @@ fn model(side: Side, frames: &[Vec<u8>]) -> (Vec<u8>, Vec<Event>) {
             let Decoded::Frame(d, _) = decode(f, u64::MAX).unwrap() else {
                 unreachable!()
             };
-            events.push(mcbp::event(&d).unwrap().expect("a reported frame has an event"));
+            events.push(
+                mcbp::event(&d)
+                    .unwrap()
+                    .expect("a reported frame has an event"),
+            );
         }
     }
     (forward, events)

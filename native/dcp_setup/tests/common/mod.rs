@@ -45,14 +45,22 @@ impl Drive for Setup {
     }
     fn add_stream_response(&mut self, opaque: u32, status: u16) -> Outcome {
         let stream_opaque = (status == 0).then_some(0x1_0000 + opaque);
-        let event = Event::AddStreamResponse { opaque, status, stream_opaque };
+        let event = Event::AddStreamResponse {
+            opaque,
+            status,
+            stream_opaque,
+        };
         frame(self, Side::Consumer, event)
     }
     fn close_stream_response(&mut self, side: Side, opaque: u32, status: u16) -> Outcome {
         frame(self, side, Event::CloseStreamResponse { opaque, status })
     }
     fn stream_end(&mut self, vbucket: u16, opaque: u32, reason: StreamEndReason) -> Outcome {
-        let event = Event::StreamEnd { vbucket, opaque, reason };
+        let event = Event::StreamEnd {
+            vbucket,
+            opaque,
+            reason,
+        };
         frame(self, Side::Producer, event)
     }
     fn stream_req(&mut self, vbucket: u16, opaque: u32) -> Outcome {
@@ -60,11 +68,19 @@ impl Drive for Setup {
     }
     fn set_vbucket_state(&mut self, opaque: u32, state: VbState) -> Outcome {
         // The machine matches the request by its opaque; the vbucket is informational.
-        let event = Event::SetVbucketState { vbucket: 0, opaque, state };
+        let event = Event::SetVbucketState {
+            vbucket: 0,
+            opaque,
+            state,
+        };
         frame(self, Side::Producer, event)
     }
     fn set_vbucket_state_response(&mut self, opaque: u32, status: u16) -> Outcome {
-        frame(self, Side::Consumer, Event::SetVbucketStateResponse { opaque, status })
+        frame(
+            self,
+            Side::Consumer,
+            Event::SetVbucketStateResponse { opaque, status },
+        )
     }
     fn deadline(&mut self) -> Outcome {
         self.event(Input::Deadline)
@@ -75,13 +91,25 @@ impl Drive for Setup {
 }
 
 pub fn add(vb: u16) -> Action {
-    Action::AddStream { vbucket: vb, opaque: vb.into(), flags: 0 }
+    Action::AddStream {
+        vbucket: vb,
+        opaque: vb.into(),
+        flags: 0,
+    }
 }
 
 pub fn takeover_add(vb: u16) -> Action {
-    Action::AddStream { vbucket: vb, opaque: vb.into(), flags: 1 }
+    Action::AddStream {
+        vbucket: vb,
+        opaque: vb.into(),
+        flags: 1,
+    }
 }
 
 pub fn close(side: Side, vb: u16) -> Action {
-    Action::CloseStream { side, vbucket: vb, opaque: vb.into() }
+    Action::CloseStream {
+        side,
+        vbucket: vb,
+        opaque: vb.into(),
+    }
 }
