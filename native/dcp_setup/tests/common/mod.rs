@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use dcp_setup::{
-    Action, Event, Input, Outcome, Refusal, Request, Setup, Side, Start, StreamEndReason, VbState,
+    Action, Event, Input, Outcome, Phase, Refusal, Reply, Request, Setup, Side, Start,
+    StreamEndReason, VbState, Why,
 };
 
 pub trait Drive {
@@ -112,4 +113,21 @@ pub fn close(side: Side, vb: u16) -> Action {
         vbucket: vb,
         opaque: vb.into(),
     }
+}
+
+pub fn errors(list: &[(Why, u16)]) -> Outcome {
+    Outcome::Reply(Reply::Errors(list.to_vec()))
+}
+
+/// A machine with `vbs` active (set up and answered).
+pub fn with_active(vbs: &[u16]) -> Setup {
+    let mut s = Setup::new();
+    if let Ok(Start::Send(_)) = s.begin(vbs) {
+        for &vb in vbs {
+            s.add_stream_response(vb.into(), 0);
+        }
+    }
+    assert_eq!(s.partitions(), vbs);
+    assert_eq!(s.phase(), Phase::Idle);
+    s
 }
