@@ -65,13 +65,6 @@ fn part_term<'a>(env: Env<'a>, base: &Binary<'a>, part: &[u8]) -> NifResult<Term
     }
 }
 
-fn opcode_name_term(env: Env<'_>, m: Magic, op: u8) -> Term<'_> {
-    match mcbp::names::opcode_name_for(m, op) {
-        Some(name) => name_atom(env, name).encode(env),
-        None => unknown().encode(env),
-    }
-}
-
 /// The frame map of the contract; `frame`'s parts are slices of `base`.
 fn frame_term<'a>(env: Env<'a>, base: &Binary<'a>, frame: &Frame<'_>) -> NifResult<Term<'a>> {
     let mut infos = Vec::with_capacity(frame.framing_extras.len());
@@ -99,7 +92,10 @@ fn frame_term<'a>(env: Env<'a>, base: &Binary<'a>, frame: &Frame<'_>) -> NifResu
     let values = [
         name_atom(env, frame.magic.name()).encode(env),
         frame.opcode.encode(env),
-        opcode_name_term(env, frame.magic, frame.opcode),
+        frame
+            .opcode_name()
+            .map_or(unknown(), |n| name_atom(env, n))
+            .encode(env),
         frame.datatype.encode(env),
         frame.vbucket_or_status.encode(env),
         frame.opaque.encode(env),

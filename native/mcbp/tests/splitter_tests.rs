@@ -317,3 +317,43 @@ fn forward_remaining_counts_what_is_left_of_the_frame_being_cut_through() {
     feed(&mut s, &end[26..]).unwrap();
     assert_eq!(s.stats().forward_remaining, 0);
 }
+
+#[test]
+fn event_decodes_each_reported_kind_and_nothing_else() {
+    let decoded = |b: &[u8]| match mcbp::decode(b, u64::MAX).unwrap() {
+        mcbp::Decoded::Frame(f, _) => mcbp::event(&f),
+        mcbp::Decoded::More(n) => panic!("short by {n}"),
+    };
+    let set_state = request(0x5b, &[3], 12);
+    assert_eq!(
+        decoded(&set_state),
+        Ok(Some(Event::SetVbucketState {
+            vbucket: 0,
+            opaque: 12,
+            state: mcbp::VbState::PENDING
+        }))
+    );
+    assert_eq!(
+        decoded(&request(0x5b, &[], 12)),
+        Err(Error::BadExtras {
+            opcode: 0x5b,
+            len: 0
+        })
+    );
+    assert_eq!(
+        decoded(&request(0x53, &[0; 48], 5)),
+        Ok(Some(Event::StreamReq {
+            vbucket: 0,
+            opaque: 5
+        }))
+    );
+    assert_eq!(
+        decoded(&response(0x5b, 0x23, 6)),
+        Ok(Some(Event::SetVbucketStateResponse {
+            opaque: 6,
+            status: 0x23
+        }))
+    );
+    assert_eq!(decoded(&mutation(1, 1, 4)), Ok(None));
+    assert_eq!(decoded(&response(0x55, 0, 1)), Ok(None));
+}
