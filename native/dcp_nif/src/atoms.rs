@@ -34,29 +34,43 @@ rustler::atoms! {
     requested_state, add_acked, absorbed,
 }
 
-static NAMES: OnceLock<RwLock<HashMap<&'static str, Atom>>> = OnceLock::new();
+/// Both ways: name -> atom, and atom (its term word) -> name.
+#[derive(Default)]
+struct Names {
+    atoms: HashMap<&'static str, Atom>,
+    names: HashMap<rustler::sys::ErlNifTerm, &'static str>,
+}
+
+impl Names {
+    fn insert(&mut self, name: &'static str, atom: Atom) {
+        self.atoms.insert(name, atom);
+        self.names.insert(atom.as_c_arg(), name);
+    }
+}
+
+static NAMES: OnceLock<RwLock<Names>> = OnceLock::new();
 
 /// Makes the atoms of every name table; called once, when the library is loaded.
 pub fn load(env: Env<'_>) -> bool {
-    let mut map = HashMap::new();
+    let mut table = Names::default();
     let magics = mcbp::Magic::ALL.iter().map(|m| m.name());
     let names = Kind::ALL
         .iter()
         .flat_map(|k| mcbp::names::table(*k).iter().map(|(_, n)| *n));
     for name in magics.chain(names) {
         match Atom::from_str(env, name) {
-            Ok(a) => map.insert(name, a),
+            Ok(a) => table.insert(name, a),
             Err(_) => return false,
         };
     }
-    NAMES.set(RwLock::new(map)).is_ok()
+    NAMES.set(RwLock::new(table)).is_ok()
 }
 
 /// The atom of a static name. The name tables' atoms exist from load; another static name (a
 /// field key) is made the first time it is asked for, then looked up.
 pub fn name_atom(env: Env<'_>, name: &'static str) -> Atom {
     let table = NAMES.get_or_init(Default::default);
-    if let Some(a) = table.read().ok().and_then(|t| t.get(name).copied()) {
+    if let Some(a) = table.read().ok().and_then(|t| t.atoms.get(name).copied()) {
         return a;
     }
     // Plain ASCII names: making the atom cannot fail.
@@ -65,6 +79,12 @@ pub fn name_atom(env: Env<'_>, name: &'static str) -> Atom {
         t.insert(name, a);
     }
     a
+}
+
+/// The static name of an atom the table knows.
+pub fn atom_name(atom: Atom) -> Option<&'static str> {
+    let table = NAMES.get()?.read().ok()?;
+    table.names.get(&atom.as_c_arg()).copied()
 }
 
 /// A name table's atom for a code, `{unknown, Code}` when it has none.
@@ -79,11 +99,7 @@ pub fn code_term(env: Env<'_>, kind: Kind, code: u32) -> Term<'_> {
 /// without one (so every accepted term encodes back unchanged).
 pub fn term_code(kind: Kind, term: Term<'_>) -> Option<u32> {
     if let Ok(atom) = term.decode::<Atom>() {
-        let env = term.get_env();
-        return mcbp::names::table(kind)
-            .iter()
-            .find(|(_, n)| name_atom(env, n) == atom)
-            .map(|(c, _)| u32::from(*c));
+        return mcbp::names::code(kind, atom_name(atom)?);
     }
     match get_tuple(term).ok()?.as_slice() {
         [tag, code] if tag.decode::<Atom>().ok()? == unknown() => {

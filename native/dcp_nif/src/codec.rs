@@ -131,9 +131,8 @@ fn read_map<'a>(env: Env<'a>, map: Term<'a>) -> Result<Frame<'a>, Term<'a>> {
     let get = |field: Atom| map.map_get(field).ok();
     let need = |field: Atom| get(field).ok_or_else(|| (missing_field(), field).encode(env));
     let m_atom = need(magic())?.decode::<Atom>().map_err(|_| bad(magic()))?;
-    let m = Magic::ALL
-        .into_iter()
-        .find(|m| name_atom(env, m.name()) == m_atom)
+    let m = atom_name(m_atom)
+        .and_then(Magic::from_name)
         .ok_or_else(|| bad(magic()))?;
     let op_term = need(opcode())?;
     let op = if op_term.is_atom() {
