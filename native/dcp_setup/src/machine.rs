@@ -213,28 +213,17 @@ impl Setup {
         if actions.is_empty() {
             return Ok(Start::Settled);
         }
-        for action in &actions {
-            self.note_sent(action);
-        }
-        self.state = State::SettingUp { next: After::Idle };
-        Ok(Start::Send(actions))
+        Ok(self.send(actions, After::Idle))
     }
 
     /// Closes one active stream on both sides (a setup towards "active minus `vb`").
     fn maybe_close_stream(&mut self, vb: u16) -> Result<Start, Refusal> {
-        if !in_range(vb) {
-            return Err(Refusal::BadVbucket(vb));
-        }
-        self.refuse_unless_idle()?;
+        self.refuse_unless_idle_for(vb)?;
         if !self.active.contains(vb) {
             return Ok(Start::Settled);
         }
         let actions = vec![close(Side::Consumer, vb), close(Side::Producer, vb)];
-        for action in &actions {
-            self.note_sent(action);
-        }
-        self.state = State::SettingUp { next: After::Idle };
-        Ok(Start::Send(actions))
+        Ok(self.send(actions, After::Idle))
     }
 
     /// Shuts the connection. From idle: closes every active stream on the consumer, and the reply
@@ -257,11 +246,7 @@ impl Setup {
                     .iter()
                     .map(|vb| close(Side::Consumer, vb))
                     .collect();
-                for action in &actions {
-                    self.note_sent(action);
-                }
-                self.state = State::SettingUp { next: After::Shut };
-                Ok(Start::Send(actions))
+                Ok(self.send(actions, After::Shut))
             }
             State::SettingUp { .. } => {
                 let mut actions = Vec::new();
@@ -288,10 +273,7 @@ impl Setup {
 
     /// Starts a takeover of `vb` (an ADD_STREAM with the takeover flag).
     fn takeover_begin(&mut self, vb: u16) -> Result<Start, Refusal> {
-        if !in_range(vb) {
-            return Err(Refusal::BadVbucket(vb));
-        }
-        self.refuse_unless_idle()?;
+        self.refuse_unless_idle_for(vb)?;
         if self.active.contains(vb) {
             return Err(Refusal::AlreadyActive);
         }
@@ -560,6 +542,22 @@ impl Setup {
             State::Shut => Err(Refusal::Shut),
             State::SettingUp { .. } | State::Takeover(_) => Err(Refusal::Busy),
         }
+    }
+
+    fn refuse_unless_idle_for(&self, vb: u16) -> Result<(), Refusal> {
+        if !in_range(vb) {
+            return Err(Refusal::BadVbucket(vb));
+        }
+        self.refuse_unless_idle()
+    }
+
+    /// Notes the requests as pending and enters a setup that ends in `next`.
+    fn send(&mut self, actions: Vec<Action>, next: After) -> Start {
+        for action in &actions {
+            self.note_sent(action);
+        }
+        self.state = State::SettingUp { next };
+        Start::Send(actions)
     }
 
     fn note_sent(&mut self, action: &Action) {
