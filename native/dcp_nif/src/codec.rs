@@ -71,11 +71,7 @@ fn frame_term<'a>(env: Env<'a>, base: &Binary<'a>, frame: &Frame<'_>) -> NifResu
     for info in &frame.framing_extras {
         infos.push((info.id, part_term(env, base, info.data)?).encode(env));
     }
-    let which = if frame.magic.is_response() {
-        status()
-    } else {
-        vbucket()
-    };
+    let which = name_atom(env, frame.magic.vbucket_or_status_names().0);
     let keys = [
         magic().encode(env),
         opcode().encode(env),
@@ -146,11 +142,8 @@ fn read_map<'a>(env: Env<'a>, map: Term<'a>) -> Result<Frame<'a>, Term<'a>> {
     let op = op
         .and_then(|c| u8::try_from(c).ok())
         .ok_or_else(|| bad(opcode()))?;
-    let (which, other) = if m.is_response() {
-        (status(), vbucket())
-    } else {
-        (vbucket(), status())
-    };
+    let (which, other) = m.vbucket_or_status_names();
+    let (which, other) = (name_atom(env, which), name_atom(env, other));
     if get(other).is_some() {
         return Err((field_not_allowed(), other).encode(env));
     }
@@ -306,7 +299,7 @@ impl rustler::Resource for SplitterResource {}
 #[rustler::nif]
 fn splitter_new(side: Atom, max_frame_size: u64) -> NifResult<ResourceArc<SplitterResource>> {
     let side = side_of(side)?;
-    if max_frame_size < mcbp::HEADER_LEN as u64 || max_frame_size > u32::MAX as u64 + 24 {
+    if !mcbp::MAX_FRAME_SIZE_RANGE.contains(&max_frame_size) {
         return Err(BadArg);
     }
     Ok(ResourceArc::new(SplitterResource {

@@ -11,6 +11,6 @@ pub mod splitter;
 pub use dcp::{fields, Field};
 pub use error::{EncodeError, Error};
 pub use frame::{decode, Decoded, Frame, FrameInfo};
-pub use header::{Header, Magic, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN};
+pub use header::{Header, Magic, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, MAX_FRAME_SIZE_RANGE};
 pub use names::{Kind, StreamEndReason, VbState};
 pub use splitter::{event, Event, FeedOutput, FeedStatus, Piece, Side, Splitter, Stats};
