@@ -30,6 +30,17 @@ fn setup_new() -> ResourceArc<SetupResource> {
     })
 }
 
+/// A bare atom `(Tag, None)` or a pair `{Tag, Arg}` as `(Tag, Some(Arg))`.
+fn tagged(term: Term<'_>) -> NifResult<(Atom, Option<Term<'_>>)> {
+    if let Ok(atom) = term.decode::<Atom>() {
+        return Ok((atom, None));
+    }
+    match get_tuple(term)?.as_slice() {
+        [tag, arg] => Ok((tag.decode()?, Some(*arg))),
+        _ => Err(Error::BadArg),
+    }
+}
+
 /// `{setup_streams, [VBucket]}`, `{takeover, VBucket}`, `{maybe_close_stream, VBucket}` or
 /// `shut_connection` (dcp_consumer_conn's own request terms).
 #[rustler::nif]
@@ -38,20 +49,16 @@ fn setup_request<'a>(
     setup: ResourceArc<SetupResource>,
     request: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    if request
-        .decode::<Atom>()
-        .is_ok_and(|a| a == shut_connection())
-    {
+    let (tag, arg) = tagged(request)?;
+    let Some(arg) = arg else {
+        if tag != shut_connection() {
+            return Err(Error::BadArg);
+        }
         return Ok(encode_start(
             env,
             setup.machine.lock().request(Request::Shut),
         ));
-    }
-    let t = get_tuple(request)?;
-    let [tag, arg] = t.as_slice() else {
-        return Err(Error::BadArg);
     };
-    let tag: Atom = tag.decode()?;
     let started = if tag == setup_streams() {
         // list_length rejects improper lists, on which rustler's list iterator would panic.
         let mut wanted = Vec::with_capacity(arg.list_length()?);
@@ -63,8 +70,8 @@ fn setup_request<'a>(
         }
         setup.machine.lock().request(Request::Begin(&wanted))
     } else {
-        let Some(vb) = caller_vbucket(*arg) else {
-            return Ok(bad_vbucket_error(env, *arg));
+        let Some(vb) = caller_vbucket(arg) else {
+            return Ok(bad_vbucket_error(env, arg));
         };
         let request = if tag == takeover() {
             Request::Takeover(vb)
@@ -85,24 +92,14 @@ fn setup_event<'a>(
     setup: ResourceArc<SetupResource>,
     event: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    if event.decode::<Atom>().is_ok_and(|a| a == deadline()) {
-        return Ok(encode_outcome(
-            env,
-            setup.machine.lock().event(Input::Deadline),
-            None,
-        ));
-    }
-    let t = get_tuple(event)?;
-    let [tag, arg] = t.as_slice() else {
-        return Err(Error::BadArg);
+    let (input, lost) = match tagged(event)? {
+        (tag, None) if tag == deadline() => (Input::Deadline, None),
+        (tag, Some(reason)) if tag == connection_lost() => (Input::ConnectionLost, Some(reason)),
+        (side, Some(e)) => (Input::Frame(side_of(side)?, event_from_term(e)?), None),
+        (_, None) => return Err(Error::BadArg),
     };
-    let tag: Atom = tag.decode()?;
-    if tag == connection_lost() {
-        let outcome = setup.machine.lock().event(Input::ConnectionLost);
-        return Ok(encode_outcome(env, outcome, Some(*arg)));
-    }
-    let input = Input::Frame(side_of(tag)?, event_from_term(*arg)?);
-    Ok(encode_outcome(env, setup.machine.lock().event(input), None))
+    let outcome = setup.machine.lock().event(input);
+    Ok(encode_outcome(env, outcome, lost))
 }
 
 #[rustler::nif]
