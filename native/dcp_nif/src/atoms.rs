@@ -63,7 +63,10 @@ pub fn load(env: Env<'_>) -> bool {
             Err(_) => return false,
         };
     }
-    NAMES.set(RwLock::new(table)).is_ok()
+    // Loaded again (after a purge) the table is already there, with the same atoms: atoms are
+    // never freed.
+    let _ = NAMES.set(RwLock::new(table));
+    true
 }
 
 /// The atom of a static name. The name tables' atoms exist from load; another static name (a

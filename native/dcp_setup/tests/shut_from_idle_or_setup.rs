@@ -54,3 +54,13 @@ fn shut_from_a_stuck_setup_closes_pending_and_active_and_answers_the_setup_calle
     );
     assert_eq!(s.phase(), Phase::Shut);
 }
+
+// Moved from test/dcp_setup_tests.erl (shut_from_idle_without_streams_is_immediate_test).
+#[test]
+fn shut_from_idle_without_streams_is_immediate_and_refuses_what_follows() {
+    let mut s = Setup::new();
+    assert_eq!(s.shut(), Ok(Start::Settled));
+    assert_eq!(s.phase(), Phase::Shut);
+    assert_eq!(s.takeover_begin(1), Err(Refusal::Shut));
+    assert_eq!(s.begin(&[1]), Err(Refusal::Shut));
+}
