@@ -119,21 +119,10 @@ action(consumer, Magic, ?DCP_STREAM_REQ) when ?IS_REQ(Magic) -> forward_report;
 action(consumer, Magic, ?DCP_SET_VBUCKET_STATE) when ?IS_RES(Magic) -> forward_report;
 action(_Side, _Magic, _Opcode) -> forward.
 
-%% Reported frames are rare: decode them with the one codec.
-event(stream_end, Frame) ->
-    case mcbp:decode(Frame) of
-        {ok, #{vbucket := VBucket, opaque := Opaque} = Decoded, <<>>} ->
-            case mcbp:dcp_fields(Decoded) of
-                #{reason := Reason} -> {ok, {stream_end, VBucket, Opaque, Reason}};
-                {error, _} = Error -> Error;
-                Other -> {error, {bad_stream_end, Other}}
-            end;
-        Other ->
-            decode_error(Other)
-    end;
+%% Reported frames are rare: the one codec decodes them into the splitter's own events.
 event(_Action, Frame) ->
-    case mcbp:decode(Frame) of
-        {ok, Decoded, <<>>} -> {ok, Decoded};
+    case mcbp:decode_event(Frame) of
+        {ok, Event} -> {ok, Event};
         Other -> decode_error(Other)
     end.
 
