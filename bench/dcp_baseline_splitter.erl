@@ -25,7 +25,6 @@
 
 -define(HEADER_LEN, 24).
 %% memcached's default max_packet_size (PROTOCOL.md).
--define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
 
 %% Client requests and responses, classic or flexible framing; server-initiated frames
 %% (0x82/0x83) have their own opcode space and are never DCP.
@@ -50,7 +49,7 @@
 %% @doc A splitter for one side of the proxy. `max_frame_size' defaults to 30 MiB.
 -spec new(consumer | producer, #{max_frame_size => pos_integer()}) -> state().
 new(Side, Opts) when Side =:= consumer; Side =:= producer ->
-    case maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE) of
+    case maps:get(max_frame_size, Opts, mcbp:default_max_frame_size()) of
         Max when is_integer(Max), Max >= ?HEADER_LEN ->
             #splitter{side = Side, max_frame_size = Max};
         Bad ->
