@@ -34,6 +34,13 @@
 %%     snapshot marker and each batch of mutations; a consumer node ignores it.</li>
 %% </ul>
 %%
+%% Role `node' (a cluster node for the rebalance demo) plays both parts on one store: it accepts producer
+%% and consumer DCP opens, seeds `docs_per_vbucket' documents into each of `active_vbuckets' (state
+%% `active') and `replica_vbuckets' (state `replica'), every other vbucket of `vbuckets' starting `dead';
+%% what it stores as a consumer it serves as a producer once the vbucket is `active' (after a takeover).
+%% `set_vbucket_state/3' and `delete_vbucket/2' are the janitor's part; `connections/1' lists the live
+%% DCP connections; `STATS dcp-vbtakeover <vb> <name>' is answered on any role (estimate and status).
+%%
 %% `digest(Node, VBucket) -> {DocCount, Hash}': the hash is a SHA-256 over every live document's key,
 %% by-seqno and value, in key order; a consumer's digest after replication equals the producer's.
 -module(kv_sim).
@@ -41,13 +48,15 @@
 -behaviour(gen_server).
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
-         vbucket_state/2, docs/3, doc/3]).
+         vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([opts/0, fault/0, node_config/0]).
 
--type opts() :: #{role := consumer | producer, port => inet:port_number(), bucket => string(),
+-type opts() :: #{role := consumer | producer | node,
+                  active_vbuckets => [dcp_commands:vbucket()],
+                  replica_vbuckets => [dcp_commands:vbucket()], port => inet:port_number(), bucket => string(),
                   user => string(), password => string(),
                   vbuckets => non_neg_integer() | [dcp_commands:vbucket()],
                   docs_per_vbucket => non_neg_integer(), value_size => non_neg_integer(),
@@ -69,7 +78,7 @@
                | {unknown_opcodes, 0..255}.
 
 %% What a connection process needs of its node.
--type node_config() :: #{role := consumer | producer, bucket := binary(), user := binary(),
+-type node_config() :: #{role := consumer | producer | node, bucket := binary(), user := binary(),
                          password := binary(), vbuckets := [dcp_commands:vbucket()],
                          docs_per_vbucket := non_neg_integer(), value_size := non_neg_integer(),
                          seed := integer(), value_block := binary(),
@@ -119,7 +128,7 @@ digest(Node, VBucket) ->
     case Config of
         #{role := producer} ->
             digest_of(docs(Config, VBucket, 1));
-        #{role := consumer, store := Store} ->
+        #{role := Role, store := Store} when Role =:= consumer; Role =:= node ->
             Docs = ets:select(Store, [{{{VBucket, '$1'}, '$2', '$3'}, [], [{{'$1', '$2', '$3'}}]}]),
             digest_of(Docs)
     end.
@@ -130,6 +139,25 @@ digest(Node, VBucket) ->
 vbucket_state(Node, VBucket) ->
     #{vbucket_states := Table} = gen_server:call(Node, config),
     kv_sim_vbuckets:state(Table, VBucket).
+
+%% @doc The node's live DCP connections (those that sent DCP_OPEN), by type and name.
+-spec connections(pid()) -> [{producer | consumer, binary()}].
+connections(Node) ->
+    gen_server:call(Node, connections).
+
+%% @doc Sets a vbucket's state on the node, as ns_server's janitor does before a replica is built.
+-spec set_vbucket_state(pid(), dcp_commands:vbucket(), dcp_commands:vbucket_state()) -> ok.
+set_vbucket_state(Node, VBucket, State) ->
+    #{vbucket_states := Table} = gen_server:call(Node, config),
+    kv_sim_vbuckets:set_state(Table, VBucket, State).
+
+%% @doc Drops the node's copy of a vbucket: its documents and high seqno go, its state becomes `dead'.
+-spec delete_vbucket(pid(), dcp_commands:vbucket()) -> ok.
+delete_vbucket(Node, VBucket) ->
+    #{vbucket_states := Table, store := Store} = gen_server:call(Node, config),
+    ets:match_delete(Store, {{VBucket, '_'}, '_', '_'}),
+    ok = kv_sim_vbuckets:set_high_seqnos(Table, #{VBucket => 0}),
+    kv_sim_vbuckets:set_state(Table, VBucket, dead).
 
 %% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
 -spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
@@ -177,7 +205,7 @@ init(Opts) ->
             {stop, Reason}
     end.
 
-config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
+config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =:= node ->
     Seed = maps:get(seed, Opts, 42),
     ValueSize = maps:get(value_size, Opts, 256),
     {Block, _} = rand:bytes_s(2 * ValueSize + 1, rand:seed_s(exsss, Seed)),
@@ -187,13 +215,14 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
                end,
     InitialState = case Role of
                        producer -> active;
-                       consumer -> replica
+                       consumer -> replica;
+                       node -> dead
                    end,
     Docs = case Role of
-               producer -> maps:get(docs_per_vbucket, Opts, 100);
-               consumer -> 0
+               consumer -> 0;
+               _ -> maps:get(docs_per_vbucket, Opts, 100)
            end,
-    {ok, #{role => Role,
+    Config = #{role => Role,
            bucket => iolist_to_binary(maps:get(bucket, Opts, "default")),
            user => iolist_to_binary(maps:get(user, Opts, "Administrator")),
            password => iolist_to_binary(maps:get(password, Opts, "password")),
@@ -207,9 +236,25 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
            vbucket_states => kv_sim_vbuckets:new(VBuckets, InitialState),
-           node => self()}};
+           node => self()},
+    ok = seed_node(Role, Opts, Config),
+    {ok, Config};
 config(Opts) ->
     {error, {bad_role, maps:get(role, Opts, missing)}}.
+
+%% A `node' holds its seeded active and replica vbuckets in its store, as a consumer would after a
+%% full replication from a producer with the same seed.
+seed_node(node, Opts, #{docs_per_vbucket := N, store := Store, vbucket_states := Table} = Config) ->
+    Held = [{VB, active} || VB <- maps:get(active_vbuckets, Opts, [])]
+        ++ [{VB, replica} || VB <- maps:get(replica_vbuckets, Opts, [])],
+    lists:foreach(fun({VB, State}) ->
+                          ets:insert(Store, [{{VB, Key}, Seqno, Value}
+                                             || {Key, Seqno, Value} <- docs(Config, VB, 1)]),
+                          ok = kv_sim_vbuckets:set_state(Table, VB, State)
+                  end, Held),
+    kv_sim_vbuckets:set_high_seqnos(Table, maps:from_list([{VB, N} || {VB, _} <- Held]));
+seed_node(_Role, _Opts, _Config) ->
+    ok.
 
 listen(Opts, Config) ->
     Port = maps:get(port, Opts, 0),
@@ -227,7 +272,7 @@ listen(Opts, Config) ->
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
             {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}}};
+                   acceptor => Acceptor, connections => #{}, dcp_names => #{}}};
         {error, Reason} ->
             {stop, {listen_failed, Port, Reason}}
     end.
@@ -288,6 +333,10 @@ handle_call({set_fault, VBucket, Fault}, _From, #{config := #{faults := Faults}}
         {error, _} = Error ->
             {reply, Error, State}
     end;
+handle_call(connections, _From, #{dcp_names := Names} = State) ->
+    {reply, lists:sort(maps:values(Names)), State};
+handle_call({dcp_connection, Name}, _From, #{dcp_names := Names} = State) ->
+    {reply, [Pid || {Pid, {_, N}} <- maps:to_list(Names), N =:= Name], State};
 handle_call(clear_faults, _From, #{config := #{faults := Faults}} = State) ->
     ets:delete_all_objects(Faults),
     {reply, ok, State};
@@ -299,8 +348,10 @@ handle_cast(_Msg, State) ->
 
 handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
     {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
-handle_info({'DOWN', _Ref, process, Pid, _Reason}, #{connections := Conns} = State) ->
-    {noreply, State#{connections := maps:remove(Pid, Conns)}};
+handle_info({kv_sim_dcp_open, Pid, Type, Name}, #{dcp_names := Names} = State) ->
+    {noreply, State#{dcp_names := Names#{Pid => {Type, Name}}}};
+handle_info({'DOWN', _Ref, process, Pid, _Reason}, #{connections := Conns, dcp_names := Names} = State) ->
+    {noreply, State#{connections := maps:remove(Pid, Conns), dcp_names := maps:remove(Pid, Names)}};
 handle_info({'EXIT', Acceptor, Reason}, #{acceptor := Acceptor} = State) ->
     {stop, {acceptor_died, Reason}, State};
 handle_info(_Info, State) ->

@@ -24,6 +24,10 @@
 
 %% An engine's own stream opaques start above every vbucket id, so they never equal one.
 -define(FIRST_OWN_OPAQUE, 16#10000).
+%% memcached's STAT opcode (ns_server's `dcp-vbtakeover' group is read with it).
+-define(STAT_OPCODE, 16#10).
+%% How long a STATS call waits for the producer connection it asks about.
+-define(STATS_WAIT_MS, 5000).
 
 -record(conn, {config :: kv_sim:node_config(),
                transport :: gen_tcp | ssl,
@@ -77,14 +81,20 @@ start(Config, Transport, Sock) ->
 %% The engine of the node's role is made up front: DCP_CONTROLs may come before DCP_OPEN.
 init({#{node := Node, seed := Seed, role := Role} = Config, Transport, Sock}) ->
     _ = erlang:monitor(process, Node),
+    %% a `node' picks its engine when DCP_OPEN says which kind of connection this is
     Mod = case Role of
               consumer -> kv_sim_consumer;
-              producer -> kv_sim_producer
+              producer -> kv_sim_producer;
+              node -> kv_sim_producer
           end,
     {ok, #conn{config = Config, transport = Transport, sock = Sock, engine_mod = Mod,
                engine = Mod:new(Config),
                rand = rand:seed_s(exsss, erlang:phash2({Seed, erlang:unique_integer()}))}}.
 
+handle_call({takeover_stats, VB}, _From, #conn{engine_mod = kv_sim_producer, engine = E} = C) ->
+    {reply, kv_sim_producer:takeover_stats(VB, E), C};
+handle_call({takeover_stats, _VB}, _From, C) ->
+    {reply, {0, <<"does_not_exist">>}, C};
 handle_call(_Request, _From, C) ->
     {reply, {error, unknown_call}, C}.
 
@@ -207,6 +217,7 @@ stage(Op, _C) when Op =:= ?HELLO; Op =:= ?SASL_LIST_MECHS; Op =:= ?SASL_AUTH -> 
 stage(_Op, #conn{authenticated = false}) -> {refuse, ?EACCESS};
 stage(Op, _C) when Op =:= ?SELECT_BUCKET; Op =:= ?NOOP -> handshake;
 stage(_Op, #conn{bucket_selected = false}) -> {refuse, ?NO_BUCKET};
+stage(?STAT_OPCODE, _C) -> handshake;
 stage(Op, _C) when Op =:= ?DCP_OPEN; Op =:= ?DCP_CONTROL; Op =:= ?DCP_NOOP -> handshake;
 stage(_Op, #conn{opened = false}) -> {refuse, ?EINVAL};
 stage(_Op, _C) -> engine.
@@ -251,11 +262,16 @@ handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = 
            end,
     %% A producer node streams its seeded documents and a consumer node stores what it is sent; a
     %% connection of the other kind would have nothing to work on.
-    case Type =:= maps:get(role, C#conn.config) of
+    #{role := Role, node := Node} = Config = C#conn.config,
+    case Type =:= Role orelse Role =:= node of
         true ->
-            #conn{engine_mod = Mod, engine = E} = C,
+            {Mod, E} = case {Role, Type} of
+                           {node, consumer} -> {kv_sim_consumer, kv_sim_consumer:new(Config)};
+                           _ -> {C#conn.engine_mod, C#conn.engine}
+                       end,
+            Node ! {kv_sim_dcp_open, self(), Type, maps:get(key, Frame)},
             answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?SUCCESS, Opaque),
-                   C#conn{opened = true, engine = Mod:open(E)});
+                   C#conn{opened = true, engine_mod = Mod, engine = Mod:open(E)});
         false ->
             answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?NOT_SUPPORTED, Opaque), C)
     end;
@@ -272,7 +288,49 @@ handshake(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := 
             answer(?DCP_CONTROL, VB, dcp_commands:response(?DCP_CONTROL, ?EINVAL, Opaque), C)
     end;
 handshake(?DCP_NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
-    answer(?DCP_NOOP, VB, dcp_commands:noop_response(Opaque), C).
+    answer(?DCP_NOOP, VB, dcp_commands:noop_response(Opaque), C);
+handshake(?STAT_OPCODE, #{opaque := Opaque, vbucket := VB, key := Key}, C) ->
+    answer(?STAT_OPCODE, VB, stats(Key, Opaque, C), C).
+
+%% memcached answers a STATS group with one response per stat and an empty one to end it. Only
+%% `dcp-vbtakeover <vb> <connection>' is known here: the named producer connection's estimate of what
+%% it has left to send of the vbucket and its stream's status, as kv_engine reports them.
+stats(<<"dcp-vbtakeover ", Args/binary>>, Opaque, C) ->
+    #{vbucket_states := Table, node := Node} = C#conn.config,
+    [VBText, Name] = case binary:split(Args, <<" ">>) of
+                         [V, N] -> [V, N];
+                         [V] -> [V, <<>>]
+                     end,
+    VB = try binary_to_integer(VBText) catch error:badarg -> -1 end,
+    case VB >= 0 andalso kv_sim_vbuckets:state(Table, VB) =/= undefined of
+        false ->
+            dcp_commands:response(?STAT_OPCODE, ?NOT_MY_VBUCKET, Opaque);
+        true ->
+            {Estimate, Status} =
+                case gen_server:call(Node, {dcp_connection, Name}) of
+                    [Pid | _] when Pid =:= self() -> {0, <<"does_not_exist">>};
+                    [Pid | _] ->
+                        try gen_server:call(Pid, {takeover_stats, VB}, ?STATS_WAIT_MS)
+                        catch exit:_ -> {0, <<"calculating-item-count">>}
+                        end;
+                    [] -> {0, <<"does_not_exist">>}
+                end,
+            [stat(<<"estimate">>, integer_to_binary(Estimate), Opaque),
+             stat(<<"chk_items">>, <<"0">>, Opaque),
+             stat(<<"status">>, Status, Opaque),
+             stat(<<>>, <<>>, Opaque)]
+    end;
+stats(<<"dcp">>, Opaque, C) ->
+    %% kv_engine's per-connection type stat, which ns_server's get_connections reads
+    #{node := Node} = C#conn.config,
+    [[stat(<<"eq_dcpq:", Name/binary, ":type">>, atom_to_binary(Type), Opaque)
+      || {Type, Name} <- gen_server:call(Node, connections)],
+     stat(<<>>, <<>>, Opaque)];
+stats(_Group, Opaque, _C) ->
+    dcp_commands:response(?STAT_OPCODE, ?KEY_ENOENT, Opaque).
+
+stat(Key, Value, Opaque) ->
+    dcp_commands:response(?STAT_OPCODE, ?SUCCESS, Opaque, #{key => Key, value => Value}).
 
 %% Every control is accepted (as kv_engine accepts the ones ns_server sends); the ones a producer acts
 %% on are read, and refused when their value is not one.

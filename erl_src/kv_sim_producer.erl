@@ -9,6 +9,9 @@
 
 -export([new/1, open/1, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
 
+%% memcached's `STATS dcp-vbtakeover' for this connection.
+-export([takeover_stats/2]).
+
 -export_type([producer/0]).
 
 %% A producer turn sends at most this many frames (or bytes) before reading its socket again.
@@ -28,7 +31,9 @@
                  takeover :: boolean(),
                  phase = marker :: marker | mutations | finish | wait_pending_ack | wait_active_ack
                                  | idle,
-                 sent = 0 :: non_neg_integer()}).       % mutations sent (for a close fault)
+                 sent = 0 :: non_neg_integer(),         % mutations sent (for a close fault)
+                 %% a `node' streams what its store holds (read at the request), others their seeds
+                 docs = seeded :: seeded | #{pos_integer() => {binary(), binary()}}}).
 
 -record(producer, {config :: kv_sim:node_config(),
                    opened = false :: boolean(),
@@ -97,7 +102,7 @@ info(send_noop, P, C) ->
 -spec request(0..255, mcbp:frame(), non_neg_integer(), producer(), conn()) ->
           kv_sim_conn:turn(producer()).
 request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C) ->
-    #producer{config = #{docs_per_vbucket := High}} = P,
+    {High, Docs} = held(VB, P),
     #{start_seqno := Start, end_seqno := End} = Fields = mcbp:dcp_fields(Frame),
     case stream_req_refusal(VB, Start, P, C) of
         none ->
@@ -108,7 +113,7 @@ request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C
                     emit(dcp_commands:stream_end(VB, Opaque, Reason), P, C1);
                 none ->
                     Stream = #stream{opaque = Opaque, next = Start + 1, last = min(End, High),
-                                     finite = End =< High,
+                                     finite = End =< High, docs = Docs,
                                      takeover = dcp_commands:stream_req_takeover(Fields)},
                     {ok, P#producer{streams = (P#producer.streams)#{VB => Stream},
                                     runnable = queue:in(VB, P#producer.runnable)}, C1}
@@ -142,11 +147,42 @@ request(?DCP_GET_FAILOVER_LOG, #{vbucket := VB, opaque := Opaque}, _Size, P, C) 
 request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
     answer(Opcode, VB, dcp_commands:response(Opcode, ?UNKNOWN_COMMAND, Opaque), P, C).
 
+%% The vbucket's high seqno and where its documents come from: a producer's seeds, or what a `node'
+%% holds in its store.
+held(VB, #producer{config = #{role := node, store := Store, vbucket_states := Table}}) ->
+    Docs = ets:select(Store, [{{{VB, '$1'}, '$2', '$3'}, [], [{{'$2', {{'$1', '$3'}}}}]}]),
+    {kv_sim_vbuckets:high_seqno(Table, VB), maps:from_list(Docs)};
+held(_VB, #producer{config = #{docs_per_vbucket := High}}) ->
+    {High, seeded}.
+
+%% @doc What the connection's stream of `VB' has left to send and its status, as kv_engine's
+%% `dcp-vbtakeover' stats give them: `backfilling' while documents remain, then `in-memory'.
+-spec takeover_stats(dcp_commands:vbucket(), producer()) -> {non_neg_integer(), binary()}.
+takeover_stats(VB, #producer{streams = Streams}) ->
+    case Streams of
+        #{VB := #stream{phase = Phase, next = Next, last = Last}}
+          when Phase =:= marker; Phase =:= mutations ->
+            case max(0, Last - Next + 1) of
+                0 -> {0, <<"in-memory">>};
+                Left -> {Left, <<"backfilling">>}
+            end;
+        #{VB := _} ->
+            {0, <<"in-memory">>};
+        _ ->
+            {0, <<"does_not_exist">>}
+    end.
+
 %% Why a STREAM_REQ is refused (a status, or `rollback'), or `none'.
 stream_req_refusal(VB, Start, P, C) ->
-    #producer{config = #{docs_per_vbucket := High, vbuckets := VBuckets,
-                         vbucket_states := Table}} = P,
-    Live = lists:member(VB, VBuckets) andalso kv_sim_vbuckets:state(Table, VB) =/= dead,
+    #producer{config = #{role := Role, vbuckets := VBuckets, vbucket_states := Table}} = P,
+    {High, _} = case Role of
+                    node -> {kv_sim_vbuckets:high_seqno(Table, VB), none};
+                    _ -> held(VB, P)
+                end,
+    State = kv_sim_vbuckets:state(Table, VB),
+    %% a node streams only the vbuckets it holds as active (ns_server replicates from actives)
+    Live = lists:member(VB, VBuckets) andalso State =/= dead
+        andalso (Role =/= node orelse State =:= active),
     case {Live, maps:is_key(VB, P#producer.streams), kv_sim_conn:fault(C, VB, stream_req_status)} of
         {false, _, _} -> ?NOT_MY_VBUCKET;
         {true, true, _} -> ?KEY_EEXISTS;
@@ -335,17 +371,26 @@ step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
 
 %% The stream's mutations up to `To' (newest first) while the window has room, with the next seqno and
 %% their bytes.
-mutations(VB, #stream{opaque = Opaque, next = From}, To, Window, Faults, #producer{config = Config}) ->
+mutations(VB, #stream{opaque = Opaque, next = From, docs = Docs}, To, Window, Faults,
+          #producer{config = Config}) ->
     Framing = case Faults of
                   #{flexible := true} ->
                       #{framing_extras => dcp_commands:stream_id_framing(?FAULT_STREAM_ID)};
                   _ -> #{}
               end,
-    mutations(VB, Opaque, From, To, Window, Framing, Config, [], 0).
+    Source = case Docs of
+                 seeded -> {seeded, Config};
+                 _ -> {store, Docs}
+             end,
+    mutations(VB, Opaque, From, To, Window, Framing, Source, [], 0).
 
+mutations(VB, Opaque, Seqno, To, Window, Framing, {store, Docs} = Source, Frames, Bytes)
+  when Seqno =< To, not is_map_key(Seqno, Docs) ->
+    %% a seqno the node's store does not hold (a later write of its key replaced it)
+    mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Source, Frames, Bytes);
 mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
   when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
-    {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+    {Key, Seqno, Value} = doc(Config, VB, Seqno),
     %% The cas is the seqno: unique per document, as a cas must be.
     Frame = dcp_commands:mutation(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
                                                        cas => Seqno}),
@@ -353,6 +398,11 @@ mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
               Bytes + iolist_size(Frame));
 mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->
     {Seqno, Frames, Bytes}.
+
+doc({store, Docs}, _VB, Seqno) ->
+    #{Seqno := {Key, Value}} = Docs,
+    {Key, Seqno, Value};
+doc({seeded, Config}, VB, Seqno) -> kv_sim:doc(Config, VB, Seqno).
 
 %% ---- writing ----
 
