@@ -252,7 +252,7 @@ get_connection_name(ConsumerNode, ProducerNode, Bucket, ConnNum) ->
 trim_common_prefix(Consumer, Producer) ->
     C = atom_to_list(Consumer),
     P = atom_to_list(Producer),
-    Common = byte_size(binary:longest_common_prefix([list_to_binary(C), list_to_binary(P)])),
+    Common = binary:longest_common_prefix([list_to_binary(C), list_to_binary(P)]),
     {cut_name(C, Common), cut_name(P, Common)}.
 
 cut_name(Name, MaxToChop) ->

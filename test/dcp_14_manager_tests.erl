@@ -1,0 +1,288 @@
+%% @doc The per-bucket replication manager against kv_sim nodes: map changes start and stop exactly
+%% the right connections and streams, a connection-count change re-spreads the vbuckets, a failing
+%% stream end on one connection shows in the merged reply while the others settle, a dead producer
+%% costs only its own vbuckets, two- and three-node maps up and down with the connections counted on
+%% each node; ns_server's call shapes (dcp_ns); the rebalance demo with faults at a small size.
+-module(dcp_14_manager_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+-define(PASSWORD, "Mgr-Secret-14").
+-define(BUCKET, "default").
+-define(VBS, 16).
+-define(BACKSTOP, 60).
+
+%% ---- helpers ----
+
+start_kv(Role, Extra) ->
+    {ok, Pid} = kv_sim:start(maps:merge(#{role => Role, password => ?PASSWORD, vbuckets => ?VBS,
+                                          docs_per_vbucket => 20, value_size => 64}, Extra)),
+    Pid.
+
+stop_kv(Pid) ->
+    try kv_sim:stop(Pid) catch exit:_ -> ok end.
+
+%% Node names resolve to the kv_sim nodes of `Nodes' (`#{NodeName => Pid}').
+resolver(Nodes) ->
+    Ports = maps:map(fun(_, Pid) -> kv_sim:port(Pid) end, Nodes),
+    fun(Node) -> #{host => {127, 0, 0, 1}, port => maps:get(Node, Ports), local => false} end.
+
+%% A manager whose link goes to a holder process, so a manager that stops never takes the test along.
+start_manager(ConsumerNode, Nodes, Extra) ->
+    Self = self(),
+    Holder = spawn(fun() ->
+                           process_flag(trap_exit, true),
+                           Opts = maps:merge(#{resolve => resolver(Nodes),
+                                               credentials => fun() -> {"Administrator", ?PASSWORD} end,
+                                               consumer_node => ConsumerNode, name => undefined,
+                                               replicator => #{setup_timeout => 10000}},
+                                             Extra),
+                           Self ! {manager, self(), dcp_replication_manager:start_link(?BUCKET, Opts)},
+                           receive stop -> ok end
+                   end),
+    receive {manager, Holder, {ok, Mgr}} -> Mgr end.
+
+stop_manager(Mgr) ->
+    catch dcp_replication_manager:stop(Mgr),
+    ok.
+
+count(Type, KvPid) ->
+    length([N || {T, N} <- kv_sim:connections(KvPid), T =:= Type]).
+
+wait_connections(KvPid, Producers, Consumers) ->
+    dcp_test_lib:wait_until(fun() -> {count(producer, KvPid), count(consumer, KvPid)}
+                                         =:= {Producers, Consumers} end).
+
+%% Every replicator holds only its own vbuckets (V rem N) and no vbucket is held twice.
+assert_spread(Mgr, N) ->
+    Held = lists:append(
+             [begin
+                  VBs = dcp_replicator:get_partitions(Rep),
+                  [?assertEqual(ConnNum, VB rem N) || VB <- VBs],
+                  VBs
+              end || {_Node, Sup} <- dcp_replication_manager:producers(Mgr),
+                     {ConnNum, Rep} <- dcp_sup:replicators(Sup)]),
+    ?assertEqual(lists:usort(Held), lists:sort(Held)),
+    lists:sort(Held).
+
+wait_digests(From, To, VBs) ->
+    [dcp_test_lib:wait_until(fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end)
+     || VB <- VBs],
+    ok.
+
+with(Title, Setup, Body) ->
+    {Title, {setup, Setup, fun({_, Cleanup}) -> Cleanup() end,
+             fun({Env, _}) -> {timeout, ?BACKSTOP, ?_test(Body(Env))} end}}.
+
+%% Two producers and a consumer as in ns_server's incoming replications of one node.
+two_producers(Extra) ->
+    fun() ->
+            P1 = start_kv(producer, #{}),
+            P2 = start_kv(producer, #{seed => 7}),
+            C = start_kv(consumer, #{}),
+            Nodes = #{'p1@h' => P1, 'p2@h' => P2, 'c@h' => C},
+            Mgr = start_manager('c@h', Nodes, Extra),
+            {#{p1 => P1, p2 => P2, c => C, mgr => Mgr},
+             fun() -> stop_manager(Mgr), [stop_kv(P) || P <- [C, P1, P2]] end}
+    end.
+
+%% ---- the manager ----
+
+manager_test_() ->
+    [with("map changes start and stop exactly the right connections and streams",
+          two_producers(#{connections => 2}),
+          fun(#{p1 := P1, p2 := P2, c := C, mgr := Mgr}) ->
+                  ?assertEqual([], dcp_replication_manager:get_actual_replications(Mgr)),
+                  Map1 = [{'p1@h', [0, 1, 2, 3, 4, 5]}, {'p2@h', [8, 9]}],
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map1)),
+                  ?assertEqual(Map1, dcp_replication_manager:get_actual_replications(Mgr)),
+                  wait_connections(P1, 2, 0), wait_connections(P2, 2, 0),
+                  wait_connections(C, 0, 4),
+                  wait_digests(P1, C, [0, 1, 2, 3, 4, 5]),
+                  %% p2 goes, p1 gives up 0..3 and gains 6: p2's two connections close
+                  Map2 = [{'p1@h', [4, 5, 6]}],
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map2)),
+                  ?assertEqual(Map2, dcp_replication_manager:get_actual_replications(Mgr)),
+                  wait_connections(P2, 0, 0), wait_connections(C, 0, 2),
+                  ?assertEqual(2, count(producer, P1)),
+                  ?assertEqual([4, 5, 6], assert_spread(Mgr, 2)),
+                  %% a vbucket moves between producers
+                  Map3 = [{'p1@h', [5, 6]}, {'p2@h', [4]}],
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map3)),
+                  ?assertEqual(Map3, dcp_replication_manager:get_actual_replications(Mgr)),
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, [])),
+                  ?assertEqual([], dcp_replication_manager:get_actual_replications(Mgr)),
+                  wait_connections(P1, 0, 0), wait_connections(P2, 0, 0),
+                  wait_connections(C, 0, 0)
+          end),
+     with("a connection-count change re-spreads with no vbucket lost or doubled",
+          two_producers(#{connections => 2}),
+          fun(#{p1 := P1, c := C, mgr := Mgr}) ->
+                  VBs = lists:seq(0, ?VBS - 1),
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                     Mgr, [{'p1@h', VBs}])),
+                  ?assertEqual(VBs, assert_spread(Mgr, 2)),
+                  [begin
+                       ?assertEqual(ok, dcp_replication_manager:set_connection_count(Mgr, N)),
+                       ?assertEqual(N, dcp_replication_manager:get_connection_count(Mgr)),
+                       ?assertEqual(VBs, assert_spread(Mgr, N)),
+                       ?assertEqual([{'p1@h', VBs}],
+                                    dcp_replication_manager:get_actual_replications(Mgr)),
+                       wait_connections(P1, N, 0)
+                   end || N <- [3, 1, 4]],
+                  wait_digests(P1, C, VBs)
+          end),
+     with("a failing stream end on one of three connections shows in the merged reply",
+          two_producers(#{connections => 3}),
+          fun(#{p1 := P1, c := C, mgr := Mgr}) ->
+                  ok = kv_sim:set_fault(P1, 4, {stream_end_on_accept, state_changed}),
+                  ok = kv_sim:set_fault(C, 4, no_add_stream_answer_after_stream_end),
+                  T0 = erlang:monotonic_time(millisecond),
+                  Reply = dcp_replication_manager:set_desired_replications(
+                            Mgr, [{'p1@h', lists:seq(0, 8)}, {'p2@h', [10, 11]}]),
+                  Took = erlang:monotonic_time(millisecond) - T0,
+                  ?assertEqual({errors, [{{stream_end, state_changed}, {vbucket, 4}}]}, Reply),
+                  %% fails fast: far below the 10 s setup deadline
+                  ?assert(Took < 5000),
+                  ?assertEqual([{'p1@h', [0, 1, 2, 3, 5, 6, 7, 8]}, {'p2@h', [10, 11]}],
+                               dcp_replication_manager:get_actual_replications(Mgr)),
+                  %% the retry without the fault completes
+                  ok = kv_sim:clear_faults(P1),
+                  ok = kv_sim:clear_faults(C),
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                     Mgr, [{'p1@h', lists:seq(0, 8)}, {'p2@h', [10, 11]}]))
+          end),
+     with("a dead producer gives connection_lost for its vbuckets only",
+          two_producers(#{connections => 2}),
+          fun(#{p2 := P2, mgr := Mgr}) ->
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                     Mgr, [{'p1@h', [0, 1]}])),
+                  stop_kv(P2),
+                  {errors, Errors} = dcp_replication_manager:set_desired_replications(
+                                       Mgr, [{'p1@h', [0, 1, 2, 3]}, {'p2@h', [8, 9, 10]}]),
+                  ?assertEqual([8, 9, 10], lists:sort([VB || {_, {vbucket, VB}} <- Errors])),
+                  [?assertMatch({connection_lost, _}, Why) || {Why, _} <- Errors],
+                  ?assertEqual([{'p1@h', [0, 1, 2, 3]}],
+                               dcp_replication_manager:get_actual_replications(Mgr))
+          end)].
+
+%% ---- cluster maps over `node' kv_sims ----
+
+%% `Count' nodes, vbucket V active on node V rem Count and its replica on the next node; one manager
+%% per node for its incoming replications.
+cluster(Count, Connections) ->
+    fun() ->
+            Names = [list_to_atom("n" ++ integer_to_list(I) ++ "@h") || I <- lists:seq(0, Count - 1)],
+            Kvs = [start_kv(node, #{active_vbuckets => [V || V <- lists:seq(0, ?VBS - 1),
+                                                             V rem Count =:= I],
+                                    replica_vbuckets => []})
+                   || I <- lists:seq(0, Count - 1)],
+            Nodes = maps:from_list(lists:zip(Names, Kvs)),
+            Mgrs = [{Name, start_manager(Name, Nodes, #{connections => Connections})}
+                    || Name <- Names],
+            {#{names => Names, kvs => Nodes, mgrs => Mgrs, count => Count, n => Connections},
+             fun() -> [stop_manager(M) || {_, M} <- Mgrs], [stop_kv(K) || K <- Kvs] end}
+    end.
+
+%% The incoming replications of node I: from each active, its vbuckets whose replica is I.
+incoming(Names, Count, I) ->
+    Map = [{lists:nth(P + 1, Names), [V || V <- lists:seq(0, ?VBS - 1), V rem Count =:= P,
+                                          (V + 1) rem Count =:= I]}
+           || P <- lists:seq(0, Count - 1), P =/= I],
+    [{Node, VBs} || {Node, VBs} <- Map, VBs =/= []].
+
+cluster_up_and_down(#{names := Names, kvs := Kvs, mgrs := Mgrs, count := Count, n := N}) ->
+    Indexed = lists:zip(lists:seq(0, Count - 1), Mgrs),
+    [?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                        Mgr, [{P, [V || V <- VBs]} || {P, VBs} <- incoming(Names, Count, I)]))
+     || {I, {_, Mgr}} <- Indexed],
+    %% each node: N producer connections per node replicating from it, N consumer ones per source
+    [begin
+         Sources = length(incoming(Names, Count, I)),
+         Readers = length([J || J <- lists:seq(0, Count - 1), J =/= I,
+                                lists:keymember(Name, 1, incoming(Names, Count, J))]),
+         wait_connections(maps:get(Name, Kvs), N * Readers, N * Sources)
+     end || {I, {Name, _}} <- Indexed],
+    %% every replica equals its active
+    [wait_digests(maps:get(lists:nth(V rem Count + 1, Names), Kvs),
+                  maps:get(lists:nth((V + 1) rem Count + 1, Names), Kvs), [V])
+     || V <- lists:seq(0, ?VBS - 1)],
+    [?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, []))
+     || {_, Mgr} <- Mgrs],
+    [wait_connections(Kv, 0, 0) || Kv <- maps:values(Kvs)],
+    ok.
+
+cluster_test_() ->
+    [with("a two-node map up and down, connections counted on each node", cluster(2, 2),
+          fun cluster_up_and_down/1),
+     with("a three-node map up and down, connections counted on each node", cluster(3, 2),
+          fun cluster_up_and_down/1)].
+
+%% ---- ns_server's call shapes ----
+
+%% The manager is registered under ns_server's name and this VM is the producer node (`node()'),
+%% so `dcp_ns' finds the connection names both sides use.
+ns_env() ->
+    P = start_kv(producer, #{docs_per_vbucket => 200}),
+    C = start_kv(consumer, #{}),
+    Nodes = #{node() => P, 'c@h' => C},
+    Config = #{resolve => resolver(Nodes),
+               credentials => fun() -> {"Administrator", ?PASSWORD} end,
+               move_done_limit => 1, poll_interval => 10, move_timeout => 20000},
+    ok = dcp_ns:configure(Config),
+    Mgr = start_manager('c@h', Nodes, #{name => dcp_replication_manager:server_name(?BUCKET),
+                                         connections => 2}),
+    {#{p => P, c => C, mgr => Mgr},
+     fun() -> stop_manager(Mgr), stop_kv(C), stop_kv(P) end}.
+
+ns_test_() ->
+    [with("dcp_ns: setup_replication/4, estimates, wait_for_data_move, takeover/3, nuke",
+          fun ns_env/0,
+          fun(#{p := P, c := C, mgr := Mgr}) ->
+                  Bucket = ?BUCKET,
+                  ?assertEqual(not_running, dcp_ns:get_partitions(dcp_ns:server_name(node(), Bucket, 0))),
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                     Mgr, [{node(), [0, 1, 2, 3]}])),
+                  ?assertEqual(ok, dcp_ns:setup_replication(node(), Bucket, [0, 1, 2, 3, 5], 2)),
+                  ?assertEqual({error, {connection_count, 2}},
+                               dcp_ns:setup_replication(node(), Bucket, [0], 3)),
+                  ?assertEqual(ok, dcp_ns:wait_for_data_move(['c@h'], Bucket, 5)),
+                  {ok, {Estimate, 0, Status}} = dcp_ns:get_docs_estimate(Bucket, 5, 'c@h'),
+                  ?assert(Estimate =:= 0 andalso Status =:= <<"in-memory">>),
+                  wait_digests(P, C, [0, 1, 2, 3, 5]),
+                  %% no stream of vbucket 9 on that connection: ns_server's wait errors
+                  ?assertMatch({error, {unexpected_status, <<"does_not_exist">>}, _},
+                               dcp_ns:wait_for_data_move(['c@h'], Bucket, 9)),
+                  %% the consumer node's memcached lists the replication connections
+                  ?assertEqual(lists:sort([dcp_ns:get_connection_name('c@h', node(), Bucket, 0),
+                                           dcp_ns:get_connection_name('c@h', node(), Bucket, 1)]),
+                               lists:sort([N || {consumer, N0} <- kv_sim:connections(C),
+                                                N <- [binary_to_list(N0)]])),
+                  ?assertEqual(2, length(dcp_ns:get_children(Bucket))),
+                  ?assertEqual(ok, dcp_ns:takeover(node(), Bucket, 3)),
+                  ?assertEqual(active, kv_sim:vbucket_state(C, 3)),
+                  ?assertEqual(dead, kv_sim:vbucket_state(P, 3)),
+                  ?assertEqual([{node(), [0, 1, 2, 5]}],
+                               dcp_replication_manager:get_actual_replications(Mgr)),
+                  ?assertEqual(ok, dcp_ns:nuke(Bucket)),
+                  ?assertEqual([], dcp_ns:get_children(Bucket)),
+                  wait_connections(C, 0, 0)
+          end)].
+
+trim_common_prefix_test() ->
+    Long = fun(Host) -> list_to_atom("ns_1@" ++ lists:duplicate(80, $a) ++ Host) end,
+    Consumer = Long(".consumer.example.com"),
+    Producer = Long(".producer.example.com"),
+    {C, P} = dcp_ns:trim_common_prefix(Consumer, Producer),
+    ?assertEqual({"consumer.example.com", "producer.example.com"},
+                 {lists:nthtail(length(C) - 20, C), lists:nthtail(length(P) - 20, P)}),
+    ?assertEqual(35, length(C)),
+    Name = dcp_ns:get_connection_name(Consumer, Producer, "bucket", 3),
+    ?assert(lists:prefix("replication:" ++ P ++ "->" ++ C ++ ":bucket:", Name)),
+    ?assert(length(Name) =< 200),
+    %% short names are kept whole; distinct nodes with no common prefix are cut at 35
+    ?assertEqual({"a@h", "b@h"}, dcp_ns:trim_common_prefix('a@h', 'b@h')),
+    ?assertEqual('dcp_replicator-default-n1@h/2', dcp_ns:server_name('n1@h', "default", 2)),
+    ?assertEqual([xattr, del_times], dcp_ns:replication_features([{xattr, true}, {snappy, false},
+                                                                  {del_times, true},
+                                                                  {cert_auth, true}])).
