@@ -5,9 +5,17 @@ VBUCKETS   ?= 64
 DOCS       ?= 10000
 VALUE_SIZE ?= 256
 
+# make demo (the cluster rebalance): vbuckets, documents per vbucket, value bytes, connections per
+# node pair, injected MB-53445 faults
+REB_VBUCKETS    ?= 1024
+REB_DOCS        ?= 100
+REB_VALUE_SIZE  ?= 256
+REB_CONNECTIONS ?= 2
+REB_FAULTS      ?= 4
+
 EBIN = -pa _build/default/lib/dcp_proxy/ebin -pa _build/default/lib/dcp_proxy/bench
 
-.PHONY: all bootstrap compile demo test test-rust test-erlang lint bench dialyzer clean
+.PHONY: all bootstrap compile demo demo-pair test test-rust test-erlang lint bench dialyzer clean
 
 all: compile
 
@@ -18,6 +26,9 @@ compile: bootstrap
 	rebar3 compile
 
 demo: compile
+	erl -noshell -name rebalance_demo@127.0.0.1 $(EBIN) -eval 'dcp_rebalance_demo:main(#{vbuckets => $(REB_VBUCKETS), docs => $(REB_DOCS), value_size => $(REB_VALUE_SIZE), connections => $(REB_CONNECTIONS), faults => $(REB_FAULTS)})' -s init stop
+
+demo-pair: compile
 	erl -noshell $(EBIN) -eval 'dcp_demo:main(#{vbuckets => $(VBUCKETS), docs => $(DOCS), value_size => $(VALUE_SIZE)})' -s init stop
 
 lint: bootstrap

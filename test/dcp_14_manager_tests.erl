@@ -288,3 +288,25 @@ trim_common_prefix_test() ->
     ?assertEqual([xattr, del_times], dcp_ns:replication_features([{xattr, true}, {snappy, false},
                                                                   {del_times, true},
                                                                   {cert_auth, true}])).
+
+%% ---- the rebalance, end to end at a small size ----
+
+%% Four peer nodes, 64 vbuckets: the injected MB-53445 builds fail fast with `{stream_end, _}', are
+%% retried, and the rebalance ends with every digest equal.
+rebalance_with_faults_test_() ->
+    {timeout, 120,
+     fun() ->
+             Distributed = node() =/= nonode@nohost,
+             try
+                 R = dcp_rebalance_demo:run(#{vbuckets => 64, docs => 5, faults => 3, quiet => true}),
+                 ?assertMatch(#{ok := true, builds := 32, takeovers := 16, dropped := 32,
+                                mismatches := [], retries := 3}, R),
+                 #{failures := Failures} = R,
+                 ?assertEqual(3, length(Failures)),
+                 [?assertMatch({{stream_end, state_changed}, _, _}, F) || F <- Failures],
+                 %% fast: far below the 10 s setup deadline
+                 [?assert(Took < 5000) || {_, _, Took} <- Failures]
+             after
+                 Distributed orelse net_kernel:stop()
+             end
+     end}.
