@@ -2,9 +2,10 @@
 %% plays ns_server's rebalancer (the orchestrator that ns_rebalancer and ns_single_vbucket_mover are),
 %% driving on every node the per-bucket `dcp_replication_manager' and ns_server's calls in `dcp_ns'.
 %%
-%% Four cluster nodes, each a distributed Erlang node started with OTP's `peer' and holding its own
-%% kv_sim (role `node': the active vbuckets it serves, the replicas it stores) and its own dcp_proxy
-%% application with the manager of its incoming replications, as on an ns_server node. One bucket of
+%% Four cluster nodes, each a distributed Erlang node started with OTP's `peer' running its own dcp_proxy
+%% application with the manager of its incoming replications, as on an ns_server node, beside its
+%% memcached: a kv_sim (role `node': the active vbuckets it serves, the replicas it stores) in a peer VM
+%% of its own, as memcached is a process of its own beside ns_server. One bucket of
 %% 1024 vbuckets with one replica lives on three nodes; the rebalance brings in the fourth:
 %% <ol>
 %% <li>build the new replicas on the new node (its manager's desired map grows),</li>
@@ -66,7 +67,8 @@ run(Opts) ->
     T0 = now_ms(),
     ok = ensure_distributed(),
     Peers = start_nodes(4),
-    Nodes = [Node || {_, Node} <- Peers],
+    Nodes = [Node || {_, Node, _, _} <- Peers],
+    persistent_term:put({?MODULE, kv_nodes}, maps:from_list([{N, K} || {_, N, _, K} <- Peers])),
     try
         [N0, N1, N2, N3] = Nodes,
         Old = [N0, N1, N2],
@@ -80,19 +82,19 @@ run(Opts) ->
         Ports = maps:from_list(
                   pmap(fun(Node) ->
                                Held = fun(Pos) -> [V || V <- VBs, nth(Pos, maps:get(V, OldMap)) =:= Node] end,
-                               {Node, call(Node, node_setup,
+                               {Node, kvcall(Node, node_setup,
                                            [#{vbuckets => NumVBs, docs => Docs, value_size => ValueSize,
                                               active => Held(1), replica => Held(2)}])}
                        end, Nodes)),
         _ = pmap(fun(Node) -> ok = call(Node, node_start, [#{ports => Ports, connections => Conns}]) end,
                  Nodes),
-        Cpu0 = maps:from_list(pmap(fun(N) -> {N, call(N, node_cpu_ms, [])} end, Nodes)),
+        Cpu0 = cpu(Nodes),
         %% each vbucket's digest on its active before the rebalance: the rebalance must keep it
         Before = maps:from_list(
                    lists:append(pmap(fun(N) ->
                                              Mine = [V || V <- VBs, hd(maps:get(V, OldMap)) =:= N],
                                              [{V, D} || {V, {_, D}} <- maps:to_list(
-                                                                         call(N, node_digests, [Mine]))]
+                                                                         kvcall(N, node_digests, [Mine]))]
                                      end, Nodes))),
         %% the cluster before the rebalance: every replica streaming from its active
         {TInit, ok} = timed(fun() -> apply_map(Nodes, OldMap, VBs) end),
@@ -102,10 +104,10 @@ run(Opts) ->
                   || V <- VBs, N <- maps:get(V, NewMap), not lists:member(N, maps:get(V, OldMap))],
         Faulted = lists:sublist([B || B <- Builds, element(1, B) rem 7 =:= 5], NumFaults),
         [begin
-             ok = call(Src, node_kv, [set_fault, [V, {stream_end_on_accept, state_changed}]]),
-             ok = call(Dest, node_kv, [set_fault, [V, no_add_stream_answer_after_stream_end]])
+             ok = kvcall(Src, node_kv, [set_fault, [V, {stream_end_on_accept, state_changed}]]),
+             ok = kvcall(Dest, node_kv, [set_fault, [V, no_add_stream_answer_after_stream_end]])
          end || {V, Src, Dest} <- Faulted],
-        [ok = call(Dest, node_kv, [set_vbucket_state, [V, replica]]) || {V, _, Dest} <- Builds],
+        [ok = kvcall(Dest, node_kv, [set_vbucket_state, [V, replica]]) || {V, _, Dest} <- Builds],
         {TBuild, {Failures, Retries}} =
             timed(fun() -> build_replicas(Nodes, OldMap, Builds, Faulted, Batch, Say) end),
         Say("  phase 1  ~b replicas built on ~p (~b failed fast, ~b retried)   ~6b ms~n",
@@ -134,7 +136,7 @@ run(Opts) ->
         {TCheck, {Mismatches, Checked}} = timed(fun() -> verify(Nodes, NewMap, VBs, Before) end),
         Say("  verify   ~b vbuckets x 4 nodes: active = replica = pre-rebalance digest, no stray copies"
             "   ~6b ms~n", [Checked, TCheck]),
-        Cpu1 = maps:from_list(pmap(fun(N) -> {N, call(N, node_cpu_ms, [])} end, Nodes)),
+        Cpu1 = cpu(Nodes),
         Total = now_ms() - T0,
         AllFailures = Failures ++ TakeFailures,
         Ok = Mismatches =:= [] andalso TakeFailures =:= [] andalso length(Failures) =:= length(Faulted),
@@ -144,14 +146,18 @@ run(Opts) ->
                    mismatches => Mismatches, total_ms => Total,
                    phases_ms => #{init => TInit, build => TBuild, wait => TWait, takeover => TTake,
                                   drop => TDrop, verify => TCheck},
-                   cpu_ms => maps:map(fun(N, C1) -> C1 - maps:get(N, Cpu0) end, Cpu1)},
+                   cpu_ms => maps:map(fun(N, {P1, K1}) ->
+                                              {P0, K0} = maps:get(N, Cpu0),
+                                              {P1 - P0, K1 - K0}
+                                      end, Cpu1)},
         Quiet orelse print_table(Result, Nodes),
         Result
     after
         %% every node's replications stop before any kv_sim does
         _ = pmap(fun(N) -> catch call(N, node_stop, [manager]) end, Nodes),
-        _ = pmap(fun(N) -> catch call(N, node_stop, [kv]) end, Nodes),
-        [catch peer:stop(P) || {P, _} <- Peers]
+        _ = pmap(fun(N) -> catch kvcall(N, node_stop, [kv]) end, Nodes),
+        [catch peer:stop(X) || {P, _, KP, _} <- Peers, X <- [P, KP]],
+        persistent_term:erase({?MODULE, kv_nodes})
     end.
 
 %% V's chain on the three old nodes: active V rem 3, replica on the next node.
@@ -208,8 +214,8 @@ build_batches(Dest, Desired, [Moves | Rest], Failures, Retries, Nodes, Faulted, 
                  [V, short(Dest), Took, Why]) || {Why, V, _} <- New],
             %% the first attempt's faults are gone for the retry
             [begin
-                 ok = call(Src, node_kv, [clear_faults, []]),
-                 ok = call(D, node_kv, [clear_faults, []])
+                 ok = kvcall(Src, node_kv, [clear_faults, []]),
+                 ok = kvcall(D, node_kv, [clear_faults, []])
              end || {_, Src, D} <- Faulted],
             case dcp_set(Dest, Desired1) of
                 ok ->
@@ -237,19 +243,19 @@ takeovers(Takeovers) ->
 %% Every node's replications become the new map's (the old streams of moved vbuckets close), the old
 %% actives that stay as replicas become `replica' again, and copies outside the new map are dropped.
 finish_map(Nodes, OldMap, NewMap, VBs) ->
-    [ok = call(Replica, node_kv, [set_vbucket_state, [V, replica]])
+    [ok = kvcall(Replica, node_kv, [set_vbucket_state, [V, replica]])
      || V <- VBs, [_, Replica] <- [maps:get(V, NewMap)], Replica =:= hd(maps:get(V, OldMap))],
     ok = apply_map(Nodes, NewMap, VBs),
     Drops = [{Node, V} || V <- VBs, Node <- maps:get(V, OldMap),
                           not lists:member(Node, maps:get(V, NewMap))],
-    [ok = call(Node, node_kv, [delete_vbucket, [V]]) || {Node, V} <- Drops],
+    [ok = kvcall(Node, node_kv, [delete_vbucket, [V]]) || {Node, V} <- Drops],
     length(Drops).
 
 %% Every vbucket: the active's and the replica's digests agree and hold every document; the other
 %% nodes hold nothing of it; the states are the new map's.
 verify(Nodes, NewMap, VBs, Before) ->
     wait_replicas(Nodes, NewMap, VBs, 200),
-    Digests = maps:from_list(pmap(fun(N) -> {N, call(N, node_digests, [VBs])} end, Nodes)),
+    Digests = maps:from_list(pmap(fun(N) -> {N, kvcall(N, node_digests, [VBs])} end, Nodes)),
     Bad = [{V, Node, State, Count}
            || V <- VBs, [Active, Replica] <- [maps:get(V, NewMap)],
               Node <- Nodes,
@@ -266,7 +272,7 @@ verify(Nodes, NewMap, VBs, Before) ->
 wait_replicas(_Nodes, _NewMap, _VBs, 0) ->
     ok;
 wait_replicas(Nodes, NewMap, VBs, Tries) ->
-    Digests = maps:from_list(pmap(fun(N) -> {N, call(N, node_digests, [VBs])} end, Nodes)),
+    Digests = maps:from_list(pmap(fun(N) -> {N, kvcall(N, node_digests, [VBs])} end, Nodes)),
     Behind = [V || V <- VBs, [A, R] <- [maps:get(V, NewMap)],
                    element(2, maps:get(V, maps:get(A, Digests)))
                        =/= element(2, maps:get(V, maps:get(R, Digests)))],
@@ -289,7 +295,8 @@ print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs
     Row("", F("build ~b ms, wait for data move ~b ms,", [maps:get(build, Phases), maps:get(wait, Phases)])),
     Row("", F("takeover ~b ms, drop ~b ms, verify ~b ms",
               [maps:get(takeover, Phases), maps:get(drop, Phases), maps:get(verify, Phases)])),
-    [Row(F("node VM CPU ~s", [short(N)]), F("~b ms (its kv_sim + its dcp_proxy)", [maps:get(N, Cpu)]))
+    [Row(F("proxy CPU ~s", [short(N)]), F("~b ms (its memcached, a kv_sim VM: ~b ms)",
+                                          tuple_to_list(maps:get(N, Cpu))))
      || N <- Nodes],
     ByReason = group([{Why, Took} || {Why, _V, Took} <- Failures]),
     case ByReason of
@@ -331,21 +338,38 @@ ensure_distributed() ->
             ok
     end.
 
+%% Each cluster node is two peer VMs, as an ns_server node is an Erlang VM beside its memcached
+%% process: `nI' runs the node's dcp_proxy (its replication manager and replicators), `kvI' its
+%% kv_sim. So `nI''s CPU is the proxy's alone.
 start_nodes(Count) ->
     Paths = lists:append([["-pa", P] || P <- code:get_path(), string:find(P, "_build") =/= nomatch]),
     Cookie = atom_to_list(erlang:get_cookie()),
     Tag = integer_to_list(erlang:unique_integer([positive])),
-    [begin
-         {ok, Peer, Node} = peer:start_link(
-                              #{name => list_to_atom("n" ++ integer_to_list(I) ++ "_" ++ Tag),
-                                host => "127.0.0.1", longnames => true, connection => standard_io,
-                                args => ["-setcookie", Cookie, "+sbwt", "none", "+sbwtdcpu", "none",
-                                         "+sbwtdio", "none" | Paths]}),
-         {Peer, Node}
-     end || I <- lists:seq(0, Count - 1)].
+    Start = fun(Name) ->
+                    {ok, Peer, Node} = peer:start(
+                                         #{name => list_to_atom(Name ++ "_" ++ Tag),
+                                           host => "127.0.0.1", longnames => true,
+                                           connection => standard_io,
+                                           args => ["-setcookie", Cookie, "+sbwt", "none",
+                                                    "+sbwtdcpu", "none", "+sbwtdio", "none" | Paths]}),
+                    {Peer, Node}
+            end,
+    pmap(fun(I) ->
+                 {Peer, Node} = Start("n" ++ integer_to_list(I)),
+                 {KvPeer, KvNode} = Start("kv" ++ integer_to_list(I)),
+                 {Peer, Node, KvPeer, KvNode}
+         end, lists:seq(0, Count - 1)).
 
 call(Node, F, A) ->
     erpc:call(Node, ?MODULE, F, A, ?CALL_TIMEOUT).
+
+%% A call on the cluster node's memcached (its kv_sim VM).
+kvcall(Node, F, A) ->
+    call(maps:get(Node, persistent_term:get({?MODULE, kv_nodes})), F, A).
+
+cpu(Nodes) ->
+    maps:from_list(pmap(fun(N) -> {N, {call(N, node_cpu_ms, []), kvcall(N, node_cpu_ms, [])}} end,
+                        Nodes)).
 
 %% ---- on a cluster node ----
 
@@ -363,6 +387,7 @@ node_setup(#{vbuckets := NumVBs, docs := Docs, value_size := ValueSize, active :
 %% @private The node's dcp_proxy application and its bucket's replication manager (ns_server's name).
 -spec node_start(map()) -> ok.
 node_start(#{ports := Ports, connections := Conns}) ->
+    ok = logger:set_primary_config(level, error),
     {ok, _} = application:ensure_all_started(dcp_proxy),
     Self = node(),
     Config = #{resolve => fun(N) -> #{host => {127, 0, 0, 1}, port => maps:get(N, Ports),
