@@ -156,7 +156,7 @@ run(Opts) ->
         %% every node's replications stop before any kv_sim does
         _ = pmap(fun(N) -> catch call(N, node_stop, [manager]) end, Nodes),
         _ = pmap(fun(N) -> catch kvcall(N, node_stop, [kv]) end, Nodes),
-        [catch peer:stop(X) || {P, _, KP, _} <- Peers, X <- [P, KP]],
+        _ = [catch peer:stop(X) || {P, _, KP, _} <- Peers, X <- [P, KP]],
         persistent_term:erase({?MODULE, kv_nodes})
     end.
 
@@ -295,11 +295,11 @@ print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs
     Row("", F("build ~b ms, wait for data move ~b ms,", [maps:get(build, Phases), maps:get(wait, Phases)])),
     Row("", F("takeover ~b ms, drop ~b ms, verify ~b ms",
               [maps:get(takeover, Phases), maps:get(drop, Phases), maps:get(verify, Phases)])),
-    [Row(F("proxy CPU ~s", [short(N)]), F("~b ms (its memcached, a kv_sim VM: ~b ms)",
+    _ = [Row(F("proxy CPU ~s", [short(N)]), F("~b ms (its memcached, a kv_sim VM: ~b ms)",
                                           tuple_to_list(maps:get(N, Cpu))))
      || N <- Nodes],
     ByReason = group([{Why, Took} || {Why, _V, Took} <- Failures]),
-    case ByReason of
+    _ = case ByReason of
         [] -> Row("failures", "none");
         _ -> [Row(F("failures ~0p", [Why]),
                   F("~b, surfaced in ~b..~b ms (setup deadline 10 s)", [length(Ts), lists:min(Ts),

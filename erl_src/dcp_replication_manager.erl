@@ -368,9 +368,7 @@ replicators(Sup) ->
     try dcp_sup:replicators(Sup) catch exit:_ -> [] end.
 
 partitions(Rep) when is_pid(Rep) ->
-    try dcp_replicator:get_partitions(Rep) of
-        VBs when is_list(VBs) -> VBs;
-        _ -> []
+    try dcp_replicator:get_partitions(Rep)
     catch
         exit:_ -> []
     end;
