@@ -350,8 +350,10 @@ start_nodes(Count) ->
                                          #{name => list_to_atom(Name ++ "_" ++ Tag),
                                            host => "127.0.0.1", longnames => true,
                                            connection => standard_io,
-                                           args => ["-setcookie", Cookie, "+sbwt", "none",
-                                                    "+sbwtdcpu", "none", "+sbwtdio", "none" | Paths]}),
+                                           %% the peers only talk to the orchestrator
+                                           args => ["-setcookie", Cookie, "-connect_all", "false",
+                                                    "+sbwt", "none", "+sbwtdcpu", "none",
+                                                    "+sbwtdio", "none" | Paths]}),
                     {Peer, Node}
             end,
     pmap(fun(I) ->

@@ -218,6 +218,37 @@ cluster_test_() ->
      with("a three-node map up and down, connections counted on each node", cluster(3, 2),
           fun cluster_up_and_down/1)].
 
+%% A `node' serves what it stored once it took the vbucket over: x's vbucket goes to y by replica
+%% build and takeover, then z builds its replica from y and holds x's documents.
+node_serves_what_it_stored_test_() ->
+    with("a node kv_sim serves a taken-over vbucket from its store",
+         fun() ->
+                 X = start_kv(node, #{active_vbuckets => [3]}),
+                 Y = start_kv(node, #{}),
+                 Z = start_kv(node, #{}),
+                 Nodes = #{'x@h' => X, 'y@h' => Y, 'z@h' => Z},
+                 MY = start_manager('y@h', Nodes, #{}),
+                 MZ = start_manager('z@h', Nodes, #{}),
+                 {#{x => X, y => Y, z => Z, my => MY, mz => MZ},
+                  fun() -> stop_manager(MY), stop_manager(MZ), [stop_kv(K) || K <- [X, Y, Z]] end}
+         end,
+         fun(#{x := X, y := Y, z := Z, my := MY, mz := MZ}) ->
+                 Original = kv_sim:digest(X, 3),
+                 ?assertMatch({20, _}, Original),
+                 ok = kv_sim:set_vbucket_state(Y, 3, replica),
+                 ?assertEqual(ok, dcp_replication_manager:set_desired_replications(MY, [{'x@h', [3]}])),
+                 wait_digests(X, Y, [3]),
+                 %% z cannot replicate from a replica
+                 ok = kv_sim:set_vbucket_state(Z, 3, replica),
+                 ?assertMatch({errors, [{{mcbp_status, _}, {vbucket, 3}}]},
+                              dcp_replication_manager:set_desired_replications(MZ, [{'y@h', [3]}])),
+                 ?assertEqual(ok, dcp_replication_manager:takeover(MY, 'x@h', 3)),
+                 ?assertEqual({active, dead}, {kv_sim:vbucket_state(Y, 3), kv_sim:vbucket_state(X, 3)}),
+                 ?assertEqual(ok, dcp_replication_manager:set_desired_replications(MZ, [{'y@h', [3]}])),
+                 dcp_test_lib:wait_until(fun() -> kv_sim:digest(Z, 3) =:= Original end),
+                 ?assertEqual(Original, kv_sim:digest(Y, 3))
+         end).
+
 %% ---- ns_server's call shapes ----
 
 %% The manager is registered under ns_server's name and this VM is the producer node (`node()'),
