@@ -90,7 +90,9 @@ stop(Mgr) ->
     gen_server:stop(Mgr, shutdown, infinity).
 
 %% @doc Replicate exactly `Desired' from now on; producers with an empty list (or absent) are dropped.
--spec set_desired_replications(manager(), replications()) -> dcp_consumer_conn:setup_reply().
+%% A map that is not `[{node(), [0..1023]}]' is refused with `{error, {bad_replications, Map}}'.
+-spec set_desired_replications(manager(), replications()) ->
+          dcp_consumer_conn:setup_reply() | {error, term()}.
 set_desired_replications(Mgr, Desired) ->
     gen_server:call(Mgr, {set_desired, Desired}, infinity).
 
@@ -153,8 +155,13 @@ init(#{bucket := Bucket, resolve := Resolve, credentials := Credentials} = Opts)
                 rep_opts = maps:get(replicator, Opts, #{})}}.
 
 handle_call({set_desired, Desired}, _From, State) ->
-    {Reply, State1} = apply_desired(normalize(Desired), State),
-    {reply, Reply, State1};
+    case valid(Desired) of
+        true ->
+            {Reply, State1} = apply_desired(normalize(Desired), State),
+            {reply, Reply, State1};
+        false ->
+            {reply, {error, {bad_replications, Desired}}, State}
+    end;
 handle_call(get_actual, _From, State) ->
     {reply, actual(State), State};
 handle_call(get_connection_count, _From, #state{connections = N} = State) ->
@@ -210,6 +217,15 @@ terminate(_Reason, State) ->
     ok.
 
 %% ---- applying a change ----
+
+valid(Desired) when is_list(Desired) ->
+    lists:all(fun({Node, VBs}) when is_atom(Node), is_list(VBs) ->
+                      lists:all(fun(VB) -> is_integer(VB) andalso VB >= 0 andalso VB =< 1023 end, VBs);
+                 (_) ->
+                      false
+              end, Desired);
+valid(_) ->
+    false.
 
 normalize(Desired) ->
     maps:from_list([{Node, lists:usort(VBs)} || {Node, VBs} <- Desired, VBs =/= []]).

@@ -93,6 +93,8 @@ manager_test_() ->
           two_producers(#{connections => 2}),
           fun(#{p1 := P1, p2 := P2, c := C, mgr := Mgr}) ->
                   ?assertEqual([], dcp_replication_manager:get_actual_replications(Mgr)),
+                  ?assertEqual({error, {bad_replications, [{'p1@h', [1024]}]}},
+                               dcp_replication_manager:set_desired_replications(Mgr, [{'p1@h', [1024]}])),
                   Map1 = [{'p1@h', [0, 1, 2, 3, 4, 5]}, {'p2@h', [8, 9]}],
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map1)),
                   ?assertEqual(Map1, dcp_replication_manager:get_actual_replications(Mgr)),
