@@ -304,6 +304,34 @@ ns_test_() ->
                   wait_connections(C, 0, 0)
           end)].
 
+%% ns_server's replicator start: (producer node, bucket, features, connection number), its registered
+%% name and connection name; this VM is the consumer node.
+ns_start_link_test_() ->
+    with("dcp_ns:start_link/4 registers ns_server's name and names the connection",
+         fun() ->
+                 P = start_kv(producer, #{}),
+                 C = start_kv(consumer, #{}),
+                 ok = dcp_ns:configure(#{resolve => resolver(#{node() => C, 'p@h' => P}),
+                                         credentials => fun() -> {"Administrator", ?PASSWORD} end}),
+                 {#{p => P, c => C}, fun() -> stop_kv(C), stop_kv(P) end}
+         end,
+         fun(#{p := P}) ->
+                 process_flag(trap_exit, true),
+                 Name = dcp_ns:server_name('p@h', ?BUCKET, 1),
+                 {ok, Rep} = dcp_ns:start_link('p@h', ?BUCKET, [{xattr, true}, {snappy, false},
+                                                               {collections, true}], 1),
+                 ?assertEqual(Rep, whereis(Name)),
+                 ?assertEqual(ok, dcp_replicator:setup_replication(Name, [1, 3])),
+                 ?assertEqual([1, 3], dcp_ns:get_partitions(Name)),
+                 ConnName = list_to_binary(dcp_ns:get_connection_name(node(), 'p@h', ?BUCKET, 1)),
+                 ?assertEqual(<<"replication:p@h->", (atom_to_binary(node()))/binary, ":default/1">>,
+                              ConnName),
+                 ?assertEqual([{producer, ConnName}], kv_sim:connections(P)),
+                 exit(Rep, shutdown),
+                 receive {'EXIT', Rep, _} -> ok end,
+                 ?assertEqual(not_running, dcp_ns:get_partitions(Name))
+         end).
+
 trim_common_prefix_test() ->
     Long = fun(Host) -> list_to_atom("ns_1@" ++ lists:duplicate(80, $a) ++ Host) end,
     Consumer = Long(".consumer.example.com"),
