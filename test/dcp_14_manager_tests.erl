@@ -327,6 +327,8 @@ ns_start_link_test_() ->
                  ?assertEqual(<<"replication:p@h->", (atom_to_binary(node()))/binary, ":default/1">>,
                               ConnName),
                  ?assertEqual([{producer, ConnName}], kv_sim:connections(P)),
+                 %% this node's memcached (STATS dcp) lists the consumer side
+                 ?assertEqual([binary_to_list(ConnName)], dcp_ns:get_connections(?BUCKET)),
                  exit(Rep, shutdown),
                  receive {'EXIT', Rep, _} -> ok end,
                  ?assertEqual(not_running, dcp_ns:get_partitions(Name))
