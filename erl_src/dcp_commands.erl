@@ -6,6 +6,10 @@
 
 -include("mcbp.hrl").
 
+%% The frames kv_sim sends (the section at the end of this file; Erlang wants exports before functions)
+-export([hello_response/2, stream_req_rollback/2, failover_log_response/2, node_stream_req/4,
+         stream_id_framing/1, stream_req_takeover/1]).
+
 %% Handshake and stream setup (what a connection to memcached sends)
 -export([sasl_auth_plain/3, select_bucket/2, hello/3, dcp_open/4,
          add_stream/3, close_stream/2, stream_req/3, control/3, buffer_ack/2,
@@ -391,3 +395,49 @@ hex_dump(Bytes, Offset, Acc) ->
 
 printable(B) when B >= 32, B < 127 -> B;
 printable(_) -> $..
+
+%% ---- frames kv_sim sends (the node's side of the protocol) ----
+
+%% The flags bit a STREAM_REQ (as an ADD_STREAM) asks for a takeover with.
+-define(STREAM_FLAG_TAKEOVER, 16#01).
+%% The frame info id of a DCP stream id in flexible framing extras.
+-define(FRAME_INFO_STREAM_ID, 2).
+
+%% @doc The successful HELLO answer granting `Features' (the value is their u16 codes).
+-spec hello_response(opaque(), [feature()]) -> iodata().
+hello_response(Opaque, Features) ->
+    Value = << <<(hello_feature_code(F)):16>> || F <- Features >>,
+    response(?HELLO, ?SUCCESS, Opaque, #{value => Value}).
+
+%% @doc A STREAM_REQ refused with `rollback': the value is the seqno the consumer must roll back to.
+-spec stream_req_rollback(opaque(), non_neg_integer()) -> iodata().
+stream_req_rollback(Opaque, Seqno) ->
+    response(?DCP_STREAM_REQ, ?ROLLBACK, Opaque, #{value => <<Seqno:64>>}).
+
+%% @doc The answer to DCP_GET_FAILOVER_LOG: the log, newest entry first.
+-spec failover_log_response(opaque(), [{VbUuid :: non_neg_integer(), Seqno :: non_neg_integer()}])
+                           -> iodata().
+failover_log_response(Opaque, FailoverLog) ->
+    Value = << <<Uuid:64, Seqno:64>> || {Uuid, Seqno} <- FailoverLog >>,
+    response(?DCP_GET_FAILOVER_LOG, ?SUCCESS, Opaque, #{value => Value}).
+
+%% @doc The STREAM_REQ a consumer node sends for an ADD_STREAM: from its high seqno on, open-ended,
+%% with the ADD_STREAM's takeover flag.
+-spec node_stream_req(vbucket(), non_neg_integer(), boolean(), opaque()) -> iodata().
+node_stream_req(VBucket, StartSeqno, Takeover, Opaque) ->
+    Flags = case Takeover of
+                true -> ?STREAM_FLAG_TAKEOVER;
+                false -> 0
+            end,
+    stream_req(VBucket, #{flags => Flags, start_seqno => StartSeqno}, Opaque).
+
+%% @doc The framing extras that put a frame on DCP stream `StreamId' (for `doc_params()'
+%% `framing_extras').
+-spec stream_id_framing(0..16#ffff) -> [{byte(), binary()}].
+stream_id_framing(StreamId) ->
+    [{?FRAME_INFO_STREAM_ID, <<StreamId:16>>}].
+
+%% @doc Whether a STREAM_REQ's fields (`mcbp:dcp_fields/1') ask for a takeover stream.
+-spec stream_req_takeover(#{flags := non_neg_integer(), atom() => term()}) -> boolean().
+stream_req_takeover(#{flags := Flags}) ->
+    Flags band ?STREAM_FLAG_TAKEOVER =/= 0.

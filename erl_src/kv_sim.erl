@@ -75,7 +75,8 @@
                          seed := integer(), value_block := binary(),
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
-                         faults := ets:tid(), store := ets:tid(), vbucket_states := ets:tid(),
+                         faults := ets:tid(), store := ets:tid(),
+                         vbucket_states := kv_sim_vbuckets:table(),
                          node := pid()}.
 
 %% The driver's read buffer of an accepted socket: the largest chunk one turn takes.
@@ -127,11 +128,8 @@ digest(Node, VBucket) ->
 %% a consumer's `replica' until a DCP_SET_VBUCKET_STATE changes it.
 -spec vbucket_state(pid(), dcp_commands:vbucket()) -> dcp_commands:vbucket_state() | undefined.
 vbucket_state(Node, VBucket) ->
-    #{vbucket_states := States} = gen_server:call(Node, config),
-    case ets:lookup(States, {state, VBucket}) of
-        [{_, State}] -> State;
-        [] -> undefined
-    end.
+    #{vbucket_states := Table} = gen_server:call(Node, config),
+    kv_sim_vbuckets:state(Table, VBucket).
 
 %% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
 -spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
@@ -187,12 +185,10 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
                    N when is_integer(N) -> lists:seq(0, N - 1);
                    List when is_list(List) -> List
                end,
-    States = ets:new(kv_sim_vbucket_states, [public, set]),
     InitialState = case Role of
                        producer -> active;
                        consumer -> replica
                    end,
-    ets:insert(States, [{{state, VB}, InitialState} || VB <- VBuckets]),
     Docs = case Role of
                producer -> maps:get(docs_per_vbucket, Opts, 100);
                consumer -> 0
@@ -210,7 +206,7 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
-           vbucket_states => States,
+           vbucket_states => kv_sim_vbuckets:new(VBuckets, InitialState),
            node => self()}};
 config(Opts) ->
     {error, {bad_role, maps:get(role, Opts, missing)}}.
@@ -285,9 +281,9 @@ handle_call(port, _From, #{port := Port} = State) ->
 handle_call(config, _From, #{config := Config} = State) ->
     {reply, Config, State};
 handle_call({set_fault, VBucket, Fault}, _From, #{config := #{faults := Faults}} = State) ->
-    case fault_key(VBucket, Fault) of
-        {ok, Key} ->
-            ets:insert(Faults, {Key, Fault}),
+    case kv_sim_faults:key(VBucket, Fault) of
+        {ok, Key, Stored} ->
+            ets:insert(Faults, {Key, Stored}),
             {reply, ok, State};
         {error, _} = Error ->
             {reply, Error, State}
@@ -319,30 +315,3 @@ terminate(_Reason, #{transport := Transport, lsock := LSock, connections := Conn
                              {'DOWN', Ref, process, Pid, _} -> ok
                          end
                  end, Conns).
-
-%% Faults are keyed by vbucket (or `all') and the fault's name, so the connection looks one up in O(1);
-%% answer and close faults also key on the opcode so several can be set at once.
-fault_key(VBucket, Fault) ->
-    try
-        case Fault of
-            {drop_answer, Op} -> {ok, {VBucket, {drop_answer, dcp_commands:opcode(Op)}}};
-            {delay_answer, Op, Ms} when is_integer(Ms), Ms >= 0 ->
-                {ok, {VBucket, {delay_answer, dcp_commands:opcode(Op)}}};
-            {close_socket_on, Op} -> {ok, {VBucket, {close_socket_on, dcp_commands:opcode(Op)}}};
-            {chunked_writes, Max} when is_integer(Max), Max > 0 -> {ok, {all, chunked_writes}};
-            {stream_end_on_accept, _Reason} -> {ok, {VBucket, stream_end_on_accept}};
-            {add_stream_status, Status} -> _ = dcp_commands:status(Status),
-                                           {ok, {VBucket, add_stream_status}};
-            {stream_req_status, Status} -> _ = dcp_commands:status(Status),
-                                           {ok, {VBucket, stream_req_status}};
-            {close_socket_after_mutations, N} when is_integer(N), N > 0 ->
-                {ok, {VBucket, close_socket_after_mutations}};
-            {unknown_opcodes, Op} when is_integer(Op), Op >= 0, Op =< 255 ->
-                {ok, {VBucket, unknown_opcodes}};
-            no_add_stream_answer_after_stream_end -> {ok, {VBucket, Fault}};
-            flexible_framing -> {ok, {VBucket, Fault}};
-            _ -> {error, {unknown_fault, Fault}}
-        end
-    catch
-        error:Why -> {error, Why}
-    end.

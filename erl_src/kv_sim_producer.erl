@@ -1,0 +1,361 @@
+%% @doc The producer engine of a `kv_sim' connection: kv_engine's DCP producer streaming the node's
+%% seeded documents (`kv_sim:doc/3'), in batches under the consumer's flow-control window, with takeover
+%% and noops as kv_engine does them.
+-module(kv_sim_producer).
+
+-include("mcbp.hrl").
+
+-behaviour(kv_sim_conn).
+
+-export([new/1, open/1, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
+
+-export_type([producer/0]).
+
+%% A producer turn sends at most this many frames (or bytes) before reading its socket again.
+-define(BATCH_FRAMES, 1024).
+-define(BATCH_BYTES, 1024 * 1024).
+%% Frames in a row from one stream before the producer moves to the next (interleaving vbuckets).
+-define(STREAM_TURN, 64).
+%% The stream id the `flexible_framing' fault puts in a frame's framing extras.
+-define(FAULT_STREAM_ID, 1).
+
+%% One stream, from `next' to `last': a snapshot marker, the mutations, then the finish (a STREAM_END,
+%% the takeover's state changes, or staying open when open-ended).
+-record(stream, {opaque :: dcp_commands:opaque(),
+                 next :: pos_integer(),
+                 last :: non_neg_integer(),
+                 finite :: boolean(),
+                 takeover :: boolean(),
+                 phase = marker :: marker | mutations | finish | wait_pending_ack | wait_active_ack
+                                 | idle,
+                 sent = 0 :: non_neg_integer()}).       % mutations sent (for a close fault)
+
+-record(producer, {config :: kv_sim:node_config(),
+                   opened = false :: boolean(),
+                   flow_limit = 0 :: non_neg_integer(),     % 0 = no flow control
+                   tx_unacked = 0 :: non_neg_integer(),
+                   streams = #{} :: #{dcp_commands:vbucket() => #stream{}},
+                   runnable = queue:new() :: queue:queue(dcp_commands:vbucket()),
+                   pump_scheduled = false :: boolean(),
+                   stream_end_on_close = false :: boolean(),
+                   noop_enabled = false :: boolean(),
+                   noop_interval = 0 :: non_neg_integer(),  % seconds; 0 = not set
+                   noop_timer = false :: boolean()}).
+
+-opaque producer() :: #producer{}.
+
+-type conn() :: kv_sim_conn:conn().
+%% The stream faults of a vbucket, looked up once per stream turn.
+-type faults() :: #{flexible := boolean(), unknown := kv_sim:fault() | none,
+                    close_after := kv_sim:fault() | none}.
+
+-spec new(kv_sim:node_config()) -> producer().
+new(Config) ->
+    #producer{config = Config}.
+
+-spec open(producer()) -> producer().
+open(P) ->
+    P#producer{opened = true}.
+
+-spec control(kv_sim_conn:control(), producer(), conn()) -> {producer(), conn()}.
+control({connection_buffer_size, Size}, P, C) ->
+    {P#producer{flow_limit = Size}, C};
+control({send_stream_end_on_client_close_stream, On}, P, C) ->
+    {P#producer{stream_end_on_close = On}, C};
+control({enable_noop, On}, P, C) ->
+    {maybe_start_noops(P#producer{noop_enabled = On}), C};
+control({set_noop_interval, Seconds}, P, C) ->
+    {maybe_start_noops(P#producer{noop_interval = Seconds}), C};
+control(other, P, C) ->
+    {P, C}.
+
+%% ---- noops ----
+
+%% A producer with noops enabled sends a DCP_NOOP every interval, as kv_engine does to check its peer.
+maybe_start_noops(#producer{opened = true, noop_enabled = true, noop_interval = Seconds,
+                            noop_timer = false} = P) when Seconds > 0 ->
+    ok = kv_sim_conn:later(Seconds * 1000, send_noop),
+    P#producer{noop_timer = true};
+maybe_start_noops(P) ->
+    P.
+
+send_noop(#producer{noop_enabled = true} = P, C) ->
+    {Opaque, C1} = kv_sim_conn:own_opaque(C),
+    {ok, maybe_start_noops(P#producer{noop_timer = false}),
+     kv_sim_conn:out(dcp_commands:noop_request(Opaque), C1)};
+send_noop(P, C) ->
+    {ok, P#producer{noop_timer = false}, C}.
+
+-spec info(pump | send_noop, producer(), conn()) -> kv_sim_conn:turn(producer()).
+info(pump, P, C) ->
+    pump(P#producer{pump_scheduled = false}, C);
+info(send_noop, P, C) ->
+    send_noop(P, C).
+
+%% ---- requests: stream setup and flow control ----
+
+-spec request(0..255, mcbp:frame(), non_neg_integer(), producer(), conn()) ->
+          kv_sim_conn:turn(producer()).
+request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C) ->
+    #producer{config = #{docs_per_vbucket := High}} = P,
+    #{start_seqno := Start, end_seqno := End} = Fields = mcbp:dcp_fields(Frame),
+    case stream_req_refusal(VB, Start, P, C) of
+        none ->
+            Accept = dcp_commands:stream_req_response(Opaque, ?SUCCESS, failover_log(P, VB)),
+            {ok, P, C1} = answer(?DCP_STREAM_REQ, VB, Accept, P, C),
+            case kv_sim_conn:fault(C1, VB, stream_end_on_accept) of
+                {stream_end_on_accept, Reason} ->
+                    emit(dcp_commands:stream_end(VB, Opaque, Reason), P, C1);
+                none ->
+                    Stream = #stream{opaque = Opaque, next = Start + 1, last = min(End, High),
+                                     finite = End =< High,
+                                     takeover = dcp_commands:stream_req_takeover(Fields)},
+                    {ok, P#producer{streams = (P#producer.streams)#{VB => Stream},
+                                    runnable = queue:in(VB, P#producer.runnable)}, C1}
+            end;
+        rollback ->
+            %% The consumer is ahead of this node: it must roll back to what the node has.
+            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_rollback(Opaque, High), P, C);
+        Status ->
+            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, Status, <<>>), P, C)
+    end;
+request(?DCP_CLOSE_STREAM, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
+    case maps:take(VB, P#producer.streams) of
+        {#stream{opaque = StreamOpaque}, Streams} ->
+            P1 = P#producer{streams = Streams, runnable = queue:delete(VB, P#producer.runnable)},
+            {ok, P2, C1} = answer(?DCP_CLOSE_STREAM, VB,
+                                  dcp_commands:response(?DCP_CLOSE_STREAM, ?SUCCESS, Opaque), P1, C),
+            case P2#producer.stream_end_on_close of
+                true -> emit(dcp_commands:stream_end(VB, StreamOpaque, closed), P2, C1);
+                false -> {ok, P2, C1}
+            end;
+        error ->
+            answer(?DCP_CLOSE_STREAM, VB,
+                   dcp_commands:response(?DCP_CLOSE_STREAM, ?KEY_ENOENT, Opaque), P, C)
+    end;
+request(?DCP_BUFFER_ACK, Frame, _Size, P, C) ->
+    #{bytes := Bytes} = mcbp:dcp_fields(Frame),
+    {ok, P#producer{tx_unacked = max(0, P#producer.tx_unacked - Bytes)}, C};
+request(?DCP_GET_FAILOVER_LOG, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
+    answer(?DCP_GET_FAILOVER_LOG, VB, dcp_commands:failover_log_response(Opaque, failover_log(P, VB)),
+           P, C);
+request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
+    answer(Opcode, VB, dcp_commands:response(Opcode, ?UNKNOWN_COMMAND, Opaque), P, C).
+
+%% Why a STREAM_REQ is refused (a status, or `rollback'), or `none'.
+stream_req_refusal(VB, Start, P, C) ->
+    #producer{config = #{docs_per_vbucket := High, vbuckets := VBuckets,
+                         vbucket_states := Table}} = P,
+    Live = lists:member(VB, VBuckets) andalso kv_sim_vbuckets:state(Table, VB) =/= dead,
+    case {Live, maps:is_key(VB, P#producer.streams), kv_sim_conn:fault(C, VB, stream_req_status)} of
+        {false, _, _} -> ?NOT_MY_VBUCKET;
+        {true, true, _} -> ?KEY_EEXISTS;
+        {true, false, {stream_req_status, Status}} -> Status;
+        {true, false, none} when Start > High -> rollback;
+        {true, false, none} -> none
+    end.
+
+answer(Opcode, VB, Bytes, P, C) ->
+    {ok, C1} = kv_sim_conn:answer(Opcode, VB, Bytes, C),
+    {ok, P, C1}.
+
+%% One entry: the vbucket's uuid (fixed by the seed) since seqno 0.
+failover_log(#producer{config = #{seed := Seed}}, VB) ->
+    [{erlang:phash2({Seed, VB}) + 1, 0}].
+
+%% ---- responses: takeover ----
+
+%% Takeover: the consumer acknowledged `pending', so this node gives the vbucket up and tells the
+%% consumer to become active; its acknowledgement of `active' ends the stream.
+-spec response(mcbp:frame(), producer(), conn()) -> kv_sim_conn:turn(producer()).
+response(#{opcode := ?DCP_SET_VBUCKET_STATE, opaque := Opaque}, P, C) ->
+    case [VB || {VB, #stream{opaque = O}} <- maps:to_list(P#producer.streams), O =:= Opaque] of
+        [VB] -> takeover_acknowledged(VB, P, C);
+        [] -> {ok, P, C}
+    end;
+response(_Other, P, C) ->
+    %% Noop answers need nothing from this node.
+    {ok, P, C}.
+
+takeover_acknowledged(VB, P, C) ->
+    #{VB := #stream{opaque = Opaque, phase = Phase} = Stream} = P#producer.streams,
+    case Phase of
+        wait_pending_ack ->
+            #producer{config = #{vbucket_states := Table}} = P,
+            ok = kv_sim_vbuckets:set_state(Table, VB, dead),
+            {ok, P1, C1} = emit(dcp_commands:set_vbucket_state(VB, Opaque, active), P, C),
+            {ok, put_stream(VB, Stream#stream{phase = wait_active_ack}, P1), C1};
+        wait_active_ack ->
+            {ok, P1, C1} = emit(dcp_commands:stream_end(VB, Opaque, ok), P, C),
+            {ok, P1#producer{streams = maps:remove(VB, P1#producer.streams)}, C1};
+        _ ->
+            {ok, P, C}
+    end.
+
+%% ---- streaming in batches ----
+
+%% @doc Schedules the next batch, if a stream has something to send and the window room for it.
+-spec end_turn(producer(), conn()) -> {producer(), conn()}.
+end_turn(#producer{pump_scheduled = false} = P, C) ->
+    case queue:is_empty(P#producer.runnable) orelse flow_blocked(P) of
+        true ->
+            {P, C};
+        false ->
+            ok = kv_sim_conn:later(0, pump),
+            {P#producer{pump_scheduled = true}, C}
+    end;
+end_turn(P, C) ->
+    {P, C}.
+
+-spec closing(producer()) -> producer().
+closing(P) ->
+    P.
+
+%% One turn sends at most a batch, taking a few frames from each runnable stream in turn; the next turn
+%% is a message to itself, so the socket is read between turns and a large backlog never blocks it.
+pump(P, C) ->
+    pump(P, C, ?BATCH_FRAMES, ?BATCH_BYTES).
+
+pump(P, C, Frames, Bytes) when Frames =< 0; Bytes =< 0 ->
+    {ok, P, C};
+pump(P, C, Frames, Bytes) ->
+    case flow_blocked(P) orelse queue:out(P#producer.runnable) of
+        true ->
+            {ok, P, C};
+        {empty, _} ->
+            {ok, P, C};
+        {{value, VB}, Runnable} ->
+            Before = P#producer.tx_unacked,
+            case stream_turn(VB, min(?STREAM_TURN, Frames), P#producer{runnable = Runnable}, C) of
+                {ok, P1, C1, Sent} ->
+                    pump(P1, C1, Frames - max(Sent, 1), Bytes - (P1#producer.tx_unacked - Before));
+                {close, _, _, _} = Close ->
+                    Close
+            end
+    end.
+
+flow_blocked(#producer{flow_limit = Limit, tx_unacked = Unacked}) ->
+    Limit > 0 andalso Unacked >= Limit.
+
+stream_turn(VB, N, P, C) ->
+    Faults = #{flexible => kv_sim_conn:fault(C, VB, flexible_framing) =:= flexible_framing,
+               unknown => kv_sim_conn:fault(C, VB, unknown_opcodes),
+               close_after => kv_sim_conn:fault(C, VB, close_socket_after_mutations)},
+    #{VB := Stream} = P#producer.streams,
+    {P1, C1} = case Stream of
+                   #stream{phase = mutations} -> unknown_opcode(VB, Stream, Faults, P, C);
+                   _ -> {P, C}
+               end,
+    stream_steps(VB, Stream, N, 0, Faults, P1, C1).
+
+%% The `unknown_opcodes' fault's request, before a snapshot marker or a batch of mutations.
+unknown_opcode(VB, #stream{opaque = Opaque}, #{unknown := {unknown_opcodes, Op}}, P, C) ->
+    {ok, P1, C1} = emit(dcp_commands:request(Op, #{vbucket => VB, opaque => Opaque}), P, C),
+    {P1, C1};
+unknown_opcode(_VB, _Stream, _Faults, P, C) ->
+    {P, C}.
+
+stream_steps(VB, Stream, N, Sent, Faults, P, C) ->
+    %% The window is checked before every frame: the producer stops at the frame that fills it.
+    case Sent >= N orelse flow_blocked(P) of
+        true ->
+            P1 = put_stream(VB, Stream, P),
+            {ok, P1#producer{runnable = queue:in(VB, P1#producer.runnable)}, C, Sent};
+        false ->
+            stream_step(VB, Stream, N, Sent, Faults, P, C)
+    end.
+
+stream_step(VB, Stream, N, Sent, Faults, P, C) ->
+    case step(VB, Stream, N - Sent, Faults, P, C) of
+        {continue, Stream1, P1, C1, Frames} ->
+            stream_steps(VB, Stream1, N, Sent + Frames, Faults, P1, C1);
+        {park, Stream1, P1, C1} ->
+            {ok, put_stream(VB, Stream1, P1), C1, Sent + 1};
+        {done, P1, C1} ->
+            {ok, P1#producer{streams = maps:remove(VB, P1#producer.streams)}, C1, Sent + 1};
+        {close, _, _, _} = Close ->
+            Close
+    end.
+
+put_stream(VB, Stream, P) ->
+    P#producer{streams = (P#producer.streams)#{VB => Stream}}.
+
+-spec step(dcp_commands:vbucket(), #stream{}, pos_integer(), faults(), producer(), conn()) ->
+          {continue, #stream{}, producer(), conn(), non_neg_integer()}
+              | {park, #stream{}, producer(), conn()} | {done, producer(), conn()}
+              | {close, term(), producer(), conn()}.
+step(VB, #stream{phase = marker, opaque = Opaque, next = Next, last = Last} = Stream, _Budget, Faults,
+     P, C) ->
+    {P1, C1} = unknown_opcode(VB, Stream, Faults, P, C),
+    case Next =< Last of
+        true ->
+            Marker = dcp_commands:snapshot_marker(VB, Opaque, Next - 1, Last, 1),
+            {ok, P2, C2} = emit(Marker, P1, C1),
+            {continue, Stream#stream{phase = mutations}, P2, C2, 1};
+        false ->
+            {continue, Stream#stream{phase = finish}, P1, C1, 1}
+    end;
+step(_VB, #stream{phase = mutations, next = Next, last = Last} = Stream, _Budget, _Faults, P, C)
+  when Next > Last ->
+    {continue, Stream#stream{phase = finish}, P, C, 1};
+step(VB, #stream{phase = mutations, next = Seqno, last = Last, sent = Sent} = Stream, Budget, Faults,
+     P, C) ->
+    %% Up to `Budget' mutations in one run; as everywhere, a frame goes out only while the window
+    %% is open (the run stops at the frame that fills it).
+    Run = case Faults of
+              #{close_after := {close_socket_after_mutations, CloseAfter}} ->
+                  min(Budget, CloseAfter - Sent);
+              _ ->
+                  Budget
+          end,
+    #producer{flow_limit = Limit, tx_unacked = Unacked} = P,
+    Window = case Limit of
+                 0 -> unlimited;
+                 _ -> Limit - Unacked
+             end,
+    {Next, Frames, Bytes} = mutations(VB, Stream, min(Last, Seqno + Run - 1), Window, Faults, P),
+    Count = Next - Seqno,
+    P1 = P#producer{tx_unacked = Unacked + Bytes},
+    C1 = kv_sim_conn:out(lists:reverse(Frames), C),
+    case Faults of
+        #{close_after := {close_socket_after_mutations, Max}} when Sent + Count >= Max ->
+            {close, {fault, close_socket_after_mutations, VB, Sent + Count}, P1, C1};
+        _ ->
+            {continue, Stream#stream{next = Next, sent = Sent + Count}, P1, C1, Count}
+    end;
+step(VB, #stream{phase = finish, opaque = Opaque, takeover = true} = Stream, _Budget, _Faults, P, C) ->
+    {ok, P1, C1} = emit(dcp_commands:set_vbucket_state(VB, Opaque, pending), P, C),
+    {park, Stream#stream{phase = wait_pending_ack}, P1, C1};
+step(VB, #stream{phase = finish, opaque = Opaque, finite = true}, _Budget, _Faults, P, C) ->
+    {ok, P1, C1} = emit(dcp_commands:stream_end(VB, Opaque, ok), P, C),
+    {done, P1, C1};
+step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
+    %% An open-ended stream stays open with nothing more to send, until it is closed.
+    {park, Stream#stream{phase = idle}, P, C}.
+
+%% The stream's mutations up to `To' (newest first) while the window has room, with the next seqno and
+%% their bytes.
+mutations(VB, #stream{opaque = Opaque, next = From}, To, Window, Faults, #producer{config = Config}) ->
+    Framing = case Faults of
+                  #{flexible := true} ->
+                      #{framing_extras => dcp_commands:stream_id_framing(?FAULT_STREAM_ID)};
+                  _ -> #{}
+              end,
+    mutations(VB, Opaque, From, To, Window, Framing, Config, [], 0).
+
+mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
+  when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
+    {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+    %% The cas is the seqno: unique per document, as a cas must be.
+    Frame = dcp_commands:mutation(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
+                                                       cas => Seqno}),
+    mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Config, [Frame | Frames],
+              Bytes + iolist_size(Frame));
+mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->
+    {Seqno, Frames, Bytes}.
+
+%% ---- writing ----
+
+%% A producer's stream frames count toward the consumer's flow-control window.
+emit(Bytes, P, C) ->
+    {ok, P#producer{tx_unacked = P#producer.tx_unacked + iolist_size(Bytes)}, kv_sim_conn:out(Bytes, C)}.
