@@ -672,10 +672,8 @@ flush_inject(#state{inject = Inject, discard = Discard} = State) ->
     end.
 
 flush_after_callback(State) ->
-    case flush_inject(State) of
-        {ok, State1} -> {noreply, State1};
-        {stop, Reason, State1} -> {stop, Reason, State1}
-    end.
+    {ok, State1} = flush_inject(State),
+    {noreply, State1}.
 
 note_traffic(#state{traffic_monitor = undefined} = State) ->
     State;

@@ -326,7 +326,7 @@ handle_cast(Msg, #state{connection_name = Name} = State) ->
 handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
                                   connection_name = Name} = State) ->
     ?LOG_INFO("~s: replicating", [Name], ?LOG_META),
-    [H ! paired || {H, connecting} <- maps:values(Helpers)],
+    _ = [H ! paired || {H, connecting} <- maps:values(Helpers)],
     {noreply, State#state{status = connected,
                           helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
 handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
@@ -357,7 +357,7 @@ terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, sta
     end,
     _ = is_pid(Pairer) andalso exit(Pairer, kill),
     %% helpers still waiting for the pair: the connection is lost
-    [H ! {lost, real_cause(Reason)} || {H, connecting} <- maps:values(Helpers)],
+    _ = [H ! {lost, real_cause(Reason)} || {H, connecting} <- maps:values(Helpers)],
     dcp_proxy:terminate_and_wait([C, P], Reason, ?STOP_TIMEOUT),
     %% the consumer conn answered its callers before it went; let those answers reach them
     %% before our own exit does (a caller seeing our exit first would get the fallback reply)
