@@ -18,7 +18,6 @@
 -define(MAX_CONNECTION_NAME, 200).
 -define(MIN_NODE_NAME, 35).
 -define(MAX_BUCKET_IN_NAME, 60).
--define(DEFAULT_SETUP_TIMEOUT, 60000).
 -define(DEFAULT_SHUT_TIMEOUT, 10000).
 -define(STOP_TIMEOUT, 5000).
 
@@ -192,7 +191,7 @@ cut_node_name(Name, Common) ->
 
 init(#{connection_name := Name} = Opts) ->
     process_flag(trap_exit, true),
-    SetupTimeout = maps:get(setup_timeout, Opts, ?DEFAULT_SETUP_TIMEOUT),
+    SetupTimeout = maps:get(setup_timeout, Opts, dcp_consumer_conn:default_setup_timeout()),
     %% both return at once; each connects in its own connector process
     {ok, Consumer} = dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout),
     {ok, Producer} = dcp_producer_conn:start_link(proxy_opts(producer, Opts)),
@@ -208,7 +207,7 @@ init(#{connection_name := Name} = Opts) ->
                 shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
 
 setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
-setup_timeout(_) -> ?DEFAULT_SETUP_TIMEOUT.
+setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->
