@@ -87,6 +87,8 @@
 -define(MAX_UNACKED_BYTES, 1024 * 1024).
 %% Event batches handed to the partner and not yet handled: at this many the socket is not read.
 -define(MAX_EVENT_BATCHES, 2).
+%% The NIF splitter's cap on a reported frame (mcbp::splitter::MAX_REPORTED_FRAME).
+-define(MAX_REPORTED_FRAME, 64 * 1024).
 %% Calls between the replication's own processes (answered by processes that never block).
 -define(CALL_TIMEOUT, 5000).
 -define(AGENT, <<"dcp_proxy">>).
@@ -184,13 +186,14 @@ stats(Pid) ->
     gen_server:call(Pid, '$dcp_stats', ?CALL_TIMEOUT).
 
 %% @doc What a flooding peer can make one connection hold, in bytes, for connection options
-%% `Opts' (README, "Memory bounds"): per direction the unacknowledged bytes at a writer plus one
-%% read, and per side one reported frame being assembled (`max_frame_size') plus two event batches of
-%% one read each (an event costs at most 16 times its bytes on the wire).
+%% `Opts' (README, "Memory bounds"), with the NIF splitter: per direction the unacknowledged bytes at
+%% a writer plus one read, and per side one reported frame being assembled (at most 64 KiB) plus two
+%% event batches of one read each (an event costs at most 16 times its bytes on the wire).
 -spec memory_bound(map()) -> pos_integer().
 memory_bound(Opts) ->
     Read = read_size(Opts),
-    MaxFrame = maps:get(max_frame_size, Opts, 30 * 1024 * 1024 + 24),
+    %% the NIF splitter gathers only reported frames, capped (mcbp MAX_REPORTED_FRAME)
+    MaxFrame = min(maps:get(max_frame_size, Opts, ?MAX_REPORTED_FRAME), ?MAX_REPORTED_FRAME),
     Direction = ?MAX_UNACKED_BYTES + Read,
     Events = ?MAX_EVENT_BATCHES * Read * 16,
     2 * (Direction + MaxFrame + Events).
