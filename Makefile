@@ -36,6 +36,7 @@ dialyzer: compile
 	rebar3 dialyzer
 
 bench: compile
+	cargo build --release -p load_driver
 	cargo bench -p mcbp --bench splitter -- --noplot
 	cargo bench -p dcp_setup --bench setup -- --noplot
 	erl -noshell $(EBIN) -eval 'dcp_bench:main()' -s init stop

@@ -327,7 +327,7 @@ fn consumer_node(
     block: Arc<Vec<u8>>,
     total: u64,
     ready: mpsc::Sender<Result<(), String>>,
-) -> Result<ConsumerDone, String> {
+) -> Result<(ConsumerDone, TcpStream), String> {
     let err = |e: io::Error| format!("consumer node: {e}");
     let mut rd = vec![0u8; READ_BUF];
     let mut buf = Vec::new();
@@ -378,9 +378,7 @@ fn consumer_node(
         mismatches: cmp.mismatches,
         end,
     };
-    // From now on a node that answers what the proxy asks (CLOSE_STREAM on shut).
-    thread::spawn(move || answer_requests(sock, Vec::new()));
-    Ok(result)
+    Ok((result, sock))
 }
 
 /// The producer node: the handshake, one answer per STREAM_REQ, then the stream on `go`.
@@ -420,6 +418,8 @@ fn producer_node(
     for _ in 0..blocks {
         sock.write_all(&block).map_err(err)?;
     }
+    // This thread stays until the driver exits, so its CPU time stays in /proc/self/task.
+    let _ = go.recv();
     Ok(())
 }
 
@@ -470,7 +470,7 @@ fn run(cfg: Config) -> Result<(), String> {
     .and_then(|_| stdout.flush())
     .map_err(err)?;
 
-    let (ready_tx, ready_rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let (go_tx, go_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let (c_cfg, c_block, c_ready) = (cfg.clone(), Arc::clone(&block), ready_tx.clone());
@@ -482,10 +482,18 @@ fn run(cfg: Config) -> Result<(), String> {
                 let _ = sock.set_nodelay(true);
                 consumer_node(sock, &c_cfg, c_block, total, c_ready.clone())
             });
-        if let Err(e) = &outcome {
-            let _ = c_ready.send(Err(e.clone()));
+        match outcome {
+            Ok((done, sock)) => {
+                let _ = done_tx.send(Ok(done));
+                // From now on a node that answers what the proxy asks (CLOSE_STREAM on shut), on
+                // this thread, so that its CPU time stays in /proc/self/task.
+                answer_requests(sock, Vec::new());
+            }
+            Err(e) => {
+                let _ = c_ready.send(Err(e.clone()));
+                let _ = done_tx.send(Err(e));
+            }
         }
-        let _ = done_tx.send(outcome);
     });
     let (p_cfg, p_block, p_ready) = (cfg.clone(), Arc::clone(&block), ready_tx);
     thread::spawn(move || {
