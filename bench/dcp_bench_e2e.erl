@@ -17,6 +17,8 @@
 -define(GB, 1.0e9).
 -define(LINE_TIMEOUT, 120000).
 -define(DRIVER, "target/release/load_driver").
+%% The relay_n mode's {active, N}.
+-define(ACTIVE_N, 8).
 
 -type opts() :: #{rounds => pos_integer(),
                   bytes => #{pos_integer() => pos_integer()},
@@ -40,14 +42,15 @@ run(Opts0) ->
         false -> error({load_driver_missing, Driver, "cargo build --release -p load_driver"})
     end,
     Frames = lists:sort(maps:keys(Bytes)),
-    Modes = [relay, nif, baseline],
+    Modes = [relay, relay_n, nif, baseline],
     io:format("~n== End to end at the limit: load_driver (native, both nodes) -> this VM -> "
               "load_driver, loopback, ~p vbuckets, ~p interleaved rounds ==~n"
-              "modes: relay = raw BEAM relay (no parsing, the proxy's socket options), nif = "
-              "dcp_replicator with splitter => nif,~n       baseline = dcp_replicator with "
+              "modes: relay = raw BEAM relay (no parsing, the proxy's socket options, {active, once}),~n"
+              "       relay_n = the same with {active, ~p}, nif = dcp_replicator with "
+              "splitter => nif,~n       baseline = dcp_replicator with "
               "splitter => {dcp_baseline_splitter, #{}}; buf = recbuf = sndbuf~n"
               "CPU: this VM's user+sys (~s) over the stream, per GB; load average ~s~n",
-              [VBuckets, Rounds, cpu_source(), dcp_bench:load_average()]),
+              [VBuckets, Rounds, ?ACTIVE_N, cpu_source(), dcp_bench:load_average()]),
     Level = maps:get(level, logger:get_primary_config()),
     %% each run stops a replicator: its connections' stop notices are not results
     ok = logger:set_primary_config(level, warning),
@@ -135,7 +138,9 @@ fields(Words) ->
 %% ---- what sits between the nodes ----
 
 start_middle(relay, CPort, PPort, Buf, VBuckets) ->
-    relay_start(CPort, PPort, Buf, VBuckets);
+    relay_start(CPort, PPort, Buf, VBuckets, once);
+start_middle(relay_n, CPort, PPort, Buf, VBuckets) ->
+    relay_start(CPort, PPort, Buf, VBuckets, ?ACTIVE_N);
 start_middle(Mode, CPort, PPort, Buf, VBuckets) ->
     Splitter = case Mode of
                    nif -> nif;
@@ -172,16 +177,16 @@ stop_middle({relay, Down, Up}) ->
     ok.
 
 %% The raw relay: what any BEAM proxy must at least do. One process per direction reads a chunk
-%% ({active, once}, as dcp_proxy) and writes it to the other socket, nothing else; the sockets
-%% have dcp_proxy's options. It sends the ADD_STREAMs itself (the nodes then stream as they do
+%% ({active, once}, as dcp_proxy, or {active, N}) and writes it to the other socket, nothing else;
+%% the sockets have dcp_proxy's options. It sends the ADD_STREAMs itself (the nodes then stream as they do
 %% for the proxy); the consumer's answers simply go to the producer, which drops them.
-relay_start(CPort, PPort, Buf, VBuckets) ->
+relay_start(CPort, PPort, Buf, VBuckets, Active) ->
     SockOpts = [binary, {active, false}, {packet, raw}, {nodelay, true}, {keepalive, true},
                 {send_timeout, 60000}, {send_timeout_close, true}, {recbuf, Buf}, {sndbuf, Buf}],
     {ok, C} = gen_tcp:connect({127, 0, 0, 1}, CPort, SockOpts, 5000),
     {ok, P} = gen_tcp:connect({127, 0, 0, 1}, PPort, SockOpts, 5000),
-    Up = spawn(fun() -> relay_wait(C, P) end),
-    Down = spawn(fun() -> relay_wait(P, C) end),
+    Up = spawn(fun() -> relay_wait(C, P, Active) end),
+    Down = spawn(fun() -> relay_wait(P, C, Active) end),
     ok = gen_tcp:controlling_process(C, Up),
     ok = gen_tcp:controlling_process(P, Down),
     Adds = [mcbp:encode(#{magic => req, opcode => dcp_add_stream, vbucket => VB, opaque => VB,
@@ -192,24 +197,43 @@ relay_start(CPort, PPort, Buf, VBuckets) ->
     Down ! go,
     {relay, Down, Up}.
 
-relay_wait(In, Out) ->
+relay_wait(In, Out, Active) ->
     receive go -> ok end,
-    ok = inet:setopts(In, [{active, once}]),
-    relay_loop(In, Out, 0, 0).
+    ok = inet:setopts(In, [{active, Active}]),
+    relay_loop(In, Out, Active, 0, 0).
 
-relay_loop(In, Out, Chunks, Bytes) ->
+relay_loop(In, Out, once, Chunks, Bytes) ->
     receive
         {tcp, In, Data} ->
             ok = gen_tcp:send(Out, Data),
             ok = inet:setopts(In, [{active, once}]),
-            relay_loop(In, Out, Chunks + 1, Bytes + byte_size(Data));
+            relay_loop(In, Out, once, Chunks + 1, Bytes + byte_size(Data));
+        Other ->
+            relay_other(Other, In, Out, once, Chunks, Bytes)
+    end;
+relay_loop(In, Out, N, Chunks, Bytes) ->
+    receive
+        {tcp, In, Data} ->
+            ok = gen_tcp:send(Out, Data),
+            relay_loop(In, Out, N, Chunks + 1, Bytes + byte_size(Data));
+        {tcp_passive, In} ->
+            ok = inet:setopts(In, [{active, N}]),
+            relay_loop(In, Out, N, Chunks, Bytes);
+        Other ->
+            relay_other(Other, In, Out, N, Chunks, Bytes)
+    end.
+
+relay_other(Msg, In, Out, Active, Chunks, Bytes) ->
+    case Msg of
         {stats, From, Ref} ->
             From ! {Ref, #{chunks => Chunks, bytes_in => Bytes}},
-            relay_loop(In, Out, Chunks, Bytes);
+            relay_loop(In, Out, Active, Chunks, Bytes);
         {tcp_closed, In} ->
             relay_stopped(In, Out);
         stop ->
-            relay_stopped(In, Out)
+            relay_stopped(In, Out);
+        _ ->
+            relay_loop(In, Out, Active, Chunks, Bytes)
     end.
 
 relay_stopped(In, Out) ->
@@ -270,7 +294,8 @@ summarise(Frame, Buf, Modes, Runs) ->
       ratios => #{nif_to_relay_cpu_per_gb => PerRound(cpu_ms_per_gb, nif, relay),
                   baseline_to_nif_cpu_per_gb => PerRound(cpu_ms_per_gb, baseline, nif),
                   nif_to_relay_mb_per_s => PerRound(mb_per_s, nif, relay),
-                  nif_to_baseline_mb_per_s => PerRound(mb_per_s, nif, baseline)}}.
+                  nif_to_baseline_mb_per_s => PerRound(mb_per_s, nif, baseline),
+                  relay_n_to_relay_cpu_per_gb => PerRound(cpu_ms_per_gb, relay_n, relay)}}.
 
 run_of(Mode, Round, Runs) ->
     [Run] = [R || #{mode := M, round := N} = R <- Runs, M =:= Mode, N =:= Round],
@@ -295,16 +320,17 @@ print(Cases) ->
     lists:foreach(fun print_case/1, Cases),
     io:format("~nratios per round (min / median / max over the rounds; targets: nif/relay CPU "
               "per GB <= 1.15, baseline/nif CPU per GB >= 2 at 256 B):~n"),
-    io:format("~-6s ~-8s | ~-22s | ~-22s | ~-22s~n",
+    io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-23s~n",
               ["frame", "buf", "nif/relay CPU per GB", "baseline/nif CPU per GB",
-               "nif/relay MB/s"]),
+               "nif/relay MB/s", "relay_n/relay CPU per GB"]),
     lists:foreach(
       fun(#{frame_bytes := F, buffer := B, ratios := R}) ->
-              io:format("~-6s ~-8s | ~-22s | ~-22s | ~-22s~n",
+              io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-23s~n",
                         [dcp_bench:size_name(F), dcp_bench:size_name(B),
                          triple(maps:get(nif_to_relay_cpu_per_gb, R), "~.2f"),
                          triple(maps:get(baseline_to_nif_cpu_per_gb, R), "~.2f"),
-                         triple(maps:get(nif_to_relay_mb_per_s, R), "~.2f")])
+                         triple(maps:get(nif_to_relay_mb_per_s, R), "~.2f"),
+                         triple(maps:get(relay_n_to_relay_cpu_per_gb, R), "~.2f")])
       end, Cases).
 
 print_case(#{frame_bytes := F, buffer := B, modes := Modes}) ->
@@ -317,7 +343,7 @@ print_case(#{frame_bytes := F, buffer := B, modes := Modes}) ->
                         [dcp_bench:size_name(F), dcp_bench:size_name(B), Mode,
                          triple(MBs, int), triple(Cpu, int), round(100 * Busy),
                          round(Chunk), round(Drv), Mismatches])
-      end, [relay, nif, baseline]).
+      end, [relay, relay_n, nif, baseline]).
 
 triple(#{min := Min, median := Med, max := Max}, int) ->
     lists:flatten(io_lib:format("~w / ~w / ~w", [round(Min), round(Med), round(Max)]));
