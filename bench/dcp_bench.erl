@@ -181,11 +181,9 @@ feed_chunks(FrameSize, RealChunks) ->
 
 feed_case(FrameSize, {ChunkLabel, ChunkSize}, StreamBytes, Reps) ->
     {Stream, Frames} = mutation_stream(FrameSize, StreamBytes),
-    Chunks = chunks(Stream, ChunkSize),
+    Chunks = {Stream, ChunkSize},
     %% Each side runs in a process of its own that lives for the whole case, as a proxy's
-    %% connection process lives for the whole replication: a fresh process per run pays for
-    %% growing a heap from nothing (the baseline's runs took 4x as long in a fresh process right
-    %% after a NIF run). One warm-up run each, not counted.
+    %% connection process lives for the whole replication. One warm-up run each, not counted.
     BaseWorker = worker(),
     NifWorker = worker(),
     BaseRun = fun(How) -> fun() -> on_worker(BaseWorker, fun() -> baseline_run(Chunks, How) end) end end,
@@ -251,20 +249,15 @@ nif_run(Chunks, How) ->
     timed_feeds(How, Chunks, Splitter, Feed).
 
 %% Each chunk is handed over as a fresh binary, just written, as gen_tcp hands over what it read,
-%% so it is as warm in the cache as a received chunk is. `throughput': the seconds spent feeding,
-%% timed per batch of about 1 MiB of fresh chunks, because reading the clock costs ~0.3 us here,
-%% as much as a NIF call on a 64 KiB chunk. `longest_call': each call timed alone, the longest,
-%% in us.
-timed_feeds(throughput, Chunks, State0, Feed) ->
-    PerBatch = max(1, ?MIB div byte_size(hd(Chunks))),
-    {_, Timed} = lists:foldl(
-                   fun(Batch, {State, Acc}) ->
-                           Received = [binary:copy(C) || C <- Batch],
-                           T0 = erlang:monotonic_time(),
-                           State2 = lists:foldl(fun(C, S) -> Feed(S, C) end, State, Received),
-                           Took = erlang:monotonic_time() - T0,
-                           {State2, [{Took, iolist_size(Received)} | Acc]}
-                   end, {State0, []}, batches(Chunks, PerBatch)),
+%% so it is as warm in the cache as a received chunk is; it is cut from the stream only then, so
+%% the process holds little more than a proxy's connection process does (a list of every chunk
+%% would be live data that each garbage collection of the baseline's busy heap has to keep).
+%% `throughput': the seconds spent feeding, timed per batch of about 1 MiB of fresh chunks,
+%% because reading the clock costs ~0.3 us here, as much as a NIF call on a 64 KiB chunk.
+%% `longest_call': each call timed alone, the longest, in us.
+timed_feeds(throughput, {Stream, Size}, State0, Feed) ->
+    PerBatch = max(1, ?MIB div Size),
+    Timed = timed_batches(Stream, 0, Size, PerBatch, State0, Feed, []),
     %% The batches are alike (one stream of 256 distinct frames repeated), so the time of a run is
     %% the mean time per byte of its fastest 90% of batches, over all its bytes: an OS preemption
     %% (a few ms, on a shared machine) lands in one of the slowest batches and is left out instead
@@ -273,15 +266,36 @@ timed_feeds(throughput, Chunks, State0, Feed) ->
     PerByte = lists:sort([to_s(T) / B || {T, B} <- Timed]),
     Kept = lists:sublist(PerByte, max(1, (length(PerByte) * 9) div 10)),
     lists:sum(Kept) / length(Kept) * Bytes;
-timed_feeds(longest_call, Chunks, State0, Feed) ->
-    {_, Calls} = lists:foldl(
-                   fun(Chunk, {State, Took}) ->
-                           Received = binary:copy(Chunk),
-                           T0 = erlang:monotonic_time(),
-                           State2 = Feed(State, Received),
-                           {State2, [erlang:monotonic_time() - T0 | Took]}
-                   end, {State0, []}, Chunks),
-    call_stats(Calls).
+timed_feeds(longest_call, {Stream, Size}, State0, Feed) ->
+    call_stats(timed_calls(Stream, 0, Size, State0, Feed, [])).
+
+timed_batches(Stream, Offset, _Size, _PerBatch, _State, _Feed, Acc)
+  when Offset >= byte_size(Stream) ->
+    Acc;
+timed_batches(Stream, Offset, Size, PerBatch, State, Feed, Acc) ->
+    Received = fresh_chunks(Stream, Offset, Size, PerBatch),
+    T0 = erlang:monotonic_time(),
+    State2 = lists:foldl(fun(C, S) -> Feed(S, C) end, State, Received),
+    Took = erlang:monotonic_time() - T0,
+    Bytes = iolist_size(Received),
+    timed_batches(Stream, Offset + Bytes, Size, PerBatch, State2, Feed, [{Took, Bytes} | Acc]).
+
+timed_calls(Stream, Offset, _Size, _State, _Feed, Acc) when Offset >= byte_size(Stream) ->
+    Acc;
+timed_calls(Stream, Offset, Size, State, Feed, Acc) ->
+    [Received] = fresh_chunks(Stream, Offset, Size, 1),
+    T0 = erlang:monotonic_time(),
+    State2 = Feed(State, Received),
+    Took = erlang:monotonic_time() - T0,
+    timed_calls(Stream, Offset + byte_size(Received), Size, State2, Feed, [Took | Acc]).
+
+%% Up to N chunks of Size from Offset on, each a fresh copy.
+fresh_chunks(Stream, Offset, Size, N) when N > 0, Offset < byte_size(Stream) ->
+    Len = min(Size, byte_size(Stream) - Offset),
+    [binary:copy(binary:part(Stream, Offset, Len))
+     | fresh_chunks(Stream, Offset + Len, Size, N - 1)];
+fresh_chunks(_Stream, _Offset, _Size, _N) ->
+    [].
 
 %% The 99th percentile and the longest of some call durations, in us. Durations are wall clock: on a
 %% loaded machine the OS can preempt the VM inside any call, which the longest one shows and the
@@ -290,14 +304,6 @@ call_stats(Native) ->
     Sorted = lists:sort(Native),
     P99 = lists:nth(max(1, ceil(length(Sorted) * 0.99)), Sorted),
     {to_s(P99) * 1.0e6, to_s(lists:last(Sorted)) * 1.0e6}.
-
-batches([], _N) ->
-    [];
-batches(List, N) when length(List) =< N ->
-    [List];
-batches(List, N) ->
-    {Batch, Rest} = lists:split(N, List),
-    [Batch | batches(Rest, N)].
 
 %% ---- scheduler-slice check ----
 
@@ -609,23 +615,17 @@ mutation(Seqno, FrameSize) ->
     FrameSize = byte_size(Frame),
     Frame.
 
-%% Socket-sized chunks: sub-binaries of the stream, as a receive buffer would hand them over.
-chunks(Stream, Size) when byte_size(Stream) =< Size ->
-    [Stream];
-chunks(Stream, Size) ->
-    <<Chunk:Size/binary, Rest/binary>> = Stream,
-    [Chunk | chunks(Rest, Size)].
-
 %% ---- helpers ----
 
-%% A process that runs funs for the caller, one at a time. Its heap is not collected between
-%% runs: a collection would shrink it, and the next run would pay for growing it again.
+%% A process that runs funs for the caller, one at a time, its garbage collected before each (a
+%% proxy's connection process holds little live data between chunks, so its heap stays small).
 worker() ->
     spawn(fun worker_loop/0).
 
 worker_loop() ->
     receive
         {run, Fun, From, Ref} ->
+            erlang:garbage_collect(),
             From ! {Ref, run(Fun)},
             worker_loop()
     end.
