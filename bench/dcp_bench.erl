@@ -53,10 +53,7 @@ main(Opts0) ->
                         Took = to_s(erlang:monotonic_time() - T0),
                         io:format("[~p: ~.1f s, load average ~s]~n",
                                   [Section, Took, load_average()]),
-                        Acc#{Section => case Result of
-                                            #{} -> Result#{section_s => Took};
-                                            _ -> #{result => Result, section_s => Took}
-                                        end}
+                        Acc#{Section => Result#{section_s => Took}}
                 end, #{}, maps:get(sections, Opts)),
     LoadAfter = load_average(),
     targets(Results),
