@@ -31,7 +31,7 @@
 %% to the last one it receives), per GB through it.
 -spec run(opts()) -> map().
 run(Opts0) ->
-    Defaults = #{rounds => 5, bytes => #{256 => 512 * ?MIB, 4 * ?KIB => 512 * ?MIB},
+    Defaults = #{rounds => 7, bytes => #{256 => 512 * ?MIB, 4 * ?KIB => 512 * ?MIB},
                  buffers => [256 * ?KIB, ?MIB],
                  vbuckets => 64, driver => ?DRIVER},
     Opts = maps:merge(Defaults, Opts0),
@@ -320,12 +320,12 @@ print(Cases) ->
     lists:foreach(fun print_case/1, Cases),
     io:format("~nratios per round (min / median / max over the rounds; targets: nif/relay CPU "
               "per GB <= 1.15, baseline/nif CPU per GB >= 2 at 256 B):~n"),
-    io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-23s~n",
+    io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-24s~n",
               ["frame", "buf", "nif/relay CPU per GB", "baseline/nif CPU per GB",
                "nif/relay MB/s", "relay_n/relay CPU per GB"]),
     lists:foreach(
       fun(#{frame_bytes := F, buffer := B, ratios := R}) ->
-              io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-23s~n",
+              io:format("~-6s ~-8s | ~-23s | ~-23s | ~-23s | ~-24s~n",
                         [dcp_bench:size_name(F), dcp_bench:size_name(B),
                          triple(maps:get(nif_to_relay_cpu_per_gb, R), "~.2f"),
                          triple(maps:get(baseline_to_nif_cpu_per_gb, R), "~.2f"),
