@@ -155,7 +155,7 @@ feed_section(#{reps := Reps, stream_bytes := StreamBytes}, RealChunks) ->
     io:format("~n== Feed: mcbp:feed/2 (NIF) vs dcp_baseline_splitter (ns_server loop), "
               "producer side, ~p MiB per stream, ~p interleaved runs each ==~n",
               [StreamBytes div ?MIB, Reps]),
-    io:format("~-7s ~-25s | ~12s ~9s | ~12s ~9s | ~-20s | ~16s ~16s~n",
+    io:format("~-7s ~-25s | ~12s ~9s | ~12s ~9s | ~-26s | ~16s ~16s~n",
               ["frame", "chunk", "base fr/s", "base MB/s", "nif fr/s", "nif MB/s",
                "ratio min/med/max", "nif p99/max us", "base p99/max us"]),
     io:format("(rates from the median runs; ratio: baseline time / NIF time of each pair of runs;~n"
@@ -198,7 +198,7 @@ feed_case(FrameSize, {ChunkLabel, ChunkSize}, StreamBytes, Reps) ->
     BestRatio = maps:get(best_s, Base) / maps:get(best_s, Nif),
     PerRun = [B / N || {B, N} <- lists:zip(BaseRuns, NifRuns)],
     Spread = #{min => lists:min(PerRun), median => median(PerRun), max => lists:max(PerRun)},
-    io:format("~-7s ~-25s | ~12s ~9.1f | ~12s ~9.1f | ~-20s | ~16s ~16s~n",
+    io:format("~-7s ~-25s | ~12s ~9.1f | ~12s ~9.1f | ~-26s | ~16s ~16s~n",
               [size_name(FrameSize), ChunkLabel ++ " " ++ size_label(ChunkSize),
                count(maps:get(frames_per_s, Base)), maps:get(mb_per_s, Base),
                count(maps:get(frames_per_s, Nif)), maps:get(mb_per_s, Nif),
