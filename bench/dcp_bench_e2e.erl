@@ -31,7 +31,7 @@
 %% to the last one it receives), per GB through it.
 -spec run(opts()) -> map().
 run(Opts0) ->
-    Defaults = #{rounds => 7, bytes => #{256 => 512 * ?MIB, 4 * ?KIB => 512 * ?MIB},
+    Defaults = #{rounds => 5, bytes => #{256 => 512 * ?MIB, 4 * ?KIB => 512 * ?MIB},
                  buffers => [256 * ?KIB, ?MIB],
                  vbuckets => 64, driver => ?DRIVER},
     Opts = maps:merge(Defaults, Opts0),
