@@ -208,13 +208,10 @@ impl rustler::Resource for SplitterResource {}
 
 #[rustler::nif]
 fn splitter_new(side: Atom, max_frame_size: u64) -> NifResult<ResourceArc<SplitterResource>> {
-    let side = side_of(side)?;
-    if !mcbp::MAX_FRAME_SIZE_RANGE.contains(&max_frame_size) {
-        return Err(BadArg);
-    }
+    let splitter = atom_name(side).and_then(|s| mcbp::term::splitter(s, max_frame_size));
     Ok(ResourceArc::new(SplitterResource {
         inner: Mutex::new(SplitterState {
-            splitter: Splitter::new(side, max_frame_size),
+            splitter: splitter.ok_or(BadArg)?,
             out: FeedOutput::default(),
         }),
     }))

@@ -5,9 +5,9 @@
 use crate::dcp::{Field, Fields};
 use crate::error::{EncodeError, Error};
 use crate::frame::{Frame, FrameInfo};
-use crate::header::Magic;
+use crate::header::{Magic, MAX_FRAME_SIZE_RANGE};
 use crate::names::{code, name, Kind, StreamEndReason, VbState};
-use crate::splitter::{Event, Side, Stats};
+use crate::splitter::{Event, Side, Splitter, Stats};
 
 /// Where a term is built. Tuples, lists and maps take their parts as slices, so a fixed shape is
 /// built from arrays on the stack.
@@ -60,62 +60,33 @@ pub trait ToTerm {
 
 /// The atoms the shapes below use besides the names tables' and the magics' names: the NIF makes
 /// them all once, at load.
+#[rustfmt::skip]
 pub const ATOMS: &[&str] = &[
-    "unknown",
-    "undefined",
-    "true",
-    "false",
-    "consumer",
-    "producer", // plain values
-    "opcode",
-    "server_opcode",
-    "status",
-    "stream_end_reason",
-    "vbucket_state",
-    "hello_feature",
-    "magic",
-    "opcode_name",
-    "datatype",
-    "vbucket",
-    "opaque",
-    "cas",
-    "framing_extras",
-    "extras",
-    "key",
-    "value", // frame map
-    "stream_end",
-    "add_stream_response",
-    "close_stream_response",
-    "stream_req",
-    "set_vbucket_state",
-    "set_vbucket_state_response", // events
-    "bad_magic",
-    "frame_too_large",
-    "bad_lengths",
-    "bad_framing_extras",
-    "bad_extras",
-    "bad_value",
-    "framing",
-    "body",
-    "missing_field",
-    "bad_field",
-    "field_not_allowed",
-    "key_too_long",
-    "extras_too_long",
-    "framing_extras_not_allowed",
-    "framing_extras_too_long",
-    "frame_info_id_too_large",
-    "frame_info_too_long",
-    "body_too_large", // errors
-    "frames",
-    "bytes",
-    "forwarded_frames",
-    "blocked_frames",
-    "reported_frames",
-    "largest_frame",
-    "held_bytes",
-    "forward_remaining",
-    "by_opcode", // stats
+    // plain values, the name tables' own names
+    "unknown", "undefined", "true", "false", "consumer", "producer",
+    "opcode", "server_opcode", "status", "stream_end_reason", "vbucket_state", "hello_feature",
+    // the frame map
+    "magic", "opcode_name", "datatype", "vbucket", "opaque", "cas", "framing_extras", "extras",
+    "key", "value",
+    // events
+    "stream_end", "add_stream_response", "close_stream_response", "stream_req",
+    "set_vbucket_state", "set_vbucket_state_response",
+    // errors
+    "bad_magic", "frame_too_large", "bad_lengths", "bad_framing_extras", "bad_extras", "bad_value",
+    "framing", "body", "missing_field", "bad_field", "field_not_allowed", "key_too_long",
+    "extras_too_long", "framing_extras_not_allowed", "framing_extras_too_long",
+    "frame_info_id_too_large", "frame_info_too_long", "body_too_large",
+    // stats
+    "frames", "bytes", "forwarded_frames", "blocked_frames", "reported_frames", "largest_frame",
+    "held_bytes", "forward_remaining", "by_opcode",
+    // dcp_fields
+    "abort_seqno", "by_seqno", "commit_seqno", "delete_time", "deleted", "durability_level", "end",
+    "end_seqno", "event", "expiration", "failover_log", "flags", "high_completed_seqno",
+    "include_delete_times", "include_xattrs", "lock_time", "max_visible_seqno", "name", "nmeta",
+    "notifier", "nru", "prepared_seqno", "producer", "reason", "reserved", "rev_seqno",
+    "rollback_seqno", "snap_end_seqno", "snap_start_seqno", "snapshot_type", "start",
+    "start_seqno", "state", "stream_opaque", "takeover", "timestamp", "vbucket_uuid", "version",
+    "v1", "v2_0", "v2_1",
 ];
 
 /// A name table by its atom (`dcp_nif:name_kind()`).
@@ -142,6 +113,13 @@ pub fn side_from_name(name: &str) -> Option<Side> {
     [Side::Consumer, Side::Producer]
         .into_iter()
         .find(|s| side_name(*s) == name)
+}
+
+/// The splitter `splitter_new(Side, MaxFrameSize)` asks for: `None` for a side or size out of
+/// range.
+pub fn splitter(side: &str, max_frame_size: u64) -> Option<Splitter> {
+    let max = Some(max_frame_size).filter(|m| MAX_FRAME_SIZE_RANGE.contains(m))?;
+    Some(Splitter::new(side_from_name(side)?, max))
 }
 
 impl ToTerm for Side {
