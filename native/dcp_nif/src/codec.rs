@@ -24,7 +24,7 @@ const SUBBINARY_MIN: usize = 64;
 const FEED_BUDGET: usize = 32 * 1024;
 
 /// How deep a term coming in is read; the shapes mcbp reads are at most 3 deep.
-const VALUE_DEPTH: u32 = 8;
+pub(crate) const VALUE_DEPTH: u32 = 8;
 
 /// The one converter: builds the terms of mcbp's shapes in `env`. A part of `base` becomes a
 /// sub-binary of it (when long enough), other bytes are copied.
@@ -71,16 +71,16 @@ impl<'a> Sink for Out<'a> {
     }
 }
 
-fn term<'a>(env: Env<'a>, x: &impl ToTerm) -> Term<'a> {
+pub(crate) fn term<'a>(env: Env<'a>, x: &impl ToTerm) -> Term<'a> {
     x.to_term(&mut Out::new(env))
 }
 
-fn error_term<'a>(env: Env<'a>, why: &impl ToTerm) -> Term<'a> {
+pub(crate) fn error_term<'a>(env: Env<'a>, why: &impl ToTerm) -> Term<'a> {
     (error(), term(env, why)).encode(env)
 }
 
 /// A term as mcbp reads it; parts deeper than `depth` are `Other`.
-fn value(t: Term<'_>, depth: u32) -> Value<'_> {
+pub(crate) fn value(t: Term<'_>, depth: u32) -> Value<'_> {
     let inner = |t| match depth {
         0 => Value::Other,
         _ => value(t, depth - 1),
