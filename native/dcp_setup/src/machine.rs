@@ -15,8 +15,10 @@
 //! has been applied (`applied`): an ADD_STREAM success that arrives after the answer to a later
 //! CLOSE_STREAM, or after a stream end, opened a stream that no longer exists. Applied answers:
 //! add success or `key_eexists` -> active; another add failure -> not active; close success or
-//! `key_enoent` -> not active; another close failure -> unchanged. Producer-side closes and
-//! takeover adds never change the active set (it holds the consumer's replica streams only).
+//! `key_enoent` -> not active; another close failure -> unchanged. Producer-side closes never
+//! change the active set, nor does the add of a takeover while the takeover runs (a completed
+//! takeover leaves no replica stream); the late answer of a takeover that already ended is
+//! applied like any add's (the consumer holds whatever that add opened).
 //!
 //! # Late answers (the rule)
 //!
@@ -111,6 +113,8 @@ struct Takeover {
     /// The takeover closed an older stream of its vbucket: until the consumer's STREAM_REQ is
     /// seen, a stream end for the vbucket is that stream's.
     closing_old: bool,
+    /// The sequence number of the takeover's add.
+    add_seq: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -368,6 +372,7 @@ impl Setup {
             requested: None,
             add_acked: false,
             closing_old,
+            add_seq: seq,
         });
         Ok(Start::Send(actions))
     }
@@ -403,7 +408,10 @@ impl Setup {
             self.send(Side::Consumer, vb, actions);
         }
         if both {
-            if self.find(vb, Response::CloseStream(Side::Producer)).is_some() {
+            if self
+                .find(vb, Response::CloseStream(Side::Producer))
+                .is_some()
+            {
                 self.adopt(vb, Response::CloseStream(Side::Producer));
             } else {
                 self.send(Side::Producer, vb, actions);
@@ -498,7 +506,9 @@ impl Setup {
                 opaque,
             };
         };
-        if !o.takeover && self.apply(vb, o.seq) {
+        // A takeover's own add never makes a replica stream; one whose takeover already ended
+        // (deadline, stream end, shut) left whatever it opened on the consumer like any add.
+        if (!o.takeover || !o.caller) && self.apply(vb, o.seq) {
             if status == STATUS_SUCCESS || status == STATUS_KEY_EEXISTS {
                 self.active.insert(vb);
             } else {
@@ -579,19 +589,19 @@ impl Setup {
             State::Shut => return Outcome::NoReply,
             State::Takeover(t) if t.vbucket == vb && self.ends_takeover_stream(t, opaque) => {
                 if t.stage == TakeoverStage::Active {
+                    // The ordinary end of a stream that took over: the takeover goes on.
+                    self.end_stream(vb);
                     return Outcome::NoReply;
                 }
                 // A takeover stream that ended before the switch did not take over.
                 self.release(vb, Response::AddStream);
                 self.state = State::Idle;
+                self.end_stream(vb);
                 return Outcome::Reply(Reply::Errors(vec![(Why::StreamEnd(reason), vb)]));
             }
             _ => {}
         }
-        // The consumer's stream ends after everything sent before this point.
-        let seq = self.next_seq();
-        self.applied[usize::from(vb)] = seq;
-        self.active.remove(vb);
+        self.end_stream(vb);
         if matches!(self.state, State::SettingUp { .. })
             && self.pending_adds.contains(vb)
             && reason != StreamEndReason::OK
@@ -603,6 +613,13 @@ impl Setup {
             return self.finish_if_settled();
         }
         Outcome::NoReply
+    }
+
+    /// The consumer's stream of `vb` ends after everything sent before this point.
+    fn end_stream(&mut self, vb: u16) {
+        let seq = self.next_seq();
+        self.applied[usize::from(vb)] = seq;
+        self.active.remove(vb);
     }
 
     fn ends_takeover_stream(&self, t: Takeover, opaque: u32) -> bool {
@@ -672,6 +689,11 @@ impl Setup {
             }
             State::Takeover(t) => {
                 self.release(t.vbucket, Response::AddStream);
+                if t.add_acked && self.apply(t.vbucket, t.add_seq) {
+                    // The consumer holds the stream the acknowledged add opened (unless it ended
+                    // since): a later setup keeps or closes it like any other.
+                    self.active.insert(t.vbucket);
+                }
                 self.state = State::Idle;
                 Outcome::Reply(Reply::Errors(vec![(Why::SetupTimeout, t.vbucket)]))
             }

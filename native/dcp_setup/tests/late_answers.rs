@@ -141,7 +141,10 @@ fn close_and_re_add_while_the_add_is_owed_never_applies_the_old_answer_to_the_ne
             close(Side::Producer, 3)
         ]))
     );
-    assert_eq!(s.close_stream_response(Side::Consumer, 3, 0), Outcome::NoReply);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 3, 0),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.close_stream_response(Side::Producer, 3, 1),
         Outcome::Reply(Reply::Ok)
@@ -165,7 +168,10 @@ fn an_add_success_answered_after_a_later_close_opened_a_stream_that_is_gone() {
     assert_eq!(s.deadline(), errors(&[(Why::SetupTimeout, 3)]));
     assert!(s.begin(&[]).is_ok());
     // The consumer handled the add, then the close; the close's answer overtook the add's.
-    assert_eq!(s.close_stream_response(Side::Consumer, 3, 0), Outcome::NoReply);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 3, 0),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.close_stream_response(Side::Producer, 3, 0),
         Outcome::Reply(Reply::Ok)
@@ -191,7 +197,10 @@ fn a_late_close_answer_after_the_deadline_updates_the_active_set() {
     assert_eq!(s.partitions(), vec![1]);
     // The retry waits for the owed closes instead of sending new ones.
     assert_eq!(s.begin(&[]), Ok(Start::Send(vec![])));
-    assert_eq!(s.close_stream_response(Side::Consumer, 1, 0), Outcome::NoReply);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 1, 0),
+        Outcome::NoReply
+    );
     assert!(s.partitions().is_empty());
     assert_eq!(
         s.close_stream_response(Side::Producer, 1, 0),

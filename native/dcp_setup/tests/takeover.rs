@@ -62,8 +62,14 @@ fn takeover_of_an_active_vbucket_closes_it_in_the_same_step() {
     );
     assert_eq!(s.phase(), Phase::Takeover);
     // The closes' answers are the takeover's own business: no reply, the stream is gone.
-    assert_eq!(s.close_stream_response(Side::Consumer, 4, 0), Outcome::NoReply);
-    assert_eq!(s.close_stream_response(Side::Producer, 4, 0), Outcome::NoReply);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 4, 0),
+        Outcome::NoReply
+    );
+    assert_eq!(
+        s.close_stream_response(Side::Producer, 4, 0),
+        Outcome::NoReply
+    );
     assert_eq!(s.partitions(), Vec::<u16>::new());
     // The old stream's end (sent on the producer's close) is not the takeover stream's.
     assert_eq!(
@@ -72,7 +78,10 @@ fn takeover_of_an_active_vbucket_closes_it_in_the_same_step() {
     );
     assert_eq!(s.stream_req(4, 0x5000), Outcome::NoReply);
     assert_eq!(s.add_stream_response(4, 0), Outcome::NoReply);
-    assert_eq!(s.set_vbucket_state(0x5000, VbState::ACTIVE), Outcome::NoReply);
+    assert_eq!(
+        s.set_vbucket_state(0x5000, VbState::ACTIVE),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.set_vbucket_state_response(0x5000, 0),
         Outcome::Reply(Reply::Ok)
