@@ -9,8 +9,8 @@
 -import(dcp_test_lib, [with_nodes/3, fail_stream/3, stream_end_error/2]).
 
 %% The deadline, and an answer delay past it (the retry's deadline is still ahead when it comes).
--define(DEADLINE, 400).
--define(DELAY, 600).
+-define(DEADLINE, 700).
+-define(DELAY, 1000).
 -define(REASONS, [{0, ok}, {1, closed}, {2, state_changed}, {3, disconnected}, {4, too_slow},
                   {5, backfill_fail}, {6, rollback}, {7, filter_empty}, {8, lost_privileges},
                   {42, {unknown, 42}}]).
