@@ -205,6 +205,11 @@ log_producer_event(_Event, _Conn) ->
 %% that matches nothing is a protocol violation; terminate/3 answers the caller first).
 outcome(noreply, St, _Conn) ->
     {ok, St};
+outcome({noreply, absorbed}, St, #{name := Name}) ->
+    %% a late answer (after the deadline, a shut or a stream end) or one to a superseded request:
+    %% the machine applied it to what it knows of the consumer; counted in setup_info's `absorbed'
+    ?LOG_INFO("~s: late setup answer absorbed", [Name], ?LOG_META),
+    {ok, St};
 outcome({reply, Reply}, #consumer{waiting = []} = St, #{name := Name}) ->
     ?LOG_INFO("~s: setup settled with nobody waiting: ~0p", [Name, Reply], ?LOG_META),
     {ok, St};

@@ -60,7 +60,9 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
 -type why() :: {mcbp_status, non_neg_integer()} | {stream_end, mcbp:stream_end_reason()}
              | setup_timeout | {connection_lost, term()}.
 -type setup_reply() :: ok | {errors, [{why(), {vbucket, vbucket()}}]}.
--type setup_outcome() :: noreply | {reply, setup_reply()}
+%% `{noreply, absorbed}': an answer to a request no caller waits for any more (late or
+%% superseded); the machine applied it, nobody is to be answered.
+-type setup_outcome() :: noreply | {noreply, absorbed} | {reply, setup_reply()}
                        | {stop, {unexpected_response, add_stream | {close_stream, side()},
                                  non_neg_integer()}}.
 %% What to send, with the opaque (and ADD_STREAM flags word) to send it with. The opaque names

@@ -224,6 +224,7 @@ fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
 fn encode_outcome<'a>(env: Env<'a>, outcome: Outcome, lost: Option<Term<'a>>) -> Term<'a> {
     match outcome {
         Outcome::NoReply => noreply().encode(env),
+        Outcome::Absorbed => (noreply(), absorbed()).encode(env),
         Outcome::Reply(Reply::Ok) => (reply(), ok()).encode(env),
         Outcome::Reply(Reply::Errors(list)) => {
             let list: Vec<Term> = list

@@ -86,6 +86,9 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     NoReply,
+    /// An answer to a request no caller waits for any more (late: after the deadline, a shut, a
+    /// stream end; or superseded): applied to what the machine knows, counted, nothing to reply.
+    Absorbed,
     Reply(Reply),
     /// An answer whose opaque matches nothing outstanding: the peer is not following the protocol.
     UnexpectedResponse {

@@ -517,7 +517,7 @@ impl Setup {
         }
         if !o.caller {
             self.absorbed += 1;
-            return Outcome::NoReply;
+            return Outcome::Absorbed;
         }
         match &mut self.state {
             State::Takeover(t) if o.takeover => {
@@ -558,7 +558,7 @@ impl Setup {
         }
         if !o.caller {
             self.absorbed += 1;
-            return Outcome::NoReply;
+            return Outcome::Absorbed;
         }
         self.pending_closes(side).remove(vb);
         if side == Side::Consumer && self.shut_is_closing_an_add(vb) {

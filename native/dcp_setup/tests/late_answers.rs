@@ -16,7 +16,7 @@ fn late_add_answer_after_a_stream_end_failure_is_absorbed_not_a_violation() {
         Outcome::NoReply
     );
     // Still setting up: the late answer for 0 is absorbed and does not complete anything.
-    assert_eq!(s.add_stream_response(0, 0), Outcome::NoReply);
+    assert_eq!(s.add_stream_response(0, 0), Outcome::Absorbed);
     assert_eq!(s.phase(), Phase::SettingUp);
     assert_eq!(
         s.add_stream_response(1, 0),
@@ -33,7 +33,7 @@ fn late_add_answer_arriving_after_the_reply_is_absorbed_once() {
         s.stream_end(4, 1, StreamEndReason::CLOSED),
         errors(&[(Why::StreamEnd(StreamEndReason::CLOSED), 4)])
     );
-    assert_eq!(s.add_stream_response(4, 0x22), Outcome::NoReply);
+    assert_eq!(s.add_stream_response(4, 0x22), Outcome::Absorbed);
     assert!(
         s.partitions().is_empty(),
         "an absorbed answer never activates"
@@ -101,7 +101,7 @@ fn late_success_after_the_deadline_keeps_the_stream_active_and_the_retry_settles
     let first = sent_add_opaque(s.request(Request::Begin(&[3])), 3);
     assert_eq!(s.deadline(), errors(&[(Why::SetupTimeout, 3)]));
     assert!(s.partitions().is_empty());
-    assert_eq!(raw_add_answer(&mut s, first, 0), Outcome::NoReply);
+    assert_eq!(raw_add_answer(&mut s, first, 0), Outcome::Absorbed);
     assert_eq!(s.partitions(), vec![3], "the consumer holds it");
     assert_eq!(s.info().absorbed, 1);
     assert_eq!(s.begin(&[3]), Ok(Start::Settled));
@@ -124,7 +124,7 @@ fn late_failure_after_the_deadline_lets_the_retry_add_again() {
     let mut s = Setup::new();
     let first = sent_add_opaque(s.request(Request::Begin(&[3])), 3);
     assert_eq!(s.deadline(), errors(&[(Why::SetupTimeout, 3)]));
-    assert_eq!(raw_add_answer(&mut s, first, 7), Outcome::NoReply);
+    assert_eq!(raw_add_answer(&mut s, first, 7), Outcome::Absorbed);
     assert_eq!(s.begin(&[3]), Ok(Start::Send(vec![add(3)])));
 }
 
@@ -154,7 +154,7 @@ fn close_and_re_add_while_the_add_is_owed_never_applies_the_old_answer_to_the_ne
     assert_ne!(first, second);
     assert_eq!(first & 0x3ff, second & 0x3ff);
     // The old add's answer (a failure, say) is the old request's: absorbed, not the new one's.
-    assert_eq!(raw_add_answer(&mut s, first, 7), Outcome::NoReply);
+    assert_eq!(raw_add_answer(&mut s, first, 7), Outcome::Absorbed);
     assert_eq!(s.phase(), Phase::SettingUp);
     assert_eq!(raw_add_answer(&mut s, second, 0), Outcome::Reply(Reply::Ok));
     assert_eq!(s.partitions(), vec![3]);
@@ -176,7 +176,7 @@ fn an_add_success_answered_after_a_later_close_opened_a_stream_that_is_gone() {
         s.close_stream_response(Side::Producer, 3, 0),
         Outcome::Reply(Reply::Ok)
     );
-    assert_eq!(raw_add_answer(&mut s, first, 0), Outcome::NoReply);
+    assert_eq!(raw_add_answer(&mut s, first, 0), Outcome::Absorbed);
     assert!(s.partitions().is_empty());
 }
 

@@ -147,7 +147,7 @@ impl World {
 
     fn outcome(&mut self, got: Outcome, what: &str) -> Result<(), TestCaseError> {
         match got {
-            Outcome::NoReply => {}
+            Outcome::NoReply | Outcome::Absorbed => {}
             Outcome::Reply(reply) => {
                 prop_assert!(
                     self.waiting > 0,

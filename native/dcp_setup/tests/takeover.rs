@@ -64,11 +64,11 @@ fn takeover_of_an_active_vbucket_closes_it_in_the_same_step() {
     // The closes' answers are the takeover's own business: no reply, the stream is gone.
     assert_eq!(
         s.close_stream_response(Side::Consumer, 4, 0),
-        Outcome::NoReply
+        Outcome::Absorbed
     );
     assert_eq!(
         s.close_stream_response(Side::Producer, 4, 0),
-        Outcome::NoReply
+        Outcome::Absorbed
     );
     assert_eq!(s.partitions(), Vec::<u16>::new());
     // The old stream's end (sent on the producer's close) is not the takeover stream's.
