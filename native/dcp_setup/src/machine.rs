@@ -32,6 +32,12 @@
 //! wanted vbucket whose last owed request is an add waits for that add's answer; an unwanted one
 //! whose last owed request is an add is closed (both sides), and the close supersedes the add.
 //!
+//! A stream end is taken to come after every request sent before the machine saw it. A producer
+//! that ended an old stream just after the vbucket was closed and re-added (with
+//! `send_stream_end_on_client_close_stream`, which the proxy does not ask for) would make the new
+//! add's answer look stale: the vbucket would then be missing from the active set until the next
+//! setup re-adds it (key_eexists, which counts as active).
+//!
 //! One vbucket keeps at most [`MAX_OWED_PER_VBUCKET`] owed entries; past that the oldest no
 //! caller waits for is forgotten (only a peer that leaves many requests unanswered gets there;
 //! that answer, if it ever comes, then stops the connection as unexpected).
