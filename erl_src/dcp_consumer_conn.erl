@@ -53,12 +53,16 @@ setup_streams(Pid, VBuckets) when is_list(VBuckets) ->
 maybe_close_stream(Pid, VBucket) ->
     gen_server:call(Pid, {maybe_close_stream, VBucket}, infinity).
 
-%% @doc Adds `VBucket' with the takeover flag; answers when the consumer took it over.
+%% @doc Adds `VBucket' with the takeover flag, closing (on both sides, in the same step) a stream
+%% it may have, so no other request runs in between; answers when the consumer took it over, or at
+%% once with `{stream_end, Reason}' when the takeover stream ends before the switch to active. A
+%% completed takeover is not in `get_partitions/1' (the consumer owns the vbucket).
 -spec takeover(pid(), vbucket()) -> setup_reply() | {error, term()}.
 takeover(Pid, VBucket) ->
     gen_server:call(Pid, {takeover, VBucket}, infinity).
 
-%% @doc Closes every stream; from then on nothing the consumer sends is forwarded.
+%% @doc Closes every stream; from then on nothing the consumer sends is forwarded. A setup or
+%% takeover in progress is ended: its caller and this one get the same reply.
 -spec shut_connection(pid(), timeout()) -> setup_reply() | {error, term()}.
 shut_connection(Pid, Timeout) ->
     gen_server:call(Pid, shut_connection, Timeout).
@@ -201,6 +205,11 @@ log_producer_event(_Event, _Conn) ->
 %% What the machine decided: nothing yet, answer the oldest waiting caller, or stop (an answer
 %% that matches nothing is a protocol violation; terminate/3 answers the caller first).
 outcome(noreply, St, _Conn) ->
+    {ok, St};
+outcome({noreply, absorbed}, St, #{name := Name}) ->
+    %% a late answer (after the deadline, a shut or a stream end) or one to a superseded request:
+    %% the machine applied it to what it knows of the consumer; counted in setup_info's `absorbed'
+    ?LOG_INFO("~s: late setup answer absorbed", [Name], ?LOG_META),
     {ok, St};
 outcome({reply, Reply}, #consumer{waiting = []} = St, #{name := Name}) ->
     ?LOG_INFO("~s: setup settled with nobody waiting: ~0p", [Name, Reply], ?LOG_META),
