@@ -25,7 +25,6 @@
 
 -define(HEADER_LEN, 24).
 %% memcached's default max_packet_size (PROTOCOL.md).
--define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
 
 %% Client requests and responses, classic or flexible framing; server-initiated frames
 %% (0x82/0x83) have their own opcode space and are never DCP.
@@ -50,7 +49,7 @@
 %% @doc A splitter for one side of the proxy. `max_frame_size' defaults to 30 MiB.
 -spec new(consumer | producer, #{max_frame_size => pos_integer()}) -> state().
 new(Side, Opts) when Side =:= consumer; Side =:= producer ->
-    case maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE) of
+    case maps:get(max_frame_size, Opts, mcbp:default_max_frame_size()) of
         Max when is_integer(Max), Max >= ?HEADER_LEN ->
             #splitter{side = Side, max_frame_size = Max};
         Bad ->
@@ -119,21 +118,10 @@ action(consumer, Magic, ?DCP_STREAM_REQ) when ?IS_REQ(Magic) -> forward_report;
 action(consumer, Magic, ?DCP_SET_VBUCKET_STATE) when ?IS_RES(Magic) -> forward_report;
 action(_Side, _Magic, _Opcode) -> forward.
 
-%% Reported frames are rare: decode them with the one codec.
-event(stream_end, Frame) ->
-    case mcbp:decode(Frame) of
-        {ok, #{vbucket := VBucket, opaque := Opaque} = Decoded, <<>>} ->
-            case mcbp:dcp_fields(Decoded) of
-                #{reason := Reason} -> {ok, {stream_end, VBucket, Opaque, Reason}};
-                {error, _} = Error -> Error;
-                Other -> {error, {bad_stream_end, Other}}
-            end;
-        Other ->
-            decode_error(Other)
-    end;
+%% Reported frames are rare: the one codec decodes them into the splitter's own events.
 event(_Action, Frame) ->
-    case mcbp:decode(Frame) of
-        {ok, Decoded, <<>>} -> {ok, Decoded};
+    case mcbp:decode_event(Frame) of
+        {ok, Event} -> {ok, Event};
         Other -> decode_error(Other)
     end.
 

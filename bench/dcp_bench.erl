@@ -301,7 +301,7 @@ flush_long_schedules(Pid, N) ->
 %% about 4x what 256 cost.
 setup_section(#{reps := Reps}) ->
     Batch = 100,
-    io:format("~n== Setup: dcp_nif:setup_begin + one add_stream answer per vbucket, "
+    io:format("~n== Setup: dcp_nif:setup_request + one add_stream answer per vbucket, "
               "median of ~p interleaved batches of ~p setups ==~n", [Reps, Batch]),
     Runs = interleave(Reps, fun() -> isolated(fun() -> setup_batch(256, Batch) end) end,
                       fun() -> isolated(fun() -> setup_batch(1024, Batch) end) end),
@@ -324,15 +324,15 @@ setup_batch(N, Batch) ->
 
 setup_once(VBuckets) ->
     Setup = dcp_nif:setup_new(),
-    {send, Actions} = dcp_nif:setup_begin(Setup, VBuckets),
+    {send, Actions} = dcp_nif:setup_request(Setup, {setup_streams, VBuckets}),
     true = length(Actions) =:= length(VBuckets),
     answer_adds(Setup, VBuckets).
 
 answer_adds(Setup, [VB]) ->
-    {reply, ok} = dcp_nif:setup_add_stream_response(Setup, VB, 0),
+    {reply, ok} = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, VB, 0, VB}}),
     ok;
 answer_adds(Setup, [VB | Rest]) ->
-    noreply = dcp_nif:setup_add_stream_response(Setup, VB, 0),
+    noreply = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, VB, 0, VB}}),
     answer_adds(Setup, Rest).
 
 %% ---- end to end ----

@@ -30,14 +30,12 @@
 
 -type opaque() :: 0..16#ffffffff.
 -type vbucket() :: 0..16#ffff.
--type feature() :: tls | tcp_nodelay | mutation_seqno | tcp_delay | xattr | xerror | select_bucket
-                 | snappy | json | duplex | clustermap_change_notification | unordered_execution
-                 | tracing | alt_request_support | sync_replication | collections.
+%% A HELLO feature name of native/mcbp/src/names.rs (`xattr', `json', `collections', ...).
+-type feature() :: atom().
 -type open_flag() :: xattr | del_times | del_user_xattr.
--type stream_end_reason() :: ok | closed | state_changed | disconnected | too_slow | backfill_fail
-                           | rollback | filter_empty | lost_privileges | {unknown, non_neg_integer()}
-                           | non_neg_integer().
--type vbucket_state() :: active | replica | pending | dead.
+%% What `stream_end/3' takes: a reason (mcbp's type) or its code.
+-type stream_end_reason() :: mcbp:stream_end_reason() | non_neg_integer().
+-type vbucket_state() :: mcbp:vbucket_state().
 -type frame() :: #{atom() => term()}.
 
 %% ---- handshake ----
@@ -88,7 +86,7 @@ add_stream(VBucket, Flags, Opaque) ->
 add_stream_flags(Flags) when is_integer(Flags) -> Flags;
 add_stream_flags(Flags) when is_list(Flags) ->
     case lists:member(takeover, Flags) of
-        true -> 1;
+        true -> ?ADD_STREAM_TAKEOVER;
         false -> 0
     end.
 
@@ -185,27 +183,17 @@ stream_end(VBucket, Opaque, Reason) ->
     request(?DCP_STREAM_END, #{vbucket => VBucket, opaque => Opaque,
                                extras => <<(stream_end_code(Reason)):32>>}).
 
-stream_end_code(ok) -> 0;
-stream_end_code(closed) -> 1;
-stream_end_code(state_changed) -> 2;
-stream_end_code(disconnected) -> 3;
-stream_end_code(too_slow) -> 4;
-stream_end_code(backfill_fail) -> 5;
-stream_end_code(rollback) -> 6;
-stream_end_code(filter_empty) -> 7;
-stream_end_code(lost_privileges) -> 8;
 stream_end_code({unknown, N}) when is_integer(N), N >= 0 -> N;
-stream_end_code(N) when is_integer(N), N >= 0 -> N.
+stream_end_code(N) when is_integer(N), N >= 0 -> N;
+stream_end_code(Reason) -> code(stream_end_reason, Reason, unknown_stream_end_reason).
 
 -spec set_vbucket_state(vbucket(), opaque(), vbucket_state()) -> iodata().
 set_vbucket_state(VBucket, Opaque, State) ->
     request(?DCP_SET_VBUCKET_STATE, #{vbucket => VBucket, opaque => Opaque,
                                       extras => <<(vbucket_state_code(State)):8>>}).
 
-vbucket_state_code(active) -> 1;
-vbucket_state_code(replica) -> 2;
-vbucket_state_code(pending) -> 3;
-vbucket_state_code(dead) -> 4.
+vbucket_state_code({unknown, N}) when is_integer(N), N >= 0 -> N;
+vbucket_state_code(State) -> code(vbucket_state, State, unknown_vbucket_state).
 
 %% @doc A successful STREAM_REQ answer carries the failover log, newest entry first.
 -spec stream_req_response(opaque(), 0..16#ffff,
@@ -274,60 +262,33 @@ command_2_atom(Opcode) ->
 -spec opcode(atom() | 0..255) -> 0..255.
 opcode(Opcode) when is_integer(Opcode), Opcode >= 0, Opcode =< 255 ->
     Opcode;
-opcode(Name) when is_atom(Name), Name =/= unknown ->
-    case [Op || Op <- lists:seq(0, 255), mcbp:opcode_name(Op) =:= Name] of
-        [Opcode | _] -> Opcode;
-        [] -> error({unknown_opcode_name, Name})
-    end;
-opcode(Other) ->
-    error({unknown_opcode_name, Other}).
+opcode(Name) ->
+    code(opcode, Name, unknown_opcode_name).
 
-%% @doc The status code of a name used in PROTOCOL.md; integers pass through.
+%% @doc The status code of a name (`mcbp:names(status)'); integers pass through.
 -spec status(atom() | 0..16#ffff) -> 0..16#ffff.
 status(Status) when is_integer(Status) -> Status;
-status(success) -> 16#00;
-status(key_enoent) -> 16#01;
-status(key_eexists) -> 16#02;
-status(einval) -> 16#04;
-status(not_my_vbucket) -> 16#07;
-status(no_bucket) -> 16#08;
-status(auth_error) -> 16#20;
-status(erange) -> 16#22;
-status(rollback) -> 16#23;
-status(eaccess) -> 16#24;
-status(unknown_command) -> 16#81;
-status(enomem) -> 16#82;
-status(not_supported) -> 16#83;
-status(einternal) -> 16#84;
-status(ebusy) -> 16#85;
-status(etmpfail) -> 16#86;
-status(Other) -> error({unknown_status_name, Other}).
+status(Name) -> code(status, Name, unknown_status_name).
 
 -spec hello_feature_code(feature()) -> 0..16#ffff.
 hello_feature_code(Feature) ->
-    case lists:keyfind(Feature, 2, hello_feature_table()) of
-        {Code, _} -> Code;
-        false -> error({unknown_hello_feature, Feature})
-    end.
+    code(hello_feature, Feature, unknown_hello_feature).
 
 -spec hello_feature_name(0..16#ffff) -> feature() | {unknown, 0..16#ffff}.
 hello_feature_name(Code) ->
-    case lists:keyfind(Code, 1, hello_feature_table()) of
-        {_, Name} -> Name;
-        false -> {unknown, Code}
+    mcbp:name(hello_feature, Code).
+
+%% A name's code in the codec's table, or error({Error, Name}).
+code(Kind, Name, Error) ->
+    case is_atom(Name) andalso mcbp:code(Kind, Name) of
+        Code when is_integer(Code) -> Code;
+        _ -> error({Error, Name})
     end.
 
 %% @doc The features named in a HELLO request or answer value (a sequence of u16 codes).
 -spec hello_features(binary()) -> [feature() | {unknown, 0..16#ffff}].
 hello_features(Value) ->
     [hello_feature_name(Code) || <<Code:16>> <= Value].
-
-hello_feature_table() ->
-    [{16#02, tls}, {16#03, tcp_nodelay}, {16#04, mutation_seqno}, {16#05, tcp_delay},
-     {16#06, xattr}, {16#07, xerror}, {16#08, select_bucket}, {16#0a, snappy}, {16#0b, json},
-     {16#0c, duplex}, {16#0d, clustermap_change_notification}, {16#0e, unordered_execution},
-     {16#0f, tracing}, {16#10, alt_request_support}, {16#11, sync_replication},
-     {16#12, collections}].
 
 %% @doc The failover log in a STREAM_REQ answer value, `[{VbUuid, Seqno}]' newest first.
 -spec failover_log(binary()) -> [{non_neg_integer(), non_neg_integer()}].

@@ -1,5 +1,5 @@
 %% @doc The consumer half of a replication: the connection to the consumer node's memcached, which
-%% owns the stream-setup machine (`dcp_nif:setup_*'). It sends what the machine says, answers callers
+%% owns the stream-setup machine (`dcp_nif:setup_request/2', `dcp_nif:setup_event/2'). It sends what the machine says, answers callers
 %% when the machine says, and arms the setup deadline. All setup bookkeeping lives in the machine.
 -module(dcp_consumer_conn).
 
@@ -8,7 +8,7 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([start_link/2, setup_streams/2, maybe_close_stream/2, takeover/2,
-         shut_connection/2, get_partitions/1, setup_info/1]).
+         shut_connection/2, get_partitions/1, setup_info/1, default_setup_timeout/0]).
 
 %% dcp_proxy callbacks
 -export([init/2, handle_event/3, handle_call/4, handle_info/3, terminate/3]).
@@ -16,12 +16,13 @@
 -export_type([setup_reply/0, why/0]).
 
 -define(LOG_META, #{domain => [dcp_proxy]}).
+%% The one default setup timeout (ms), also dcp_replicator's.
 -define(DEFAULT_SETUP_TIMEOUT, 60000).
 
 -type vbucket() :: 0..1023.
--type why() :: {mcbp_status, non_neg_integer()} | {stream_end, term()} | setup_timeout
-             | {connection_lost, term()}.
--type setup_reply() :: ok | {errors, [{why(), {vbucket, vbucket()}}]}.
+-type why() :: {mcbp_status, non_neg_integer()} | {stream_end, mcbp:stream_end_reason()}
+             | setup_timeout | {connection_lost, term()}.
+-type setup_reply() :: dcp_nif:setup_reply().
 -type request() :: {setup_streams, [vbucket()]} | {takeover, vbucket()}
                  | {maybe_close_stream, vbucket()} | shut_connection.
 
@@ -66,6 +67,11 @@ shut_connection(Pid, Timeout) ->
 get_partitions(Pid) ->
     gen_server:call(Pid, get_partitions, infinity).
 
+%% @doc The default of `start_link/2''s `SetupTimeout', in milliseconds.
+-spec default_setup_timeout() -> pos_integer().
+default_setup_timeout() ->
+    ?DEFAULT_SETUP_TIMEOUT.
+
 -spec setup_info(pid()) -> map().
 setup_info(Pid) ->
     gen_server:call(Pid, setup_info, infinity).
@@ -109,7 +115,7 @@ start_or_queue(Request, From, #consumer{queued = Queued} = St, _Conn) ->
     {noreply, St#consumer{queued = queue:in({Request, From}, Queued)}}.
 
 start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
-    case begin_request(Request, Setup) of
+    case dcp_nif:setup_request(Setup, Request) of
         {send, Actions} ->
             log_begun(Request, Actions, Conn),
             ok = send_actions(Actions, Conn),
@@ -123,15 +129,6 @@ start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
             {reply, {error, Reason}, St}
     end.
 
-begin_request({setup_streams, VBuckets}, Setup) ->
-    dcp_nif:setup_begin(Setup, VBuckets);
-begin_request({takeover, VBucket}, Setup) ->
-    dcp_nif:setup_takeover_begin(Setup, VBucket);
-begin_request({maybe_close_stream, VBucket}, Setup) ->
-    dcp_nif:setup_maybe_close_stream(Setup, VBucket);
-begin_request(shut_connection, Setup) ->
-    dcp_nif:setup_shut(Setup).
-
 maybe_discard(shut_connection, Conn, St) ->
     ok = dcp_proxy:discard_reads(Conn),
     St;
@@ -139,11 +136,12 @@ maybe_discard(_Request, _Conn, St) ->
     St.
 
 %% ADD_STREAM and consumer CLOSE_STREAM go to the consumer socket, producer CLOSE_STREAM to the
-%% producer socket; the opaque is the vbucket, which is how the machine matches the answers.
+%% producer socket, each with the opaque (and flags) the machine chose: it matches the answers.
 send_actions(Actions, Conn) ->
     Own = [own_frame(A) || A <- Actions, element(1, A) =:= add_stream orelse
                                             element(2, A) =:= consumer],
-    Partner = [dcp_commands:close_stream(VB, VB) || {close_stream, producer, VB} <- Actions],
+    Partner = [dcp_commands:close_stream(VB, Opaque)
+               || {close_stream, producer, VB, Opaque} <- Actions],
     ok = case Own of
              [] -> ok;
              _ -> dcp_proxy:send_own(Conn, Own)
@@ -153,8 +151,8 @@ send_actions(Actions, Conn) ->
         _ -> dcp_proxy:send_partner(Conn, Partner)
     end.
 
-own_frame({add_stream, VB, Flags}) -> dcp_commands:add_stream(VB, Flags, VB);
-own_frame({close_stream, consumer, VB}) -> dcp_commands:close_stream(VB, VB).
+own_frame({add_stream, VB, Opaque, Flags}) -> dcp_commands:add_stream(VB, Flags, Opaque);
+own_frame({close_stream, consumer, VB, Opaque}) -> dcp_commands:close_stream(VB, Opaque).
 
 arm_deadline(#consumer{deadline = undefined, setup_timeout = infinity} = St) ->
     St;
@@ -171,33 +169,20 @@ disarm_deadline(#consumer{deadline = Ref} = St) ->
 
 %% ---- stream: what the consumer node and (through the producer conn) the producer say ----
 
-%% The consumer's answers to our ADD_STREAM and CLOSE_STREAM are reported, not forwarded.
-handle_event(#{opcode_name := dcp_add_stream, status := Status, opaque := Opaque}, St, Conn) ->
-    outcome(dcp_nif:setup_add_stream_response(St#consumer.setup, Opaque, Status), St, Conn);
-handle_event(#{opcode_name := dcp_close_stream, status := Status, opaque := Opaque}, St, Conn) ->
-    outcome(dcp_nif:setup_close_stream_response(St#consumer.setup, consumer, Opaque, Status),
-            St, Conn);
-%% Forwarded and reported: a takeover notes the consumer's own stream opaque and its acknowledgement
-%% of the switch to active.
-handle_event(#{opcode_name := dcp_stream_req, vbucket := VB, opaque := Opaque}, St, Conn) ->
-    outcome(dcp_nif:setup_stream_req(St#consumer.setup, VB, Opaque), St, Conn);
-handle_event(#{opcode_name := dcp_set_vbucket_state, status := Status, opaque := Opaque},
-             St, Conn) ->
-    outcome(dcp_nif:setup_set_vbucket_state_response(St#consumer.setup, Opaque, Status), St, Conn);
-handle_event(Event, St, #{name := Name}) ->
-    ?LOG_WARNING("~s: consumer side reported an unexpected frame ~0p", [Name, Event], ?LOG_META),
-    {ok, St}.
+%% What the consumer's splitter reports (mcbp:event()): the answers to our ADD_STREAM and
+%% CLOSE_STREAM (reported, not forwarded), and for a takeover its STREAM_REQ and its answer to the
+%% switch to active (forwarded and reported). The machine decides what each means.
+handle_event(Event, St, Conn) ->
+    outcome(dcp_nif:setup_event(St#consumer.setup, {consumer, Event}), St, Conn).
 
 handle_info({'$dcp_producer_event', Event}, St, Conn) ->
-    case producer_event(Event, St#consumer.setup, Conn) of
-        ignore -> {noreply, St};
-        Outcome -> to_noreply(outcome(Outcome, St, Conn))
-    end;
+    log_producer_event(Event, Conn),
+    to_noreply(outcome(dcp_nif:setup_event(St#consumer.setup, {producer, Event}), St, Conn));
 handle_info({timeout, Ref, setup_deadline}, #consumer{deadline = Ref} = St, Conn) ->
     ?LOG_WARNING("~s: setup deadline passed: ~0p", [maps:get(name, Conn),
                                                     dcp_nif:setup_info(St#consumer.setup)],
                  ?LOG_META),
-    to_noreply(outcome(dcp_nif:setup_deadline(St#consumer.setup),
+    to_noreply(outcome(dcp_nif:setup_event(St#consumer.setup, deadline),
                        St#consumer{deadline = undefined}, Conn));
 handle_info({timeout, _StaleRef, setup_deadline}, St, _Conn) ->
     {noreply, St};
@@ -205,26 +190,12 @@ handle_info(Info, St, #{name := Name}) ->
     ?LOG_WARNING("~s: unexpected message ~0p", [Name, Info], ?LOG_META),
     {noreply, St}.
 
-%% A stream end is matched to a pending add by its vbucket: its opaque is the consumer's own
-%% stream opaque, not ours (MB-53445).
-producer_event({stream_end, VB, Opaque, Reason}, Setup, _Conn) ->
-    dcp_nif:setup_stream_end(Setup, VB, Opaque, Reason);
-producer_event(#{opcode_name := dcp_set_vbucket_state, opaque := Opaque} = Frame, Setup,
-               #{name := Name}) ->
-    case mcbp:dcp_fields(Frame) of
-        #{state := State} ->
-            ?LOG_INFO("~s: takeover: producer sets vbucket ~p ~p",
-                      [Name, maps:get(vbucket, Frame, undefined), State], ?LOG_META),
-            dcp_nif:setup_set_vbucket_state(Setup, Opaque, State);
-        Other ->
-            {stop, {bad_set_vbucket_state, Other}}
-    end;
-producer_event(#{opcode_name := dcp_close_stream, status := Status, opaque := Opaque}, Setup,
-               _Conn) ->
-    dcp_nif:setup_close_stream_response(Setup, producer, Opaque, Status);
-producer_event(Event, _Setup, #{name := Name}) ->
-    ?LOG_WARNING("~s: producer side reported an unexpected frame ~0p", [Name, Event], ?LOG_META),
-    ignore.
+%% The stream end is matched to a pending add by its vbucket in the machine (its opaque is the
+%% consumer's own stream opaque, MB-53445); a takeover's state change is worth a log line.
+log_producer_event({set_vbucket_state, VB, _Opaque, State}, #{name := Name}) ->
+    ?LOG_INFO("~s: takeover: producer sets vbucket ~p ~p", [Name, VB, State], ?LOG_META);
+log_producer_event(_Event, _Conn) ->
+    ok.
 
 %% What the machine decided: nothing yet, answer the oldest waiting caller, or stop (an answer
 %% that matches nothing is a protocol violation; terminate/3 answers the caller first).
@@ -268,7 +239,7 @@ next_request(St, _Conn) ->
     St.
 
 log_begun(Request, Actions, #{name := Name}) ->
-    Adds = length([A || {add_stream, _, _} = A <- Actions]),
+    Adds = length([A || {add_stream, _, _, _} = A <- Actions]),
     ?LOG_INFO("~s: ~0p begun: ~b adds, ~b closes",
               [Name, Request, Adds, length(Actions) - Adds], ?LOG_META).
 
@@ -276,7 +247,7 @@ log_begun(Request, Actions, #{name := Name}) ->
 
 terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued}, #{name := Name}) ->
     Lost = lost_reason(Reason),
-    Answered = case dcp_nif:setup_connection_lost(Setup, Lost) of
+    Answered = case dcp_nif:setup_event(Setup, {connection_lost, Lost}) of
                    {reply, Reply} ->
                        [begin
                             ?LOG_INFO("~s: ~0p settled by connection loss: ~0p",

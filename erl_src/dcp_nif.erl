@@ -3,18 +3,16 @@
 
 -on_load(init/0).
 
-%% Codec (native/dcp_nif/src/codec.rs)
--export([decode/1, encode/1, dcp_fields/1,
-         splitter_new/2, feed/3, splitter_stats/1,
-         status_name/1, opcode_name_of/1]).
+%% Codec and name tables (native/dcp_nif/src/codec.rs)
+-export([decode/1, encode/1, dcp_fields/1, decode_event/1,
+         splitter_new/2, feed/3, splitter_forward_remaining/1, splitter_stats/1,
+         default_max_frame_size/0,
+         names/1, name_of/2, code_of/2]).
 
 %% Stream-setup machine (native/dcp_nif/src/setup.rs)
--export([setup_new/0, setup_begin/2, setup_add_stream_response/3,
-         setup_close_stream_response/4, setup_stream_end/4,
-         setup_takeover_begin/2, setup_stream_req/3, setup_set_vbucket_state/3,
-         setup_set_vbucket_state_response/3, setup_maybe_close_stream/2, setup_shut/1,
-         setup_deadline/1, setup_connection_lost/2, setup_partitions/1, setup_info/1]).
--export_type([setup/0, setup_reply/0, setup_outcome/0, setup_action/0, stream_end_reason/0]).
+-export([setup_new/0, setup_request/2, setup_event/2, setup_partitions/1, setup_info/1]).
+-export_type([setup/0, setup_request/0, setup_event/0, setup_reply/0, setup_outcome/0,
+              setup_action/0, setup_start/0, name_kind/0]).
 
 -define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
 
@@ -34,11 +32,24 @@ priv_dir() ->
 decode(_Bin) -> ?NOT_LOADED.
 encode(_Frame) -> ?NOT_LOADED.
 dcp_fields(_Frame) -> ?NOT_LOADED.
+decode_event(_Bin) -> ?NOT_LOADED.
 splitter_new(_Side, _MaxFrameSize) -> ?NOT_LOADED.
 feed(_Splitter, _Chunk, _Offset) -> ?NOT_LOADED.
+splitter_forward_remaining(_Splitter) -> ?NOT_LOADED.
 splitter_stats(_Splitter) -> ?NOT_LOADED.
-status_name(_Status) -> ?NOT_LOADED.
-opcode_name_of(_Opcode) -> ?NOT_LOADED.
+default_max_frame_size() -> ?NOT_LOADED.
+
+%% ---- name tables (native/mcbp/src/names.rs, the only copy) ----
+
+-type name_kind() :: opcode | server_opcode | status | stream_end_reason | vbucket_state
+                   | hello_feature.
+
+-spec names(name_kind()) -> [{non_neg_integer(), atom()}].
+names(_Kind) -> ?NOT_LOADED.
+-spec name_of(name_kind(), non_neg_integer()) -> atom() | {unknown, non_neg_integer()}.
+name_of(_Kind, _Code) -> ?NOT_LOADED.
+-spec code_of(name_kind(), atom()) -> non_neg_integer() | undefined.
+code_of(_Kind, _Name) -> ?NOT_LOADED.
 
 %% ---- stream-setup machine ----
 %% One machine per consumer connection; see docs/interfaces.md "Setup machine NIF".
@@ -46,52 +57,31 @@ opcode_name_of(_Opcode) -> ?NOT_LOADED.
 -type setup() :: reference().
 -type vbucket() :: 0..1023.
 -type side() :: consumer | producer.
--type stream_end_reason() :: ok | closed | state_changed | disconnected | too_slow
-                           | backfill_fail | rollback | filter_empty | lost_privileges
-                           | {unknown, non_neg_integer()}.
--type why() :: {mcbp_status, non_neg_integer()} | {stream_end, stream_end_reason()}
+-type why() :: {mcbp_status, non_neg_integer()} | {stream_end, mcbp:stream_end_reason()}
              | setup_timeout | {connection_lost, term()}.
 -type setup_reply() :: ok | {errors, [{why(), {vbucket, vbucket()}}]}.
 -type setup_outcome() :: noreply | {reply, setup_reply()}
                        | {stop, {unexpected_response, add_stream | {close_stream, side()},
                                  non_neg_integer()}}.
--type setup_action() :: {add_stream, vbucket(), 0 | 1} | {close_stream, side(), vbucket()}.
+%% What to send, with the opaque (and ADD_STREAM flags word) to send it with.
+-type setup_action() :: {add_stream, vbucket(), Opaque :: non_neg_integer(),
+                         Flags :: non_neg_integer()}
+                      | {close_stream, side(), vbucket(), Opaque :: non_neg_integer()}.
 -type setup_start() :: {send, [setup_action()]} | {reply, ok}.
--type vbucket_state() :: active | replica | pending | dead | 0..255 | {unknown, 0..255}.
+%% dcp_consumer_conn's own request terms.
+-type setup_request() :: {setup_streams, [vbucket()]} | {takeover, vbucket()}
+                       | {maybe_close_stream, vbucket()} | shut_connection.
+%% A splitter event (mcbp:event()) tagged with the side whose splitter reported it, the setup
+%% deadline, or the loss of the connection (its reason goes into the errors of the reply).
+-type setup_event() :: {side(), mcbp:event()} | deadline | {connection_lost, term()}.
 
 -spec setup_new() -> setup().
 setup_new() -> ?NOT_LOADED.
--spec setup_begin(setup(), [vbucket()]) ->
-          setup_start() | {error, busy | shut | {bad_vbucket, term()}}.
-setup_begin(_Setup, _VBuckets) -> ?NOT_LOADED.
--spec setup_add_stream_response(setup(), non_neg_integer(), non_neg_integer()) -> setup_outcome().
-setup_add_stream_response(_Setup, _Opaque, _Status) -> ?NOT_LOADED.
--spec setup_close_stream_response(setup(), side(), non_neg_integer(), non_neg_integer()) ->
-          setup_outcome().
-setup_close_stream_response(_Setup, _Side, _Opaque, _Status) -> ?NOT_LOADED.
--spec setup_stream_end(setup(), 0..65535, non_neg_integer(), stream_end_reason()) ->
-          setup_outcome().
-setup_stream_end(_Setup, _VBucket, _Opaque, _Reason) -> ?NOT_LOADED.
--spec setup_takeover_begin(setup(), vbucket()) ->
-          {send, [setup_action()]}
-              | {error, busy | shut | already_active | {bad_vbucket, term()}}.
-setup_takeover_begin(_Setup, _VBucket) -> ?NOT_LOADED.
--spec setup_stream_req(setup(), 0..65535, non_neg_integer()) -> noreply.
-setup_stream_req(_Setup, _VBucket, _Opaque) -> ?NOT_LOADED.
--spec setup_set_vbucket_state(setup(), non_neg_integer(), vbucket_state()) -> noreply.
-setup_set_vbucket_state(_Setup, _Opaque, _State) -> ?NOT_LOADED.
--spec setup_set_vbucket_state_response(setup(), non_neg_integer(), non_neg_integer()) ->
-          setup_outcome().
-setup_set_vbucket_state_response(_Setup, _Opaque, _Status) -> ?NOT_LOADED.
--spec setup_maybe_close_stream(setup(), vbucket()) ->
-          setup_start() | {error, busy | shut | {bad_vbucket, term()}}.
-setup_maybe_close_stream(_Setup, _VBucket) -> ?NOT_LOADED.
--spec setup_shut(setup()) -> setup_start() | {error, busy}.
-setup_shut(_Setup) -> ?NOT_LOADED.
--spec setup_deadline(setup()) -> setup_outcome().
-setup_deadline(_Setup) -> ?NOT_LOADED.
--spec setup_connection_lost(setup(), term()) -> setup_outcome().
-setup_connection_lost(_Setup, _Reason) -> ?NOT_LOADED.
+-spec setup_request(setup(), setup_request()) ->
+          setup_start() | {error, busy | shut | already_active | {bad_vbucket, term()}}.
+setup_request(_Setup, _Request) -> ?NOT_LOADED.
+-spec setup_event(setup(), setup_event()) -> setup_outcome().
+setup_event(_Setup, _Event) -> ?NOT_LOADED.
 -spec setup_partitions(setup()) -> [vbucket()].
 setup_partitions(_Setup) -> ?NOT_LOADED.
 -spec setup_info(setup()) -> #{state := idle | setting_up | takeover | shut,

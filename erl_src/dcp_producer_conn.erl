@@ -41,12 +41,9 @@ handle_event({stream_end, VB, Opaque, Reason} = Event, St, #{name := Name} = Con
               [Name, VB, Opaque, Reason], ?LOG_META),
     ok = to_consumer(Event, Conn),
     {ok, St};
-handle_event(#{opcode_name := Op} = Frame, St, Conn)
-  when Op =:= dcp_set_vbucket_state; Op =:= dcp_close_stream ->
-    ok = to_consumer(Frame, Conn),
-    {ok, St};
-handle_event(Event, St, #{name := Name}) ->
-    ?LOG_WARNING("~s: producer side reported an unexpected frame ~0p", [Name, Event], ?LOG_META),
+%% set_vbucket_state and close_stream_response: the consumer conn's machine decides.
+handle_event(Event, St, Conn) ->
+    ok = to_consumer(Event, Conn),
     {ok, St}.
 
 to_consumer(Event, #{partner := {Consumer, _}}) ->

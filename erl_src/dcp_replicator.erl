@@ -18,7 +18,6 @@
 -define(MAX_CONNECTION_NAME, 200).
 -define(MIN_NODE_NAME, 35).
 -define(MAX_BUCKET_IN_NAME, 60).
--define(DEFAULT_SETUP_TIMEOUT, 60000).
 -define(DEFAULT_SHUT_TIMEOUT, 10000).
 -define(STOP_TIMEOUT, 5000).
 
@@ -139,7 +138,7 @@ cut_node_name(Name, Common) ->
 
 init(#{connection_name := Name} = Opts) ->
     process_flag(trap_exit, true),
-    SetupTimeout = maps:get(setup_timeout, Opts, ?DEFAULT_SETUP_TIMEOUT),
+    SetupTimeout = maps:get(setup_timeout, Opts, dcp_consumer_conn:default_setup_timeout()),
     case dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout) of
         {ok, Consumer} ->
             case dcp_producer_conn:start_link(proxy_opts(producer, Opts)) of

@@ -15,7 +15,7 @@ new(Side, Opts) ->
           {ok, iodata(), [mcbp:event()], non_neg_integer(), mcbp:splitter()}
               | {error, mcbp:reason()}.
 feed(Splitter, Chunk) ->
-    case feed_with_remaining(Splitter, Chunk) of
+    case mcbp:feed_with_remaining(Splitter, Chunk) of
         {ok, Forward, Events, Remaining} -> {ok, Forward, Events, Remaining, Splitter};
         {error, _} = Error -> Error
     end.
@@ -23,15 +23,3 @@ feed(Splitter, Chunk) ->
 -spec stats(mcbp:splitter()) -> mcbp:stats().
 stats(Splitter) ->
     mcbp:splitter_stats(Splitter).
-
-%% MERGE: replace with mcbp:feed_with_remaining/2
-%% Private stand-in until mcbp has it: builds the whole stats map per chunk, which the real one
-%% does not.
-feed_with_remaining(Splitter, Chunk) ->
-    case mcbp:feed(Splitter, Chunk) of
-        {ok, Forward, Events} ->
-            #{forward_remaining := Remaining} = mcbp:splitter_stats(Splitter),
-            {ok, Forward, Events, Remaining};
-        {error, _} = Error ->
-            Error
-    end.

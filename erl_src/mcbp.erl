@@ -2,12 +2,13 @@
 %% A thin layer over the Rust NIF (native/mcbp, native/dcp_nif/src/codec.rs).
 -module(mcbp).
 
--export([decode/1, encode/1, dcp_fields/1,
-         splitter_new/1, feed/2, splitter_stats/1,
-         status_name/1, opcode_name/1]).
+-export([decode/1, encode/1, dcp_fields/1, decode_event/1,
+         splitter_new/1, feed/2, feed_with_remaining/2, splitter_stats/1,
+         default_max_frame_size/0,
+         names/1, name/2, code/2, status_name/1, opcode_name/1]).
 
 -export_type([magic/0, frame/0, frame_spec/0, reason/0, stream_end_reason/0,
-              event/0, splitter/0, splitter_opts/0, stats/0]).
+              vbucket_state/0, event/0, splitter/0, splitter_opts/0, stats/0]).
 
 -type magic() :: req | res | alt_req | alt_res | server_req | server_res.
 -type u8() :: 0..16#ff.
@@ -52,11 +53,24 @@
                 | {bad_extras, u8(), non_neg_integer()}
                 | {bad_value, u8(), non_neg_integer()}.
 
+%% The one Erlang type of a DCP_STREAM_END reason: its name (native/mcbp/src/names.rs), or
+%% `{unknown, Code}' for a code without one.
 -type stream_end_reason() :: ok | closed | state_changed | disconnected | too_slow
                            | backfill_fail | rollback | filter_empty | lost_privileges
                            | {unknown, non_neg_integer()}.
 
--type event() :: {stream_end, u16(), u32(), stream_end_reason()} | frame().
+-type vbucket_state() :: active | replica | pending | dead | {unknown, u8()}.
+
+%% A reported frame, decoded once by the splitter (native/mcbp/src/splitter.rs, `Event`).
+%% Producer side: stream_end, set_vbucket_state, close_stream_response. Consumer side:
+%% add_stream_response (StreamOpaque: the consumer's own stream opaque, `undefined' when the
+%% answer has none), close_stream_response, stream_req, set_vbucket_state_response.
+-type event() :: {stream_end, VBucket :: u16(), Opaque :: u32(), stream_end_reason()}
+               | {add_stream_response, Opaque :: u32(), Status :: u16(), StreamOpaque :: u32() | undefined}
+               | {close_stream_response, Opaque :: u32(), Status :: u16()}
+               | {stream_req, VBucket :: u16(), Opaque :: u32()}
+               | {set_vbucket_state, VBucket :: u16(), Opaque :: u32(), vbucket_state()}
+               | {set_vbucket_state_response, Opaque :: u32(), Status :: u16()}.
 
 -opaque splitter() :: reference().
 
@@ -74,8 +88,6 @@
                                       #{frames := non_neg_integer(),
                                         bytes := non_neg_integer()}}}.
 
-%% memcached's default max_packet_size.
--define(DEFAULT_MAX_FRAME_SIZE, 30 * 1024 * 1024).
 -define(HEADER_LEN, 24).
 %% The body length is a u32.
 -define(MAX_MAX_FRAME_SIZE, 16#ffffffff + ?HEADER_LEN).
@@ -122,7 +134,7 @@ dcp_fields(Frame) when is_map(Frame) ->
     dcp_nif:dcp_fields(Frame).
 
 %% @doc A splitter for the bytes read from one memcached (`side'). Frames larger than
-%% `max_frame_size' bytes (header included; default 30 MiB) are refused.
+%% `max_frame_size' bytes (header included; default `default_max_frame_size/0') are refused.
 -spec splitter_new(splitter_opts()) -> splitter().
 splitter_new(#{side := Side} = Opts) ->
     case Side of
@@ -130,7 +142,10 @@ splitter_new(#{side := Side} = Opts) ->
         producer -> ok;
         _ -> error({badarg, {side, Side, expected_consumer_or_producer}})
     end,
-    Max = maps:get(max_frame_size, Opts, ?DEFAULT_MAX_FRAME_SIZE),
+    Max = case Opts of
+              #{max_frame_size := M} -> M;
+              _ -> default_max_frame_size()
+          end,
     case is_integer(Max) andalso Max >= ?HEADER_LEN andalso Max =< ?MAX_MAX_FRAME_SIZE of
         true -> ok;
         false -> error({badarg, {max_frame_size, Max, {between, ?HEADER_LEN, ?MAX_MAX_FRAME_SIZE}}})
@@ -165,18 +180,65 @@ feed(Splitter, Chunk, Offset, ForwardAcc, EventAcc) ->
             Error
     end.
 
+%% @doc As `feed/2', plus the bytes of the frame being forwarded still to come (0 at a frame
+%% boundary; `splitter_stats/1''s `forward_remaining'), without building the stats map: the
+%% proxy's hot path.
+-spec feed_with_remaining(splitter(), binary()) ->
+          {ok, Forward :: iodata(), Events :: [event()], ForwardRemaining :: non_neg_integer()}
+              | {error, reason()}.
+feed_with_remaining(Splitter, Chunk) ->
+    case feed(Splitter, Chunk) of
+        {ok, Forward, Events} ->
+            {ok, Forward, Events, dcp_nif:splitter_forward_remaining(Splitter)};
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc The event the splitter reports for the whole frame at the front of `Bin' (for a caller
+%% that holds whole frames, such as the pure-Erlang baseline splitter); `undefined' for a frame
+%% no side reports.
+-spec decode_event(binary()) -> {ok, event()} | undefined | {more, pos_integer()}
+                                    | {error, reason()}.
+decode_event(Bin) when is_binary(Bin) ->
+    dcp_nif:decode_event(Bin).
+
+%% @doc The one default max frame size (30 MiB, memcached's max_packet_size), defined in
+%% native/mcbp/src/header.rs.
+-spec default_max_frame_size() -> pos_integer().
+default_max_frame_size() ->
+    dcp_nif:default_max_frame_size().
+
 %% @doc Frames and bytes per opcode, forwarded / blocked / reported counts, the largest frame and
 %% the bytes held for an incomplete header or reported frame.
 -spec splitter_stats(splitter()) -> stats().
 splitter_stats(Splitter) ->
     dcp_nif:splitter_stats(Splitter).
 
+%% @doc One protocol name table, `[{Code, Name}]' ascending (native/mcbp/src/names.rs, the only
+%% copy; include/mcbp.hrl names some of its codes for patterns).
+-spec names(dcp_nif:name_kind()) -> [{non_neg_integer(), atom()}].
+names(Kind) ->
+    dcp_nif:names(Kind).
+
+%% @doc A code's name in a table, `{unknown, Code}' when it has none.
+-spec name(dcp_nif:name_kind(), non_neg_integer()) -> atom() | {unknown, non_neg_integer()}.
+name(Kind, Code) when is_integer(Code), Code >= 0 ->
+    dcp_nif:name_of(Kind, Code).
+
+%% @doc A name's code in a table, `undefined' when the table has no such name.
+-spec code(dcp_nif:name_kind(), atom()) -> non_neg_integer() | undefined.
+code(Kind, Name) when is_atom(Name) ->
+    dcp_nif:code_of(Kind, Name).
+
 %% @doc The name of a response status (`success', `key_enoent', ...) or `{unknown, N}'.
 -spec status_name(u16()) -> atom() | {unknown, u16()}.
 status_name(Status) when is_integer(Status), Status >= 0, Status =< 16#ffff ->
-    dcp_nif:status_name(Status).
+    dcp_nif:name_of(status, Status).
 
 %% @doc The name of a client opcode (`dcp_mutation', `hello', ...) or `unknown'.
 -spec opcode_name(u8()) -> atom().
 opcode_name(Opcode) when is_integer(Opcode), Opcode >= 0, Opcode =< 16#ff ->
-    dcp_nif:opcode_name_of(Opcode).
+    case dcp_nif:name_of(opcode, Opcode) of
+        {unknown, _} -> unknown;
+        Name -> Name
+    end.

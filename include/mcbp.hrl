@@ -1,6 +1,7 @@
 %% Memcached binary protocol and DCP constants (PROTOCOL.md), for code that matches on a decoded
-%% frame's integer fields. The names of opcodes and statuses come from the `mcbp' NIF
-%% (`mcbp:opcode_name/1', `mcbp:status_name/1'); this header only gives the numbers a name in patterns.
+%% frame's integer fields. The name tables live in native/mcbp/src/names.rs only (read them with
+%% `mcbp:names/1', `mcbp:name/2', `mcbp:code/2'); this header only gives some of their codes a
+%% macro for patterns, and test/mcbp_04_names_tests.erl checks every entry against the NIF.
 
 -ifndef(MCBP_HRL).
 -define(MCBP_HRL, true).
@@ -51,6 +52,9 @@
 -define(EINTERNAL, 16#84).
 -define(EBUSY, 16#85).
 -define(ETMPFAIL, 16#86).
+
+%% DCP_ADD_STREAM flags
+-define(ADD_STREAM_TAKEOVER, 16#01).
 
 %% DCP_OPEN flags
 -define(OPEN_PRODUCER, 16#01).

@@ -121,26 +121,26 @@ producer_close_stream_response_is_reported_not_forwarded_test() ->
     Frame = response(16#52, 0, 5, <<>>),
     {_, Fwd, [Event]} = feed_all(producer, [Frame]),
     ?assertEqual(<<>>, iolist_to_binary(Fwd)),
-    ?assertMatch(#{opcode_name := dcp_close_stream, opaque := 5}, Event).
+    ?assertMatch({close_stream_response, 5, 0}, Event).
 
 producer_set_vbucket_state_is_forwarded_and_reported_test() ->
     Frame = set_vbucket_state(3, 77, 1),
     {_, Fwd, [Event]} = feed_all(producer, [Frame]),
     ?assertEqual(Frame, iolist_to_binary(Fwd)),
-    ?assertMatch(#{opcode_name := dcp_set_vbucket_state, vbucket := 3}, Event).
+    ?assertMatch({set_vbucket_state, 3, 77, active}, Event).
 
 consumer_add_stream_response_is_reported_not_forwarded_test() ->
     Frame = response(16#51, 0, 4, <<1234:32>>),
     Noop = noop(1),
     {_, Fwd, [Event]} = feed_all(consumer, [<<Frame/binary, Noop/binary>>]),
     ?assertEqual(Noop, iolist_to_binary(Fwd)),
-    ?assertMatch(#{opcode_name := dcp_add_stream, opaque := 4, status := 0}, Event).
+    ?assertMatch({add_stream_response, 4, 0, 1234}, Event).
 
 consumer_stream_req_is_forwarded_and_reported_test() ->
     Frame = stream_req(9, 4242),
     {_, Fwd, [Event]} = feed_all(consumer, [Frame]),
     ?assertEqual(Frame, iolist_to_binary(Fwd)),
-    ?assertMatch(#{opcode_name := dcp_stream_req, vbucket := 9, opaque := 4242}, Event).
+    ?assertMatch({stream_req, 9, 4242}, Event).
 
 consumer_forwards_stream_end_silently_test() ->
     Frame = stream_end(12, 99, 2),

@@ -21,10 +21,6 @@ response(Opcode, Status, Opaque) ->
     iolist_to_binary(mcbp:encode(#{magic => res, opcode => Opcode, status => Status,
                                    opaque => Opaque})).
 
-decoded(Bin) ->
-    {ok, Frame, <<>>} = mcbp:decode(Bin),
-    Frame.
-
 feed(S, Chunk) ->
     {ok, Forward, Events} = mcbp:feed(S, Chunk),
     {iolist_to_binary(Forward), Events}.
@@ -43,8 +39,13 @@ producer_close_stream_answer_is_reported_not_forwarded_test() ->
     Close = response(16#52, 0, 3),
     SetState = iolist_to_binary(mcbp:encode(#{magic => req, opcode => 16#5b, opaque => 5,
                                               extras => <<1>>})),
-    ?assertEqual({<<M/binary, SetState/binary, M/binary>>, [decoded(Close), decoded(SetState)]},
-                 feed(S, <<M/binary, Close/binary, SetState/binary, M/binary>>)).
+    ?assertEqual({<<M/binary, SetState/binary, M/binary>>,
+                  [{close_stream_response, 3, 0}, {set_vbucket_state, 0, 5, active}]},
+                 feed(S, <<M/binary, Close/binary, SetState/binary, M/binary>>)),
+    %% the state byte the event carries must be there
+    Bad = iolist_to_binary(mcbp:encode(#{magic => req, opcode => 16#5b, opaque => 5})),
+    ?assertEqual({error, {bad_extras, 16#5b, 0}},
+                 mcbp:feed(mcbp:splitter_new(#{side => producer}), Bad)).
 
 consumer_policy_reports_add_close_answers_and_sees_stream_requests_test() ->
     S = mcbp:splitter_new(#{side => consumer}),
@@ -57,8 +58,11 @@ consumer_policy_reports_add_close_answers_and_sees_stream_requests_test() ->
     {Forward, Events} = feed(S, <<Add/binary, Req/binary, Close/binary, StateAnswer/binary,
                                   Ack/binary>>),
     ?assertEqual(<<Req/binary, StateAnswer/binary, Ack/binary>>, Forward),
-    ?assertEqual([decoded(Add), decoded(Req), decoded(Close), decoded(StateAnswer)], Events),
-    ?assertMatch([#{opcode_name := dcp_add_stream, magic := res, status := 0} | _], Events).
+    ?assertEqual([{add_stream_response, 7, 0, undefined}, {stream_req, 7, 1234},
+                  {close_stream_response, 8, 1}, {set_vbucket_state_response, 5, 0}], Events),
+    WithOpaque = iolist_to_binary(mcbp:encode(#{magic => res, opcode => 16#51, opaque => 7,
+                                                extras => <<16#10007:32>>})),
+    ?assertEqual({<<>>, [{add_stream_response, 7, 0, 16#10007}]}, feed(S, WithOpaque)).
 
 forward_parts_are_sub_binaries_of_the_chunk_test() ->
     S = mcbp:splitter_new(#{side => producer}),
@@ -201,8 +205,19 @@ expected_event(<<16#80, 16#55, _/binary>> = Frame) ->
                  false -> {unknown, Code}
              end,
     {stream_end, VB, Opaque, Reason};
-expected_event(Frame) ->
-    decoded(Frame).
+expected_event(<<16#80, 16#5b, _/binary>> = Frame) ->
+    {ok, #{vbucket := VB, opaque := Opaque, extras := <<2>>}, <<>>} = mcbp:decode(Frame),
+    {set_vbucket_state, VB, Opaque, replica};
+expected_event(<<16#80, 16#53, _/binary>> = Frame) ->
+    {ok, #{vbucket := VB, opaque := Opaque}, <<>>} = mcbp:decode(Frame),
+    {stream_req, VB, Opaque};
+expected_event(<<16#81, Op, _/binary>> = Frame) ->
+    {ok, #{status := Status, opaque := Opaque}, <<>>} = mcbp:decode(Frame),
+    case Op of
+        16#51 -> {add_stream_response, Opaque, Status, undefined};
+        16#52 -> {close_stream_response, Opaque, Status};
+        16#5b -> {set_vbucket_state_response, Opaque, Status}
+    end.
 
 cut(Bin, Cuts) ->
     Points = lists:usort([C rem (byte_size(Bin) + 1) || C <- Cuts] ++ [0, byte_size(Bin)]),

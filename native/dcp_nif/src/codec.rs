@@ -2,63 +2,15 @@
 //! Protocol logic stays in the `mcbp` crate.
 
 use mcbp::splitter::{Event, FeedOutput, FeedStatus, Piece, Side, Splitter};
-use mcbp::{Decoded, EncodeError, Error, Field, Frame, FrameInfo, Magic, StreamEndReason};
+use mcbp::{
+    Decoded, EncodeError, Error, Field, Frame, FrameInfo, Kind, Magic, StreamEndReason, VbState,
+};
 use parking_lot::Mutex;
-use rustler::types::tuple::make_tuple;
+use rustler::types::tuple::get_tuple;
+use rustler::Error::BadArg;
 use rustler::{Atom, Binary, Encoder, Env, NewBinary, NifResult, ResourceArc, Term};
 
-rustler::atoms! {
-    ok,
-    error,
-    more,
-    continue_ = "continue",
-    unknown,
-    stream_end,
-    consumer,
-    producer,
-    // frame map keys
-    magic,
-    opcode,
-    opcode_name,
-    datatype,
-    vbucket,
-    status,
-    opaque,
-    cas,
-    framing_extras,
-    extras,
-    key,
-    value,
-    // errors
-    bad_magic,
-    frame_too_large,
-    bad_lengths,
-    bad_framing_extras,
-    bad_extras,
-    bad_value,
-    framing,
-    body,
-    missing_field,
-    bad_field,
-    field_not_allowed,
-    key_too_long,
-    extras_too_long,
-    framing_extras_not_allowed,
-    framing_extras_too_long,
-    frame_info_id_too_large,
-    frame_info_too_long,
-    body_too_large,
-    // stats
-    frames,
-    bytes,
-    forwarded_frames,
-    blocked_frames,
-    reported_frames,
-    largest_frame,
-    held_bytes,
-    forward_remaining,
-    by_opcode,
-}
+use crate::atoms::*;
 
 /// Parts at least this long become sub-binaries of the input; shorter ones are copied so a small
 /// key does not keep a large socket chunk alive.
@@ -69,10 +21,6 @@ const SUBBINARY_MIN: usize = 64;
 /// ~15 ns in a chunk larger than L2 (measured by `make bench`'s slice check), so a call stays
 /// near half a millisecond even then.
 const FEED_BUDGET: usize = 32 * 1024;
-
-fn name_atom(env: Env<'_>, name: &str) -> NifResult<Atom> {
-    Atom::from_str(env, name)
-}
 
 fn error_term<'a>(env: Env<'a>, e: &Error) -> Term<'a> {
     match *e {
@@ -117,24 +65,13 @@ fn part_term<'a>(env: Env<'a>, base: &Binary<'a>, part: &[u8]) -> NifResult<Term
     }
 }
 
-fn opcode_name_term<'a>(env: Env<'a>, m: Magic, op: u8) -> NifResult<Term<'a>> {
-    Ok(match mcbp::names::opcode_name_for(m, op) {
-        Some(name) => name_atom(env, name)?.encode(env),
-        None => unknown().encode(env),
-    })
-}
-
 /// The frame map of the contract; `frame`'s parts are slices of `base`.
 fn frame_term<'a>(env: Env<'a>, base: &Binary<'a>, frame: &Frame<'_>) -> NifResult<Term<'a>> {
     let mut infos = Vec::with_capacity(frame.framing_extras.len());
     for info in &frame.framing_extras {
         infos.push((info.id, part_term(env, base, info.data)?).encode(env));
     }
-    let which = if frame.magic.is_response() {
-        status()
-    } else {
-        vbucket()
-    };
+    let which = name_atom(env, frame.magic.vbucket_or_status_names().0);
     let keys = [
         magic().encode(env),
         opcode().encode(env),
@@ -149,9 +86,12 @@ fn frame_term<'a>(env: Env<'a>, base: &Binary<'a>, frame: &Frame<'_>) -> NifResu
         value().encode(env),
     ];
     let values = [
-        name_atom(env, frame.magic.name())?.encode(env),
+        name_atom(env, frame.magic.name()).encode(env),
         frame.opcode.encode(env),
-        opcode_name_term(env, frame.magic, frame.opcode)?,
+        frame
+            .opcode_name()
+            .map_or(unknown(), |n| name_atom(env, n))
+            .encode(env),
         frame.datatype.encode(env),
         frame.vbucket_or_status.encode(env),
         frame.opaque.encode(env),
@@ -178,89 +118,67 @@ fn decode<'a>(env: Env<'a>, bin: Binary<'a>) -> NifResult<Term<'a>> {
     }
 }
 
-/// Reads the frame map fields `encode` and `dcp_fields` need. `Err` carries the reason term.
-struct MapFrame<'a> {
-    magic: Magic,
-    opcode: u8,
-    datatype: u8,
-    vbucket_or_status: u16,
-    opaque: u32,
-    cas: u64,
-    framing_extras: Vec<(u16, Binary<'a>)>,
-    extras: Binary<'a>,
-    key: Binary<'a>,
-    value: Binary<'a>,
-}
-
-fn empty_binary(env: Env<'_>) -> Binary<'_> {
-    Binary::from(NewBinary::new(env, 0))
-}
-
-fn read_map<'a>(env: Env<'a>, map: Term<'a>) -> Result<MapFrame<'a>, Term<'a>> {
+/// The frame a frame map (or a sparser `frame_spec`) describes; `Err` carries the reason term.
+fn read_map<'a>(env: Env<'a>, map: Term<'a>) -> Result<Frame<'a>, Term<'a>> {
     let bad = |field: Atom| (bad_field(), field).encode(env);
     if !map.is_map() {
         return Err(bad_field().encode(env));
     }
     let get = |field: Atom| map.map_get(field).ok();
-    let m = get(magic())
-        .ok_or_else(|| (missing_field(), magic()).encode(env))?
-        .decode::<Atom>()
-        .ok()
-        .and_then(|a| a.to_term(env).atom_to_string().ok())
-        .and_then(|s| Magic::from_name(&s))
+    let need = |field: Atom| get(field).ok_or_else(|| (missing_field(), field).encode(env));
+    let m_atom = need(magic())?.decode::<Atom>().map_err(|_| bad(magic()))?;
+    let m = atom_name(m_atom)
+        .and_then(Magic::from_name)
         .ok_or_else(|| bad(magic()))?;
-    let op_term = get(opcode()).ok_or_else(|| (missing_field(), opcode()).encode(env))?;
-    let op = match op_term.decode::<u64>() {
-        Ok(n) => u8::try_from(n).map_err(|_| bad(opcode()))?,
-        Err(_) => op_term
-            .atom_to_string()
-            .ok()
-            .and_then(|s| mcbp::names::opcode_by_name(&s))
-            .ok_or_else(|| bad(opcode()))?,
-    };
-    let (which, other) = if m.is_response() {
-        (status(), vbucket())
+    let op_term = need(opcode())?;
+    let op = if op_term.is_atom() {
+        term_code(Kind::Opcode, op_term)
     } else {
-        (vbucket(), status())
+        op_term
+            .decode::<u64>()
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
     };
+    let op = op
+        .and_then(|c| u8::try_from(c).ok())
+        .ok_or_else(|| bad(opcode()))?;
+    let (which, other) = m.vbucket_or_status_names();
+    let (which, other) = (name_atom(env, which), name_atom(env, other));
     if get(other).is_some() {
         return Err((field_not_allowed(), other).encode(env));
     }
     // rustler's u8/u16 decoders truncate out-of-range integers: decode as u64 and check.
-    fn int<'a, T: TryFrom<u64> + Default>(
-        v: Option<Term<'a>>,
-        bad: Term<'a>,
-    ) -> Result<T, Term<'a>> {
-        match v {
-            None => Ok(T::default()),
-            Some(t) => t
-                .decode::<u64>()
-                .ok()
-                .and_then(|n| T::try_from(n).ok())
-                .ok_or(bad),
-        }
-    }
-    let bin = |field: Atom| -> Result<Binary<'a>, Term<'a>> {
-        match get(field) {
-            None => Ok(empty_binary(env)),
-            Some(t) => t.decode::<Binary<'a>>().map_err(|_| bad(field)),
-        }
+    let int = |field: Atom| -> Result<u64, Term<'a>> {
+        get(field).map_or(Ok(0), |t| t.decode::<u64>().map_err(|_| bad(field)))
+    };
+    let small = |field: Atom, max: u64| {
+        int(field).and_then(|n| if n <= max { Ok(n) } else { Err(bad(field)) })
+    };
+    let bin = |field: Atom| -> Result<&'a [u8], Term<'a>> {
+        get(field).map_or(Ok(&[][..]), |t| {
+            t.decode::<Binary<'a>>()
+                .map(|b| b.as_slice())
+                .map_err(|_| bad(field))
+        })
     };
     let mut infos = Vec::new();
     if let Some(t) = get(framing_extras()) {
         let list: Vec<(u64, Binary<'a>)> = t.decode().map_err(|_| bad(framing_extras()))?;
         for (id, data) in list {
             let id = u16::try_from(id).map_err(|_| bad(framing_extras()))?;
-            infos.push((id, data));
+            infos.push(FrameInfo {
+                id,
+                data: data.as_slice(),
+            });
         }
     }
-    Ok(MapFrame {
+    Ok(Frame {
         magic: m,
         opcode: op,
-        datatype: int(get(datatype()), bad(datatype()))?,
-        vbucket_or_status: int(get(which), bad(which))?,
-        opaque: int(get(opaque()), bad(opaque()))?,
-        cas: int(get(cas()), bad(cas()))?,
+        datatype: small(datatype(), 0xff)? as u8,
+        vbucket_or_status: small(which, 0xffff)? as u16,
+        opaque: small(opaque(), 0xffff_ffff)? as u32,
+        cas: int(cas())?,
         framing_extras: infos,
         extras: bin(extras())?,
         key: bin(key())?,
@@ -268,37 +186,12 @@ fn read_map<'a>(env: Env<'a>, map: Term<'a>) -> Result<MapFrame<'a>, Term<'a>> {
     })
 }
 
-impl<'a> MapFrame<'a> {
-    fn frame(&self) -> Frame<'_> {
-        Frame {
-            magic: self.magic,
-            opcode: self.opcode,
-            datatype: self.datatype,
-            vbucket_or_status: self.vbucket_or_status,
-            opaque: self.opaque,
-            cas: self.cas,
-            framing_extras: self
-                .framing_extras
-                .iter()
-                .map(|(id, data)| FrameInfo {
-                    id: *id,
-                    data: data.as_slice(),
-                })
-                .collect(),
-            extras: self.extras.as_slice(),
-            key: self.key.as_slice(),
-            value: self.value.as_slice(),
-        }
-    }
-}
-
 #[rustler::nif]
 fn encode<'a>(env: Env<'a>, map: Term<'a>) -> Term<'a> {
-    let parts = match read_map(env, map) {
-        Ok(p) => p,
+    let frame = match read_map(env, map) {
+        Ok(f) => f,
         Err(why) => return (error(), why).encode(env),
     };
-    let frame = parts.frame();
     let mut head = Vec::with_capacity(64 + frame.extras.len() + frame.key.len());
     match frame.encode_head(&mut head) {
         Ok(()) => {
@@ -317,7 +210,7 @@ fn field_term<'a>(env: Env<'a>, f: &Field<'_>) -> NifResult<Term<'a>> {
     Ok(match f {
         Field::Int(n) => n.encode(env),
         Field::Bool(b) => b.encode(env),
-        Field::Name(name) => name_atom(env, name)?.encode(env),
+        Field::Name(name) => name_atom(env, name).encode(env),
         Field::Unknown(n) => (unknown(), *n).encode(env),
         Field::Bytes(b) => Binary::from(NewBinary::from_slice(env, b)).encode(env),
         Field::FailoverLog(entries) => entries.encode(env),
@@ -326,17 +219,16 @@ fn field_term<'a>(env: Env<'a>, f: &Field<'_>) -> NifResult<Term<'a>> {
 
 #[rustler::nif]
 fn dcp_fields<'a>(env: Env<'a>, map: Term<'a>) -> NifResult<Term<'a>> {
-    let parts = match read_map(env, map) {
-        Ok(p) => p,
+    let frame = match read_map(env, map) {
+        Ok(f) => f,
         Err(why) => return Ok((error(), why).encode(env)),
     };
-    let frame = parts.frame();
     match mcbp::fields(&frame) {
         Ok(fields) => {
             let mut keys = Vec::with_capacity(fields.len());
             let mut values = Vec::with_capacity(fields.len());
             for (name, f) in &fields {
-                keys.push(name_atom(env, name)?.encode(env));
+                keys.push(name_atom(env, name).encode(env));
                 values.push(field_term(env, f)?);
             }
             Term::map_from_term_arrays(env, &keys, &values)
@@ -345,19 +237,47 @@ fn dcp_fields<'a>(env: Env<'a>, map: Term<'a>) -> NifResult<Term<'a>> {
     }
 }
 
+/// One name table, `[{Code, Name}]` ascending.
 #[rustler::nif]
-fn status_name(env: Env<'_>, code: u64) -> NifResult<Term<'_>> {
-    let code = u16::try_from(code).map_err(|_| rustler::Error::BadArg)?;
-    Ok(match mcbp::names::status_name(code) {
-        Some(name) => name_atom(env, name)?.encode(env),
-        None => (unknown(), code).encode(env),
+fn names(env: Env<'_>, kind: Atom) -> NifResult<Term<'_>> {
+    let kind = kind_of(kind).ok_or(BadArg)?;
+    let table = mcbp::names::table(kind);
+    let pairs: Vec<(u16, Atom)> = table.iter().map(|&(c, n)| (c, name_atom(env, n))).collect();
+    Ok(pairs.encode(env))
+}
+
+/// A code's name in a table, `{unknown, Code}` when it has none.
+#[rustler::nif]
+fn name_of(env: Env<'_>, kind: Atom, code: u32) -> NifResult<Term<'_>> {
+    let kind = kind_of(kind).ok_or(BadArg)?;
+    Ok(code_term(env, kind, code))
+}
+
+/// A name's code in a table, `undefined` when it is not there.
+#[rustler::nif]
+fn code_of(env: Env<'_>, kind: Atom, name: Atom) -> NifResult<Term<'_>> {
+    let kind = kind_of(kind).ok_or(BadArg)?;
+    Ok(match term_code(kind, name.to_term(env)) {
+        Some(c) => c.encode(env),
+        None => undefined().encode(env),
     })
 }
 
-#[rustler::nif]
-fn opcode_name_of(env: Env<'_>, code: u64) -> NifResult<Term<'_>> {
-    let code = u8::try_from(code).map_err(|_| rustler::Error::BadArg)?;
-    opcode_name_term(env, Magic::Req, code)
+pub(crate) fn side_of(atom: Atom) -> NifResult<Side> {
+    if atom == consumer() {
+        Ok(Side::Consumer)
+    } else if atom == producer() {
+        Ok(Side::Producer)
+    } else {
+        Err(BadArg)
+    }
+}
+
+pub(crate) fn side_atom(side: Side) -> Atom {
+    match side {
+        Side::Consumer => consumer(),
+        Side::Producer => producer(),
+    }
 }
 
 /// One splitter per socket direction. The lock is uncontended (one owner process); it only makes
@@ -378,15 +298,9 @@ impl rustler::Resource for SplitterResource {}
 
 #[rustler::nif]
 fn splitter_new(side: Atom, max_frame_size: u64) -> NifResult<ResourceArc<SplitterResource>> {
-    let side = if side == consumer() {
-        Side::Consumer
-    } else if side == producer() {
-        Side::Producer
-    } else {
-        return Err(rustler::Error::BadArg);
-    };
-    if max_frame_size < mcbp::HEADER_LEN as u64 || max_frame_size > u32::MAX as u64 + 24 {
-        return Err(rustler::Error::BadArg);
+    let side = side_of(side)?;
+    if !mcbp::MAX_FRAME_SIZE_RANGE.contains(&max_frame_size) {
+        return Err(BadArg);
     }
     Ok(ResourceArc::new(SplitterResource {
         inner: Mutex::new(SplitterState {
@@ -396,35 +310,118 @@ fn splitter_new(side: Atom, max_frame_size: u64) -> NifResult<ResourceArc<Splitt
     }))
 }
 
-fn event_term<'a>(env: Env<'a>, event: &Event) -> NifResult<Term<'a>> {
+/// A splitter event as its tuple (mcbp.erl's `event()`).
+pub(crate) fn event_term(env: Env<'_>, event: Event) -> Term<'_> {
+    use Event as E;
+    let und = undefined().encode(env);
     match event {
-        Event::StreamEnd {
+        E::StreamEnd {
             vbucket: vb,
             opaque: op,
-            reason,
-        } => {
-            let reason = match reason {
-                StreamEndReason::Known(name) => name_atom(env, name)?.encode(env),
-                StreamEndReason::Unknown(n) => (unknown(), *n).encode(env),
-            };
-            Ok(make_tuple(
-                env,
-                &[
-                    stream_end().encode(env),
-                    vb.encode(env),
-                    op.encode(env),
-                    reason,
-                ],
-            ))
-        }
-        Event::Frame(bytes) => {
-            let base = Binary::from(NewBinary::from_slice(env, bytes));
-            match mcbp::decode(base.as_slice(), u64::MAX) {
-                Ok(Decoded::Frame(frame, _)) => frame_term(env, &base, &frame),
-                // The splitter validated the frame already.
-                _ => Err(rustler::Error::BadArg),
-            }
-        }
+            reason: r,
+        } => (
+            stream_end(),
+            vb,
+            op,
+            code_term(env, Kind::StreamEndReason, r.0),
+        )
+            .encode(env),
+        E::AddStreamResponse {
+            opaque: op,
+            status: st,
+            stream_opaque: so,
+        } => (
+            add_stream_response(),
+            op,
+            st,
+            so.map_or(und, |o| o.encode(env)),
+        )
+            .encode(env),
+        E::CloseStreamResponse {
+            opaque: op,
+            status: st,
+        } => (close_stream_response(), op, st).encode(env),
+        E::StreamReq {
+            vbucket: vb,
+            opaque: op,
+        } => (stream_req(), vb, op).encode(env),
+        E::SetVbucketState {
+            vbucket: vb,
+            opaque: op,
+            state: s,
+        } => (
+            set_vbucket_state(),
+            vb,
+            op,
+            code_term(env, Kind::VbState, s.0.into()),
+        )
+            .encode(env),
+        E::SetVbucketStateResponse {
+            opaque: op,
+            status: st,
+        } => (set_vbucket_state_response(), op, st).encode(env),
+    }
+}
+
+/// The event of a tuple `event_term` gives (badarg for any other term).
+pub(crate) fn event_from_term(term: Term<'_>) -> NifResult<Event> {
+    use Event as E;
+    let t = get_tuple(term)?;
+    let tag: Atom = t.first().ok_or(BadArg)?.decode()?;
+    // rustler's u8/u16 decoders truncate out-of-range integers: decode as u64 and check.
+    let int = |i: usize| t[i].decode::<u64>().map_err(|_| BadArg);
+    let (a, b) = (|| int(1), || int(2));
+    let narrow = |n: u64| u16::try_from(n).map_err(|_| BadArg);
+    let name = |kind, i: usize| term_code(kind, t[i]).ok_or(BadArg);
+    let wide = |n: u64| u32::try_from(n).map_err(|_| BadArg);
+    Ok(match (t.len(), tag) {
+        (4, x) if x == stream_end() => E::StreamEnd {
+            vbucket: narrow(a()?)?,
+            opaque: wide(b()?)?,
+            reason: StreamEndReason(name(Kind::StreamEndReason, 3)?),
+        },
+        (4, x) if x == add_stream_response() => E::AddStreamResponse {
+            opaque: wide(a()?)?,
+            status: narrow(b()?)?,
+            stream_opaque: match t[3].decode::<Atom>() {
+                Ok(u) if u == undefined() => None,
+                _ => Some(wide(int(3)?)?),
+            },
+        },
+        (3, x) if x == close_stream_response() => E::CloseStreamResponse {
+            opaque: wide(a()?)?,
+            status: narrow(b()?)?,
+        },
+        (3, x) if x == stream_req() => E::StreamReq {
+            vbucket: narrow(a()?)?,
+            opaque: wide(b()?)?,
+        },
+        (4, x) if x == set_vbucket_state() => E::SetVbucketState {
+            vbucket: narrow(a()?)?,
+            opaque: wide(b()?)?,
+            state: VbState(u8::try_from(name(Kind::VbState, 3)?).map_err(|_| BadArg)?),
+        },
+        (3, x) if x == set_vbucket_state_response() => E::SetVbucketStateResponse {
+            opaque: wide(a()?)?,
+            status: narrow(b()?)?,
+        },
+        _ => return Err(BadArg),
+    })
+}
+
+/// The event of the frame at the front of `bin` (what a splitter would report for it):
+/// `{ok, Event}`, `undefined` for a frame no side reports, `{more, N}` or `{error, Reason}`.
+#[rustler::nif]
+fn decode_event<'a>(env: Env<'a>, bin: Binary<'a>) -> Term<'a> {
+    let result = match mcbp::decode(bin.as_slice(), u64::MAX) {
+        Ok(Decoded::Frame(frame, _)) => mcbp::event(&frame),
+        Ok(Decoded::More(n)) => return (more(), n).encode(env),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(Some(event)) => (ok(), event_term(env, event)).encode(env),
+        Ok(None) => undefined().encode(env),
+        Err(e) => (error(), error_term(env, &e)).encode(env),
     }
 }
 
@@ -436,7 +433,7 @@ fn feed<'a>(
     offset: usize,
 ) -> NifResult<Term<'a>> {
     if offset > chunk.len() {
-        return Err(rustler::Error::BadArg);
+        return Err(BadArg);
     }
     let mut state = resource.inner.lock();
     let SplitterState { splitter, out } = &mut *state;
@@ -457,12 +454,18 @@ fn feed<'a>(
     }
     let mut events = Vec::with_capacity(out.events.len());
     for event in &out.events {
-        events.push(event_term(env, event)?);
+        events.push(event_term(env, *event));
     }
     Ok(match status {
         FeedStatus::Done => (ok(), forward, events).encode(env),
         FeedStatus::Stopped(next) => (continue_(), next, forward, events).encode(env),
     })
+}
+
+/// Bytes of the frame being forwarded still to come (O(1); `splitter_stats`' forward_remaining).
+#[rustler::nif]
+fn splitter_forward_remaining(resource: ResourceArc<SplitterResource>) -> u64 {
+    resource.inner.lock().splitter.forward_remaining()
 }
 
 #[rustler::nif]
@@ -471,32 +474,25 @@ fn splitter_stats(env: Env<'_>, resource: ResourceArc<SplitterResource>) -> NifR
     let mut op_keys = Vec::with_capacity(stats.by_opcode.len());
     let mut op_values = Vec::with_capacity(stats.by_opcode.len());
     for &(op, n, b) in &stats.by_opcode {
-        op_keys.push(match mcbp::names::opcode_name(op) {
-            Some(name) => name_atom(env, name)?.encode(env),
-            None => (unknown(), op).encode(env),
-        });
+        op_keys.push(code_term(env, Kind::Opcode, u32::from(op)));
         op_values.push(Term::map_from_arrays(env, &[frames(), bytes()], &[n, b])?);
     }
     let by_op = Term::map_from_term_arrays(env, &op_keys, &op_values)?;
-    let keys = [
-        frames(),
-        bytes(),
-        forwarded_frames(),
-        blocked_frames(),
-        reported_frames(),
-        largest_frame(),
-        held_bytes(),
-        forward_remaining(),
+    let counts = [
+        (frames(), stats.frames),
+        (bytes(), stats.bytes),
+        (forwarded_frames(), stats.forwarded_frames),
+        (blocked_frames(), stats.blocked_frames),
+        (reported_frames(), stats.reported_frames),
+        (largest_frame(), stats.largest_frame),
+        (held_bytes(), stats.held_bytes),
+        (forward_remaining(), stats.forward_remaining),
     ];
-    let values = [
-        stats.frames,
-        stats.bytes,
-        stats.forwarded_frames,
-        stats.blocked_frames,
-        stats.reported_frames,
-        stats.largest_frame,
-        stats.held_bytes,
-        stats.forward_remaining,
-    ];
-    Term::map_from_arrays(env, &keys, &values)?.map_put(by_opcode(), by_op)
+    Term::map_from_pairs(env, &counts)?.map_put(by_opcode(), by_op)
+}
+
+/// The one default max frame size (`mcbp::DEFAULT_MAX_FRAME_SIZE`, memcached's max_packet_size).
+#[rustler::nif]
+fn default_max_frame_size() -> u64 {
+    mcbp::DEFAULT_MAX_FRAME_SIZE
 }

@@ -1,8 +1,12 @@
-//! rustler glue for the `dcp_nif` Erlang module: term <-> struct conversion and resources only.
-//! Protocol logic lives in the pure crates `mcbp` and `dcp_setup`.
+//! The rustler NIF library `dcp_nif`: term conversion only. All protocol logic lives in the pure
+//! crates `mcbp` and `dcp_setup`.
 
 mod atoms;
 mod codec;
 mod setup;
 
-rustler::init!("dcp_nif");
+fn load(env: rustler::Env, _info: rustler::Term) -> bool {
+    atoms::load(env)
+}
+
+rustler::init!("dcp_nif", load = load);

@@ -1,60 +1,17 @@
 //! Glue for the dcp_setup machine: one resource per consumer connection, term conversion only.
-//! The decisions live in the pure `dcp_setup` crate.
+//! The decisions live in the pure `dcp_setup` crate; events are the splitter's own tuples.
 
 use dcp_setup::{
-    Action, Outcome, Phase, Refusal, Reply, Response, Setup, Side, Start, TakeoverStage, VbState,
+    Action, Input, Outcome, Phase, Refusal, Reply, Request, Response, Setup, Start, TakeoverStage,
     Why, MAX_VBUCKETS,
 };
-use mcbp::StreamEndReason;
+use mcbp::Kind;
 use parking_lot::Mutex;
 use rustler::types::tuple::get_tuple;
 use rustler::{Atom, Encoder, Env, Error, NifResult, ResourceArc, Term};
 
-rustler::atoms! {
-    ok,
-    error,
-    send,
-    reply,
-    noreply,
-    stop,
-    errors,
-    vbucket,
-    mcbp_status,
-    stream_end,
-    setup_timeout,
-    connection_lost,
-    busy,
-    shut,
-    bad_vbucket,
-    already_active,
-    add_stream,
-    close_stream,
-    consumer,
-    producer,
-    unexpected_response,
-    unknown,
-    idle,
-    setting_up,
-    takeover,
-    requested,
-    opaque_known,
-    active,
-    replica,
-    pending,
-    dead,
-    ignore,
-    undefined,
-    state,
-    pending_adds,
-    pending_closes_consumer,
-    pending_closes_producer,
-    next_state,
-    stage,
-    opaque,
-    requested_state,
-    add_acked,
-    absorbed,
-}
+use crate::atoms::*;
+use crate::codec::{event_from_term, side_atom, side_of};
 
 pub struct SetupResource {
     machine: Mutex<Setup>,
@@ -73,152 +30,76 @@ fn setup_new() -> ResourceArc<SetupResource> {
     })
 }
 
+/// A bare atom `(Tag, None)` or a pair `{Tag, Arg}` as `(Tag, Some(Arg))`.
+fn tagged(term: Term<'_>) -> NifResult<(Atom, Option<Term<'_>>)> {
+    if let Ok(atom) = term.decode::<Atom>() {
+        return Ok((atom, None));
+    }
+    match get_tuple(term)?.as_slice() {
+        [tag, arg] => Ok((tag.decode()?, Some(*arg))),
+        _ => Err(Error::BadArg),
+    }
+}
+
+/// `{setup_streams, [VBucket]}`, `{takeover, VBucket}`, `{maybe_close_stream, VBucket}` or
+/// `shut_connection` (dcp_consumer_conn's own request terms).
 #[rustler::nif]
-fn setup_begin<'a>(
+fn setup_request<'a>(
     env: Env<'a>,
     setup: ResourceArc<SetupResource>,
-    vbuckets: Term<'a>,
+    request: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    // list_length rejects improper lists, on which rustler's list iterator would panic.
-    let mut wanted = Vec::with_capacity(vbuckets.list_length()?);
-    for term in vbuckets.into_list_iterator()? {
-        match caller_vbucket(term) {
-            Some(vb) => wanted.push(vb),
-            None => return Ok(bad_vbucket_error(env, term)),
+    let (tag, arg) = tagged(request)?;
+    let Some(arg) = arg else {
+        if tag != shut_connection() {
+            return Err(Error::BadArg);
         }
-    }
-    let started = setup.machine.lock().begin(&wanted);
+        return Ok(encode_start(
+            env,
+            setup.machine.lock().request(Request::Shut),
+        ));
+    };
+    let started = if tag == setup_streams() {
+        // list_length rejects improper lists, on which rustler's list iterator would panic.
+        let mut wanted = Vec::with_capacity(arg.list_length()?);
+        for term in arg.into_list_iterator()? {
+            match caller_vbucket(term) {
+                Some(vb) => wanted.push(vb),
+                None => return Ok(bad_vbucket_error(env, term)),
+            }
+        }
+        setup.machine.lock().request(Request::Begin(&wanted))
+    } else {
+        let Some(vb) = caller_vbucket(arg) else {
+            return Ok(bad_vbucket_error(env, arg));
+        };
+        let request = if tag == takeover() {
+            Request::Takeover(vb)
+        } else if tag == maybe_close_stream() {
+            Request::MaybeCloseStream(vb)
+        } else {
+            return Err(Error::BadArg);
+        };
+        setup.machine.lock().request(request)
+    };
     Ok(encode_start(env, started))
 }
 
+/// `{consumer | producer, SplitterEvent}`, `deadline` or `{connection_lost, Reason}`.
 #[rustler::nif]
-fn setup_add_stream_response<'a>(
+fn setup_event<'a>(
     env: Env<'a>,
     setup: ResourceArc<SetupResource>,
-    opaque: u32,
-    status: Term<'a>,
+    event: Term<'a>,
 ) -> NifResult<Term<'a>> {
-    let status = decode_status(status)?;
-    let outcome = setup.machine.lock().add_stream_response(opaque, status);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_close_stream_response<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    side: Atom,
-    opaque: u32,
-    status: Term<'a>,
-) -> NifResult<Term<'a>> {
-    let side = decode_side(side)?;
-    let status = decode_status(status)?;
-    let outcome = setup
-        .machine
-        .lock()
-        .close_stream_response(side, opaque, status);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_stream_end<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    vbucket: Term<'a>,
-    opaque: u32,
-    reason: Term<'a>,
-) -> NifResult<Term<'a>> {
-    let vb = decode_wire_vbucket(vbucket)?;
-    let code = decode_reason(reason)?;
-    let outcome = setup.machine.lock().stream_end(vb, opaque, code);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_takeover_begin<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    vbucket: Term<'a>,
-) -> Term<'a> {
-    let Some(vb) = caller_vbucket(vbucket) else {
-        return bad_vbucket_error(env, vbucket);
+    let (input, lost) = match tagged(event)? {
+        (tag, None) if tag == deadline() => (Input::Deadline, None),
+        (tag, Some(reason)) if tag == connection_lost() => (Input::ConnectionLost, Some(reason)),
+        (side, Some(e)) => (Input::Frame(side_of(side)?, event_from_term(e)?), None),
+        (_, None) => return Err(Error::BadArg),
     };
-    let started = setup.machine.lock().takeover_begin(vb);
-    encode_start(env, started.map(Start::Send))
-}
-
-#[rustler::nif]
-fn setup_stream_req<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    vbucket: Term<'a>,
-    opaque: u32,
-) -> NifResult<Term<'a>> {
-    let vb = decode_wire_vbucket(vbucket)?;
-    let outcome = setup.machine.lock().stream_req(vb, opaque);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_set_vbucket_state<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    opaque: u32,
-    vb_state: Term<'a>,
-) -> NifResult<Term<'a>> {
-    let vb_state = decode_vb_state(vb_state)?;
-    let outcome = setup.machine.lock().set_vbucket_state(opaque, vb_state);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_set_vbucket_state_response<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    opaque: u32,
-    status: Term<'a>,
-) -> NifResult<Term<'a>> {
-    let status = decode_status(status)?;
-    let outcome = setup
-        .machine
-        .lock()
-        .set_vbucket_state_response(opaque, status);
-    Ok(encode_outcome(env, outcome, None))
-}
-
-#[rustler::nif]
-fn setup_maybe_close_stream<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    vbucket: Term<'a>,
-) -> Term<'a> {
-    let Some(vb) = caller_vbucket(vbucket) else {
-        return bad_vbucket_error(env, vbucket);
-    };
-    let started = setup.machine.lock().maybe_close_stream(vb);
-    encode_start(env, started)
-}
-
-#[rustler::nif]
-fn setup_shut(env: Env<'_>, setup: ResourceArc<SetupResource>) -> Term<'_> {
-    let started = setup.machine.lock().shut();
-    encode_start(env, started)
-}
-
-#[rustler::nif]
-fn setup_deadline(env: Env<'_>, setup: ResourceArc<SetupResource>) -> Term<'_> {
-    let outcome = setup.machine.lock().deadline();
-    encode_outcome(env, outcome, None)
-}
-
-#[rustler::nif]
-fn setup_connection_lost<'a>(
-    env: Env<'a>,
-    setup: ResourceArc<SetupResource>,
-    reason: Term<'a>,
-) -> Term<'a> {
-    let outcome = setup.machine.lock().connection_lost();
-    encode_outcome(env, outcome, Some(reason))
+    let outcome = setup.machine.lock().event(input);
+    Ok(encode_outcome(env, outcome, lost))
 }
 
 #[rustler::nif]
@@ -229,23 +110,21 @@ fn setup_partitions(setup: ResourceArc<SetupResource>) -> Vec<u16> {
 #[rustler::nif]
 fn setup_info(env: Env<'_>, setup: ResourceArc<SetupResource>) -> NifResult<Term<'_>> {
     let info = setup.machine.lock().info();
+    let und = undefined().encode(env);
     let takeover_term = match info.takeover {
-        None => undefined().encode(env),
+        None => und,
         Some(t) => Term::map_from_pairs(
             env,
             &[
-                (vbucket().encode(env), t.vbucket.encode(env)),
-                (stage().encode(env), encode_stage(t.stage).encode(env)),
+                (vbucket(), t.vbucket.encode(env)),
+                (stage(), encode_stage(t.stage).encode(env)),
+                (opaque(), t.opaque.map_or(und, |o| o.encode(env))),
                 (
-                    opaque().encode(env),
-                    t.opaque.map_or(undefined().encode(env), |o| o.encode(env)),
-                ),
-                (
-                    requested_state().encode(env),
+                    requested_state(),
                     t.requested_state
-                        .map_or(undefined().encode(env), |s| encode_vb_state(env, s)),
+                        .map_or(und, |s| code_term(env, Kind::VbState, s.0.into())),
                 ),
-                (add_acked().encode(env), t.add_acked.encode(env)),
+                (add_acked(), t.add_acked.encode(env)),
             ],
         )?,
     };
@@ -257,25 +136,25 @@ fn setup_info(env: Env<'_>, setup: ResourceArc<SetupResource>) -> NifResult<Term
     Term::map_from_pairs(
         env,
         &[
-            (state().encode(env), encode_phase(info.phase).encode(env)),
-            (active().encode(env), info.active.encode(env)),
-            (pending_adds().encode(env), info.pending_adds.encode(env)),
+            (state(), encode_phase(info.phase).encode(env)),
+            (active(), info.active.encode(env)),
+            (pending_adds(), info.pending_adds.encode(env)),
             (
-                pending_closes_consumer().encode(env),
+                pending_closes_consumer(),
                 info.pending_closes_consumer.encode(env),
             ),
             (
-                pending_closes_producer().encode(env),
+                pending_closes_producer(),
                 info.pending_closes_producer
                     .map_or(ignore().encode(env), |p| p.encode(env)),
             ),
-            (errors().encode(env), errors_term.encode(env)),
+            (errors(), errors_term.encode(env)),
             (
-                next_state().encode(env),
+                next_state(),
                 info.next.map_or(undefined(), encode_phase).encode(env),
             ),
-            (takeover().encode(env), takeover_term),
-            (absorbed().encode(env), info.absorbed.encode(env)),
+            (takeover(), takeover_term),
+            (absorbed(), info.absorbed.encode(env)),
         ],
     )
 }
@@ -290,97 +169,6 @@ fn caller_vbucket(term: Term) -> Option<u16> {
 
 fn bad_vbucket_error<'a>(env: Env<'a>, term: Term<'a>) -> Term<'a> {
     (error(), (bad_vbucket(), term)).encode(env)
-}
-
-/// A vbucket from a frame header: any u16 (the machine ignores ones it does not track).
-fn decode_wire_vbucket(term: Term) -> NifResult<u16> {
-    let vb: u32 = term.decode()?;
-    u16::try_from(vb).map_err(|_| Error::BadArg)
-}
-
-fn decode_status(term: Term) -> NifResult<u16> {
-    let status: u32 = term.decode()?;
-    u16::try_from(status).map_err(|_| Error::BadArg)
-}
-
-fn decode_side(side: Atom) -> NifResult<Side> {
-    if side == consumer() {
-        Ok(Side::Consumer)
-    } else if side == producer() {
-        Ok(Side::Producer)
-    } else {
-        Err(Error::BadArg)
-    }
-}
-
-/// A reason atom, or `{unknown, N}` for a code without a name. Anything else (including
-/// `{unknown, N}` for a named code) is badarg, so every accepted term encodes back unchanged.
-fn decode_reason(term: Term) -> NifResult<u32> {
-    if let Ok(atom) = term.decode::<Atom>() {
-        let name = atom.to_term(term.get_env()).atom_to_string()?;
-        return StreamEndReason::from_name(&name)
-            .map(StreamEndReason::code)
-            .ok_or(Error::BadArg);
-    }
-    let elements = get_tuple(term)?;
-    match elements.as_slice() {
-        [tag, code] if tag.decode::<Atom>().is_ok_and(|a| a == unknown()) => {
-            let code: u32 = code.decode()?;
-            match StreamEndReason::from_code(code) {
-                StreamEndReason::Unknown(code) => Ok(code),
-                StreamEndReason::Known(_) => Err(Error::BadArg),
-            }
-        }
-        _ => Err(Error::BadArg),
-    }
-}
-
-fn encode_reason(env: Env<'_>, code: u32) -> Term<'_> {
-    match StreamEndReason::from_code(code) {
-        // The names are plain ASCII atoms: creating one cannot fail.
-        StreamEndReason::Known(name) => Atom::from_str(env, name)
-            .map_or_else(|_| (unknown(), code).encode(env), |a| a.encode(env)),
-        StreamEndReason::Unknown(code) => (unknown(), code).encode(env),
-    }
-}
-
-fn decode_vb_state(term: Term) -> NifResult<VbState> {
-    if let Ok(atom) = term.decode::<Atom>() {
-        return [
-            (active(), VbState::Active),
-            (replica(), VbState::Replica),
-            (pending(), VbState::Pending),
-            (dead(), VbState::Dead),
-        ]
-        .into_iter()
-        .find(|(a, _)| *a == atom)
-        .map(|(_, s)| s)
-        .ok_or(Error::BadArg);
-    }
-    if let Ok(code) = term.decode::<u32>() {
-        return u8::try_from(code)
-            .map(VbState::from_code)
-            .map_err(|_| Error::BadArg);
-    }
-    match get_tuple(term)?.as_slice() {
-        [tag, code] if tag.decode::<Atom>().is_ok_and(|a| a == unknown()) => {
-            let code: u32 = code.decode()?;
-            u8::try_from(code)
-                .map(VbState::from_code)
-                .map_err(|_| Error::BadArg)
-        }
-        _ => Err(Error::BadArg),
-    }
-}
-
-fn encode_vb_state(env: Env<'_>, s: VbState) -> Term<'_> {
-    match s {
-        VbState::Active => active().encode(env),
-        VbState::Replica => replica().encode(env),
-        VbState::Pending => pending().encode(env),
-        VbState::Dead => dead().encode(env),
-        VbState::Other(n) => (unknown(), n).encode(env),
-    }
 }
 
 fn encode_phase(phase: Phase) -> Atom {
@@ -400,13 +188,6 @@ fn encode_stage(s: TakeoverStage) -> Atom {
     }
 }
 
-fn encode_side(side: Side) -> Atom {
-    match side {
-        Side::Consumer => consumer(),
-        Side::Producer => producer(),
-    }
-}
-
 fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
     match started {
         Ok(Start::Settled) => (reply(), ok()).encode(env),
@@ -414,12 +195,16 @@ fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
             let actions: Vec<Term> = actions
                 .iter()
                 .map(|action| match *action {
-                    Action::AddStream { vbucket, takeover } => {
-                        (add_stream(), vbucket, u32::from(takeover)).encode(env)
-                    }
-                    Action::CloseStream { side, vbucket } => {
-                        (close_stream(), encode_side(side), vbucket).encode(env)
-                    }
+                    Action::AddStream {
+                        vbucket: vb,
+                        opaque: op,
+                        flags,
+                    } => (add_stream(), vb, op, flags).encode(env),
+                    Action::CloseStream {
+                        side,
+                        vbucket: vb,
+                        opaque: op,
+                    } => (close_stream(), side_atom(side), vb, op).encode(env),
                 })
                 .collect();
             (send(), actions).encode(env)
@@ -436,7 +221,7 @@ fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
     }
 }
 
-/// `lost` is the caller's connection-lost reason, present only for `setup_connection_lost`.
+/// `lost` is the caller's connection-lost reason, present only for `{connection_lost, Reason}`.
 fn encode_outcome<'a>(env: Env<'a>, outcome: Outcome, lost: Option<Term<'a>>) -> Term<'a> {
     match outcome {
         Outcome::NoReply => noreply().encode(env),
@@ -448,12 +233,15 @@ fn encode_outcome<'a>(env: Env<'a>, outcome: Outcome, lost: Option<Term<'a>>) ->
                 .collect();
             (reply(), (errors(), list)).encode(env)
         }
-        Outcome::UnexpectedResponse { response, opaque } => {
+        Outcome::UnexpectedResponse {
+            response,
+            opaque: op,
+        } => {
             let what = match response {
                 Response::AddStream => add_stream().encode(env),
-                Response::CloseStream(side) => (close_stream(), encode_side(side)).encode(env),
+                Response::CloseStream(side) => (close_stream(), side_atom(side)).encode(env),
             };
-            (stop(), (unexpected_response(), what, opaque)).encode(env)
+            (stop(), (unexpected_response(), what, op)).encode(env)
         }
     }
 }
@@ -461,7 +249,7 @@ fn encode_outcome<'a>(env: Env<'a>, outcome: Outcome, lost: Option<Term<'a>>) ->
 fn encode_error<'a>(env: Env<'a>, why: Why, vb: u16, lost: Option<Term<'a>>) -> Term<'a> {
     let why = match why {
         Why::McbpStatus(status) => (mcbp_status(), status).encode(env),
-        Why::StreamEnd(code) => (stream_end(), encode_reason(env, code)).encode(env),
+        Why::StreamEnd(r) => (stream_end(), code_term(env, Kind::StreamEndReason, r.0)).encode(env),
         Why::SetupTimeout => setup_timeout().encode(env),
         Why::ConnectionLost => (
             connection_lost(),

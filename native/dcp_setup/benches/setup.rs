@@ -5,7 +5,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
-use dcp_setup::{reason, Outcome, Setup, Side, Start};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::Drive;
+use dcp_setup::{Outcome, Setup, Side, Start, StreamEndReason};
 
 /// Answers in an order unlike the request order (a stride walk), as a real consumer might.
 fn answer_order(n: u16) -> Vec<u16> {
@@ -27,51 +31,45 @@ fn full_setup(machine: &mut Setup, wanted: &[u16], order: &[u16]) -> Outcome {
     last
 }
 
+/// Times `iters` events, one per vbucket of fresh 1024-vbucket setups (their begin untimed).
+fn timed_per_vbucket(iters: u64, event: impl Fn(&mut Setup, u16) -> Outcome) -> Duration {
+    let wanted: Vec<u16> = (0..1024).collect();
+    let order = answer_order(1024);
+    let mut total = Duration::ZERO;
+    let mut done = 0u64;
+    while done < iters {
+        let mut machine = Setup::new();
+        black_box(machine.begin(&wanted)).ok();
+        let batch = (iters - done).min(1024) as usize;
+        let start = Instant::now();
+        for &vb in &order[..batch] {
+            black_box(event(&mut machine, vb));
+        }
+        total += start.elapsed();
+        done += batch as u64;
+    }
+    total
+}
+
 fn per_event(c: &mut Criterion) {
     let mut group = c.benchmark_group("event");
     group.throughput(Throughput::Elements(1));
 
     // One add answer inside a 1024-vbucket setup (a fresh setup every 1024 answers, untimed).
     group.bench_function("add_stream_response", |b| {
-        let wanted: Vec<u16> = (0..1024).collect();
-        let order = answer_order(1024);
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut done = 0u64;
-            while done < iters {
-                let mut machine = Setup::new();
-                black_box(machine.begin(&wanted)).ok();
-                let batch = (iters - done).min(1024) as usize;
-                let start = Instant::now();
-                for &vb in &order[..batch] {
-                    black_box(machine.add_stream_response(u32::from(vb), black_box(0)));
-                }
-                total += start.elapsed();
-                done += batch as u64;
-            }
-            total
+            timed_per_vbucket(iters, |machine, vb| {
+                machine.add_stream_response(u32::from(vb), black_box(0))
+            })
         })
     });
 
     // A stream end that fails a pending add (the MB-53445 path).
     group.bench_function("stream_end_failing_pending_add", |b| {
-        let wanted: Vec<u16> = (0..1024).collect();
-        let order = answer_order(1024);
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut done = 0u64;
-            while done < iters {
-                let mut machine = Setup::new();
-                black_box(machine.begin(&wanted)).ok();
-                let batch = (iters - done).min(1024) as usize;
-                let start = Instant::now();
-                for &vb in &order[..batch] {
-                    black_box(machine.stream_end(vb, 0xabcd, reason::STATE_CHANGED));
-                }
-                total += start.elapsed();
-                done += batch as u64;
-            }
-            total
+            timed_per_vbucket(iters, |machine, vb| {
+                machine.stream_end(vb, 0xabcd, StreamEndReason::STATE_CHANGED)
+            })
         })
     });
 
@@ -79,7 +77,7 @@ fn per_event(c: &mut Criterion) {
     group.bench_function("stream_end_untracked", |b| {
         let mut machine = Setup::new();
         black_box(machine.begin(&[1, 2, 3])).ok();
-        b.iter(|| black_box(machine.stream_end(black_box(700), 5, reason::CLOSED)))
+        b.iter(|| black_box(machine.stream_end(black_box(700), 5, StreamEndReason::CLOSED)))
     });
     group.bench_function("close_stream_response_owed", |b| {
         b.iter_batched_ref(

@@ -13,37 +13,42 @@ pub use machine::{Setup, SetupInfo, TakeoverInfo};
 /// Vbuckets are 0..MAX_VBUCKETS.
 pub const MAX_VBUCKETS: usize = 1024;
 
-/// Memcached status codes the machine interprets.
-pub const STATUS_SUCCESS: u16 = 0x00;
-/// A close-stream answer of key_enoent means the stream was already gone: success.
-pub const STATUS_KEY_ENOENT: u16 = 0x01;
+pub use mcbp::{Event, Side, StreamEndReason, VbState};
 
-/// DCP_STREAM_END reason codes (the u32 in the frame's extras). Any other code is kept as is.
-pub mod reason {
-    /// Everything asked for was sent: not a failure during setup.
-    pub const OK: u32 = 0;
-    pub const CLOSED: u32 = 1;
-    pub const STATE_CHANGED: u32 = 2;
-    pub const DISCONNECTED: u32 = 3;
-    pub const TOO_SLOW: u32 = 4;
-    pub const BACKFILL_FAIL: u32 = 5;
-    pub const ROLLBACK: u32 = 6;
-    pub const FILTER_EMPTY: u32 = 7;
-    pub const LOST_PRIVILEGES: u32 = 8;
+/// An event for the machine: a frame a splitter reported (tagged with the side it came from), the
+/// setup deadline, or the loss of the connection. Everything the machine hears comes through
+/// [`Setup::event`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    Frame(Side, Event),
+    Deadline,
+    ConnectionLost,
 }
 
-/// Which memcached a close-stream request went to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Side {
-    Consumer,
-    Producer,
+/// What a caller asks for, through [`Setup::request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// Replicate exactly these vbuckets.
+    Begin(&'a [u16]),
+    Takeover(u16),
+    MaybeCloseStream(u16),
+    Shut,
 }
 
-/// A request the connection must send. ADD_STREAM and CLOSE_STREAM carry opaque = vbucket.
+/// A request the connection must send, with the opaque and flags to send it with (the machine
+/// matches the answers by that opaque).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    AddStream { vbucket: u16, takeover: bool },
-    CloseStream { side: Side, vbucket: u16 },
+    AddStream {
+        vbucket: u16,
+        opaque: u32,
+        flags: u32,
+    },
+    CloseStream {
+        side: Side,
+        vbucket: u16,
+        opaque: u32,
+    },
 }
 
 /// Why one vbucket of a setup failed.
@@ -51,8 +56,8 @@ pub enum Action {
 pub enum Why {
     /// An add or close was answered with this failure status.
     McbpStatus(u16),
-    /// The producer ended the stream (reason code) while its add was pending.
-    StreamEnd(u32),
+    /// The producer ended the stream while its add was pending.
+    StreamEnd(StreamEndReason),
     /// The setup deadline fired while this vbucket was pending.
     SetupTimeout,
     /// The connection was lost while this vbucket was pending (the caller supplies the reason term).
@@ -105,28 +110,6 @@ pub enum Refusal {
     BadVbucket(u16),
     /// Takeover of a vbucket that already has an active stream is not allowed.
     AlreadyActive,
-}
-
-/// Vbucket states in DCP_SET_VBUCKET_STATE.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VbState {
-    Active,
-    Replica,
-    Pending,
-    Dead,
-    Other(u8),
-}
-
-impl VbState {
-    pub fn from_code(code: u8) -> VbState {
-        match code {
-            1 => VbState::Active,
-            2 => VbState::Replica,
-            3 => VbState::Pending,
-            4 => VbState::Dead,
-            n => VbState::Other(n),
-        }
-    }
 }
 
 /// The phase names `setup_info` reports.

@@ -1,30 +1,28 @@
 //! The machine itself. Every operation is O(1) per event except `begin`/`shut` (linear in the
 //! vbuckets they send requests for) and the one-off sweeps of `deadline`/`connection_lost`.
 
-use crate::vbset::{FlagTable, OwedTable, VbSet};
+use mcbp::names::{ADD_STREAM_FLAG_TAKEOVER, STATUS_KEY_ENOENT, STATUS_SUCCESS};
+
+use crate::vbset::{OwedTable, VbSet};
 use crate::{
-    reason, Action, Outcome, Phase, Refusal, Reply, Response, Side, Start, TakeoverStage, VbState,
-    Why, MAX_VBUCKETS, STATUS_KEY_ENOENT, STATUS_SUCCESS,
+    Action, Event, Input, Outcome, Phase, Refusal, Reply, Request, Response, Side, Start,
+    StreamEndReason, TakeoverStage, VbState, Why, MAX_VBUCKETS,
 };
 
-// Per-vbucket flags for outstanding requests.
-const ADD: u8 = 1;
-const CLOSE_CONSUMER: u8 = 2;
-const CLOSE_PRODUCER: u8 = 4;
-
-fn close_flag(side: Side) -> u8 {
-    match side {
-        Side::Consumer => CLOSE_CONSUMER,
-        Side::Producer => CLOSE_PRODUCER,
-    }
+/// The kinds of request whose answers the machine waits for (index into the owed table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Req {
+    Add,
+    Close(Side),
 }
 
-/// Index of a request kind in the owed table.
-fn owed_kind(flag: u8) -> usize {
-    match flag {
-        ADD => 0,
-        CLOSE_CONSUMER => 1,
-        _ => 2,
+impl Req {
+    fn index(self) -> usize {
+        match self {
+            Req::Add => 0,
+            Req::Close(Side::Consumer) => 1,
+            Req::Close(Side::Producer) => 2,
+        }
     }
 }
 
@@ -32,9 +30,30 @@ fn in_range(vb: u16) -> bool {
     usize::from(vb) < MAX_VBUCKETS
 }
 
-/// Requests carry opaque = vbucket, so an answer's opaque names its vbucket (if it is one).
+/// The opaque rule, the one place it is written: requests carry opaque = vbucket, so an answer's
+/// opaque names its vbucket (if it is one).
+fn opaque_of(vb: u16) -> u32 {
+    u32::from(vb)
+}
+
 fn vbucket_of(opaque: u32) -> Option<u16> {
     u16::try_from(opaque).ok().filter(|vb| in_range(*vb))
+}
+
+fn add(vbucket: u16, flags: u32) -> Action {
+    Action::AddStream {
+        vbucket,
+        opaque: opaque_of(vbucket),
+        flags,
+    }
+}
+
+fn close(side: Side, vbucket: u16) -> Action {
+    Action::CloseStream {
+        side,
+        vbucket,
+        opaque: opaque_of(vbucket),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,11 +112,10 @@ pub struct SetupInfo {
 pub struct Setup {
     state: State,
     active: VbSet,
-    /// Requests of the current setup still waiting for their answer.
-    pending: FlagTable,
-    pending_adds: usize,
-    pending_closes_consumer: usize,
-    pending_closes_producer: usize,
+    /// Requests of the current setup still waiting for their answer, by kind.
+    pending_adds: VbSet,
+    pending_closes_consumer: VbSet,
+    pending_closes_producer: VbSet,
     /// A shut interrupted the setup: producer-side close answers no longer matter.
     producer_ignored: bool,
     errors: Vec<(Why, u16)>,
@@ -118,10 +136,9 @@ impl Setup {
         Setup {
             state: State::Idle,
             active: VbSet::new(),
-            pending: FlagTable::new(),
-            pending_adds: 0,
-            pending_closes_consumer: 0,
-            pending_closes_producer: 0,
+            pending_adds: VbSet::new(),
+            pending_closes_consumer: VbSet::new(),
+            pending_closes_producer: VbSet::new(),
             producer_ignored: false,
             errors: Vec::new(),
             owed: Box::new(OwedTable::new()),
@@ -129,9 +146,54 @@ impl Setup {
         }
     }
 
+    /// A caller's request: what to send, `Settled` (reply `ok` now) or a refusal (the machine is
+    /// unchanged).
+    pub fn request(&mut self, request: Request<'_>) -> Result<Start, Refusal> {
+        match request {
+            Request::Begin(wanted) => self.begin(wanted),
+            Request::Takeover(vb) => self.takeover_begin(vb),
+            Request::MaybeCloseStream(vb) => self.maybe_close_stream(vb),
+            Request::Shut => self.shut(),
+        }
+    }
+
+    /// What the connection saw. Frames are matched to the side they came from; a frame no rule
+    /// names for that side changes nothing.
+    pub fn event(&mut self, input: Input) -> Outcome {
+        use Event as E;
+        match input {
+            Input::Deadline => self.deadline(),
+            Input::ConnectionLost => self.connection_lost(),
+            Input::Frame(side, event) => match (side, event) {
+                (Side::Consumer, E::AddStreamResponse { opaque, status, .. }) => {
+                    self.add_stream_response(opaque, status)
+                }
+                (side, E::CloseStreamResponse { opaque, status }) => {
+                    self.close_stream_response(side, opaque, status)
+                }
+                (
+                    Side::Producer,
+                    E::StreamEnd {
+                        vbucket, reason, ..
+                    },
+                ) => self.stream_end(vbucket, reason),
+                (Side::Consumer, E::StreamReq { vbucket, opaque }) => {
+                    self.stream_req(vbucket, opaque)
+                }
+                (Side::Producer, E::SetVbucketState { opaque, state, .. }) => {
+                    self.set_vbucket_state(opaque, state)
+                }
+                (Side::Consumer, E::SetVbucketStateResponse { opaque, status }) => {
+                    self.set_vbucket_state_response(opaque, status)
+                }
+                _ => Outcome::NoReply,
+            },
+        }
+    }
+
     /// Starts a setup towards exactly `wanted`: adds for wanted vbuckets without a stream, closes
     /// (both sides) for streams no longer wanted.
-    pub fn begin(&mut self, wanted: &[u16]) -> Result<Start, Refusal> {
+    fn begin(&mut self, wanted: &[u16]) -> Result<Start, Refusal> {
         if let Some(&bad) = wanted.iter().find(|vb| !in_range(**vb)) {
             return Err(Refusal::BadVbucket(bad));
         }
@@ -142,55 +204,26 @@ impl Setup {
         }
         let mut actions = Vec::new();
         for vb in want.difference(&self.active) {
-            actions.push(Action::AddStream {
-                vbucket: vb,
-                takeover: false,
-            });
+            actions.push(add(vb, 0));
         }
         for vb in self.active.difference(&want) {
-            actions.push(Action::CloseStream {
-                side: Side::Consumer,
-                vbucket: vb,
-            });
-            actions.push(Action::CloseStream {
-                side: Side::Producer,
-                vbucket: vb,
-            });
+            actions.push(close(Side::Consumer, vb));
+            actions.push(close(Side::Producer, vb));
         }
         if actions.is_empty() {
             return Ok(Start::Settled);
         }
-        for action in &actions {
-            self.note_sent(action);
-        }
-        self.state = State::SettingUp { next: After::Idle };
-        Ok(Start::Send(actions))
+        Ok(self.send(actions, After::Idle))
     }
 
     /// Closes one active stream on both sides (a setup towards "active minus `vb`").
-    pub fn maybe_close_stream(&mut self, vb: u16) -> Result<Start, Refusal> {
-        if !in_range(vb) {
-            return Err(Refusal::BadVbucket(vb));
-        }
-        self.refuse_unless_idle()?;
+    fn maybe_close_stream(&mut self, vb: u16) -> Result<Start, Refusal> {
+        self.refuse_unless_idle_for(vb)?;
         if !self.active.contains(vb) {
             return Ok(Start::Settled);
         }
-        let actions = vec![
-            Action::CloseStream {
-                side: Side::Consumer,
-                vbucket: vb,
-            },
-            Action::CloseStream {
-                side: Side::Producer,
-                vbucket: vb,
-            },
-        ];
-        for action in &actions {
-            self.note_sent(action);
-        }
-        self.state = State::SettingUp { next: After::Idle };
-        Ok(Start::Send(actions))
+        let actions = vec![close(Side::Consumer, vb), close(Side::Producer, vb)];
+        Ok(self.send(actions, After::Idle))
     }
 
     /// Shuts the connection. From idle: closes every active stream on the consumer, and the reply
@@ -199,7 +232,7 @@ impl Setup {
     /// to such a close settles a still-pending add (see `close_stream_response`), so the setup's own
     /// caller gets its reply through a later outcome as soon as the closes are answered, then the
     /// machine is shut. Refused during a takeover (the deadline or a lost connection ends that).
-    pub fn shut(&mut self) -> Result<Start, Refusal> {
+    fn shut(&mut self) -> Result<Start, Refusal> {
         match self.state {
             State::Shut => Ok(Start::Settled),
             State::Takeover(_) => Err(Refusal::Busy),
@@ -211,26 +244,16 @@ impl Setup {
                 let actions: Vec<Action> = self
                     .active
                     .iter()
-                    .map(|vb| Action::CloseStream {
-                        side: Side::Consumer,
-                        vbucket: vb,
-                    })
+                    .map(|vb| close(Side::Consumer, vb))
                     .collect();
-                for action in &actions {
-                    self.note_sent(action);
-                }
-                self.state = State::SettingUp { next: After::Shut };
-                Ok(Start::Send(actions))
+                Ok(self.send(actions, After::Shut))
             }
             State::SettingUp { .. } => {
                 let mut actions = Vec::new();
                 for vb in 0..MAX_VBUCKETS as u16 {
-                    let wants_close = self.pending.has(vb, ADD) || self.active.contains(vb);
-                    if wants_close && !self.pending.has(vb, CLOSE_CONSUMER) {
-                        actions.push(Action::CloseStream {
-                            side: Side::Consumer,
-                            vbucket: vb,
-                        });
+                    let wants_close = self.pending_adds.contains(vb) || self.active.contains(vb);
+                    if wants_close && !self.pending_closes_consumer.contains(vb) {
+                        actions.push(close(Side::Consumer, vb));
                     }
                 }
                 for action in &actions {
@@ -238,9 +261,8 @@ impl Setup {
                 }
                 // Producer-side answers stop mattering, unless they are all the setup still
                 // waits for: then dropping them would leave the setup's caller without a reply.
-                if self.pending_adds + self.pending_closes_consumer > 0 {
-                    self.pending.clear_flag_everywhere(CLOSE_PRODUCER);
-                    self.pending_closes_producer = 0;
+                if !self.pending_adds.is_empty() || !self.pending_closes_consumer.is_empty() {
+                    self.pending_closes_producer.clear();
                     self.producer_ignored = true;
                 }
                 self.state = State::SettingUp { next: After::Shut };
@@ -250,11 +272,8 @@ impl Setup {
     }
 
     /// Starts a takeover of `vb` (an ADD_STREAM with the takeover flag).
-    pub fn takeover_begin(&mut self, vb: u16) -> Result<Vec<Action>, Refusal> {
-        if !in_range(vb) {
-            return Err(Refusal::BadVbucket(vb));
-        }
-        self.refuse_unless_idle()?;
+    fn takeover_begin(&mut self, vb: u16) -> Result<Start, Refusal> {
+        self.refuse_unless_idle_for(vb)?;
         if self.active.contains(vb) {
             return Err(Refusal::AlreadyActive);
         }
@@ -265,20 +284,16 @@ impl Setup {
             requested: None,
             add_acked: false,
         });
-        Ok(vec![Action::AddStream {
-            vbucket: vb,
-            takeover: true,
-        }])
+        Ok(Start::Send(vec![add(vb, ADD_STREAM_FLAG_TAKEOVER)]))
     }
 
     /// The consumer memcached answered an ADD_STREAM.
-    pub fn add_stream_response(&mut self, opaque: u32, status: u16) -> Outcome {
+    fn add_stream_response(&mut self, opaque: u32, status: u16) -> Outcome {
         match &mut self.state {
             State::Shut => Outcome::NoReply,
             State::SettingUp { .. } => match vbucket_of(opaque) {
-                Some(vb) if self.pending.has(vb, ADD) => {
-                    self.pending.unset(vb, ADD);
-                    self.pending_adds -= 1;
+                Some(vb) if self.pending_adds.contains(vb) => {
+                    self.pending_adds.remove(vb);
                     if status == STATUS_SUCCESS {
                         self.active.insert(vb);
                     } else {
@@ -286,7 +301,7 @@ impl Setup {
                     }
                     self.finish_if_settled()
                 }
-                _ => self.absorb_owed(opaque, ADD, Response::AddStream),
+                _ => self.absorb_owed(opaque, Req::Add, Response::AddStream),
             },
             State::Takeover(t) if opaque == u32::from(t.vbucket) && !t.add_acked => {
                 let vb = t.vbucket;
@@ -298,7 +313,9 @@ impl Setup {
                     Outcome::Reply(Reply::Errors(vec![(Why::McbpStatus(status), vb)]))
                 }
             }
-            State::Takeover(_) | State::Idle => self.absorb_owed(opaque, ADD, Response::AddStream),
+            State::Takeover(_) | State::Idle => {
+                self.absorb_owed(opaque, Req::Add, Response::AddStream)
+            }
         }
     }
 
@@ -306,20 +323,15 @@ impl Setup {
     /// setup, the consumer's answer for a vbucket whose add is still pending also settles that add:
     /// `{stream_end, closed}` on success, `{mcbp_status, S}` on failure (one error either way), and
     /// the add's own answer becomes owed.
-    pub fn close_stream_response(&mut self, side: Side, opaque: u32, status: u16) -> Outcome {
-        let flag = close_flag(side);
+    fn close_stream_response(&mut self, side: Side, opaque: u32, status: u16) -> Outcome {
         match self.state {
             State::Shut => Outcome::NoReply,
             State::SettingUp { .. } if side == Side::Producer && self.producer_ignored => {
                 Outcome::NoReply
             }
             State::SettingUp { .. } => match vbucket_of(opaque) {
-                Some(vb) if self.pending.has(vb, flag) => {
-                    self.pending.unset(vb, flag);
-                    match side {
-                        Side::Consumer => self.pending_closes_consumer -= 1,
-                        Side::Producer => self.pending_closes_producer -= 1,
-                    }
+                Some(vb) if self.pending_closes(side).contains(vb) => {
+                    self.pending_closes(side).remove(vb);
                     let closed = status == STATUS_SUCCESS || status == STATUS_KEY_ENOENT;
                     if closed {
                         self.active.remove(vb);
@@ -327,11 +339,10 @@ impl Setup {
                     if side == Side::Consumer && self.shut_is_closing_an_add(vb) {
                         // The shut's close is the consumer's last word on this stream: settle the
                         // add now (kv_engine may never answer it) and absorb its answer if it comes.
-                        self.pending.unset(vb, ADD);
-                        self.pending_adds -= 1;
-                        self.owed.add(vb, owed_kind(ADD));
+                        self.pending_adds.remove(vb);
+                        self.owed.add(vb, Req::Add.index());
                         let why = if closed {
-                            Why::StreamEnd(reason::CLOSED)
+                            Why::StreamEnd(StreamEndReason::CLOSED)
                         } else {
                             Why::McbpStatus(status)
                         };
@@ -341,28 +352,27 @@ impl Setup {
                     }
                     self.finish_if_settled()
                 }
-                _ => self.absorb_owed(opaque, flag, Response::CloseStream(side)),
+                _ => self.absorb_owed(opaque, Req::Close(side), Response::CloseStream(side)),
             },
             State::Idle | State::Takeover(_) => {
-                self.absorb_owed(opaque, flag, Response::CloseStream(side))
+                self.absorb_owed(opaque, Req::Close(side), Response::CloseStream(side))
             }
         }
     }
 
     /// The producer sent DCP_STREAM_END. Matched by vbucket only: the frame's opaque is the
     /// consumer's own stream opaque, unrelated to ours (MB-53445).
-    pub fn stream_end(&mut self, vb: u16, _opaque: u32, reason: u32) -> Outcome {
+    fn stream_end(&mut self, vb: u16, reason: StreamEndReason) -> Outcome {
         match self.state {
             State::Shut => Outcome::NoReply,
-            State::SettingUp { .. } if self.pending.has(vb, ADD) => {
-                if reason == reason::OK {
+            State::SettingUp { .. } if self.pending_adds.contains(vb) => {
+                if reason == StreamEndReason::OK {
                     // The producer sent all it was asked for; the add's answer still completes it.
                     return Outcome::NoReply;
                 }
                 // kv_engine may never answer this add: fail it now, absorb the answer if it comes.
-                self.pending.unset(vb, ADD);
-                self.pending_adds -= 1;
-                self.owed.add(vb, owed_kind(ADD));
+                self.pending_adds.remove(vb);
+                self.owed.add(vb, Req::Add.index());
                 self.errors.push((Why::StreamEnd(reason), vb));
                 self.finish_if_settled()
             }
@@ -375,7 +385,7 @@ impl Setup {
 
     /// The consumer sent DCP_STREAM_REQ: during a takeover it tells us the opaque the
     /// set-vbucket-state exchange will use.
-    pub fn stream_req(&mut self, vb: u16, opaque: u32) -> Outcome {
+    fn stream_req(&mut self, vb: u16, opaque: u32) -> Outcome {
         if let State::Takeover(t) = &mut self.state {
             if t.stage == TakeoverStage::Requested && t.vbucket == vb {
                 t.stage = TakeoverStage::OpaqueKnown;
@@ -386,7 +396,7 @@ impl Setup {
     }
 
     /// The producer asked the consumer to change the takeover vbucket's state.
-    pub fn set_vbucket_state(&mut self, opaque: u32, state: VbState) -> Outcome {
+    fn set_vbucket_state(&mut self, opaque: u32, state: VbState) -> Outcome {
         if let State::Takeover(t) = &mut self.state {
             if t.stage == TakeoverStage::OpaqueKnown && t.opaque == opaque && t.requested.is_none()
             {
@@ -397,13 +407,13 @@ impl Setup {
     }
 
     /// The consumer answered a set-vbucket-state request.
-    pub fn set_vbucket_state_response(&mut self, opaque: u32, status: u16) -> Outcome {
+    fn set_vbucket_state_response(&mut self, opaque: u32, status: u16) -> Outcome {
         if let State::Takeover(t) = &mut self.state {
             if t.stage == TakeoverStage::OpaqueKnown
                 && t.opaque == opaque
                 && status == STATUS_SUCCESS
             {
-                if t.requested == Some(VbState::Active) {
+                if t.requested == Some(VbState::ACTIVE) {
                     t.stage = TakeoverStage::Active;
                     return self.finish_takeover_if_complete();
                 }
@@ -414,32 +424,27 @@ impl Setup {
     }
 
     /// The setup deadline fired: every vbucket still pending fails with `setup_timeout`.
-    pub fn deadline(&mut self) -> Outcome {
+    fn deadline(&mut self) -> Outcome {
         match self.state {
             State::SettingUp { .. } => {
-                let timed_out: Vec<u16> = self
-                    .pending
-                    .with_any(ADD | CLOSE_CONSUMER | CLOSE_PRODUCER)
-                    .collect();
-                for vb in timed_out {
-                    let flags = self.pending.get(vb);
-                    for flag in [ADD, CLOSE_CONSUMER, CLOSE_PRODUCER] {
-                        if flags & flag != 0 {
-                            self.owed.add(vb, owed_kind(flag));
+                for vb in self.all_pending().iter() {
+                    for req in [
+                        Req::Add,
+                        Req::Close(Side::Consumer),
+                        Req::Close(Side::Producer),
+                    ] {
+                        if self.pending_set(req).contains(vb) {
+                            self.owed.add(vb, req.index());
                         }
                     }
-                    self.pending
-                        .unset(vb, ADD | CLOSE_CONSUMER | CLOSE_PRODUCER);
                     self.errors.push((Why::SetupTimeout, vb));
                 }
-                self.pending_adds = 0;
-                self.pending_closes_consumer = 0;
-                self.pending_closes_producer = 0;
+                self.clear_pending();
                 self.finish_if_settled()
             }
             State::Takeover(t) => {
                 if !t.add_acked {
-                    self.owed.add(t.vbucket, owed_kind(ADD));
+                    self.owed.add(t.vbucket, Req::Add.index());
                 }
                 self.state = State::Idle;
                 Outcome::Reply(Reply::Errors(vec![(Why::SetupTimeout, t.vbucket)]))
@@ -450,15 +455,12 @@ impl Setup {
 
     /// The connection is gone: every pending vbucket fails with `connection_lost`, and the
     /// machine is shut with no streams.
-    pub fn connection_lost(&mut self) -> Outcome {
+    fn connection_lost(&mut self) -> Outcome {
         let outcome = match self.state {
             State::SettingUp { .. } => {
-                let lost: Vec<u16> = self
-                    .pending
-                    .with_any(ADD | CLOSE_CONSUMER | CLOSE_PRODUCER)
-                    .collect();
+                let lost = self.all_pending();
                 self.errors
-                    .extend(lost.into_iter().map(|vb| (Why::ConnectionLost, vb)));
+                    .extend(lost.iter().map(|vb| (Why::ConnectionLost, vb)));
                 Outcome::Reply(self.take_reply())
             }
             State::Takeover(t) => {
@@ -468,11 +470,8 @@ impl Setup {
         };
         self.state = State::Shut;
         self.active.clear();
-        self.pending.clear();
+        self.clear_pending();
         self.owed.clear();
-        self.pending_adds = 0;
-        self.pending_closes_consumer = 0;
-        self.pending_closes_producer = 0;
         self.producer_ignored = false;
         self.errors.clear();
         outcome
@@ -487,10 +486,6 @@ impl Setup {
         self.active.contains(vb)
     }
 
-    pub fn active_count(&self) -> usize {
-        self.active.len()
-    }
-
     pub fn phase(&self) -> Phase {
         match self.state {
             State::Idle => Phase::Idle,
@@ -502,9 +497,9 @@ impl Setup {
 
     pub fn info(&self) -> SetupInfo {
         let setting_up = matches!(self.state, State::SettingUp { .. });
-        let pending = |flag| -> Vec<u16> {
+        let pending = |set: &VbSet| -> Vec<u16> {
             if setting_up {
-                self.pending.with_any(flag).collect()
+                set.iter().collect()
             } else {
                 Vec::new()
             }
@@ -514,12 +509,12 @@ impl Setup {
         SetupInfo {
             phase: self.phase(),
             active: self.partitions(),
-            pending_adds: pending(ADD),
-            pending_closes_consumer: pending(CLOSE_CONSUMER),
+            pending_adds: pending(&self.pending_adds),
+            pending_closes_consumer: pending(&self.pending_closes_consumer),
             pending_closes_producer: if self.producer_ignored {
                 None
             } else {
-                Some(pending(CLOSE_PRODUCER))
+                Some(pending(&self.pending_closes_producer))
             },
             errors,
             next: match self.state {
@@ -549,31 +544,67 @@ impl Setup {
         }
     }
 
+    fn refuse_unless_idle_for(&self, vb: u16) -> Result<(), Refusal> {
+        if !in_range(vb) {
+            return Err(Refusal::BadVbucket(vb));
+        }
+        self.refuse_unless_idle()
+    }
+
+    /// Notes the requests as pending and enters a setup that ends in `next`.
+    fn send(&mut self, actions: Vec<Action>, next: After) -> Start {
+        for action in &actions {
+            self.note_sent(action);
+        }
+        self.state = State::SettingUp { next };
+        Start::Send(actions)
+    }
+
     fn note_sent(&mut self, action: &Action) {
         match *action {
-            Action::AddStream { vbucket, .. } => {
-                self.pending.set(vbucket, ADD);
-                self.pending_adds += 1;
-            }
-            Action::CloseStream { side, vbucket } => {
-                self.pending.set(vbucket, close_flag(side));
-                match side {
-                    Side::Consumer => self.pending_closes_consumer += 1,
-                    Side::Producer => self.pending_closes_producer += 1,
-                }
-            }
+            Action::AddStream { vbucket, .. } => self.pending_adds.insert(vbucket),
+            Action::CloseStream { side, vbucket, .. } => self.pending_closes(side).insert(vbucket),
         }
+    }
+
+    fn pending_closes(&mut self, side: Side) -> &mut VbSet {
+        match side {
+            Side::Consumer => &mut self.pending_closes_consumer,
+            Side::Producer => &mut self.pending_closes_producer,
+        }
+    }
+
+    fn pending_set(&self, req: Req) -> &VbSet {
+        match req {
+            Req::Add => &self.pending_adds,
+            Req::Close(Side::Consumer) => &self.pending_closes_consumer,
+            Req::Close(Side::Producer) => &self.pending_closes_producer,
+        }
+    }
+
+    /// Vbuckets with any request of the current setup unanswered.
+    fn all_pending(&self) -> VbSet {
+        self.pending_adds
+            .union(&self.pending_closes_consumer)
+            .union(&self.pending_closes_producer)
+    }
+
+    fn clear_pending(&mut self) {
+        self.pending_adds.clear();
+        self.pending_closes_consumer.clear();
+        self.pending_closes_producer.clear();
     }
 
     /// A shut over a setup closed `vb` on the consumer while its add is still unanswered.
     fn shut_is_closing_an_add(&self, vb: u16) -> bool {
-        matches!(self.state, State::SettingUp { next: After::Shut }) && self.pending.has(vb, ADD)
+        matches!(self.state, State::SettingUp { next: After::Shut })
+            && self.pending_adds.contains(vb)
     }
 
     /// An answer that matches nothing pending: fine if it was owed, a violation otherwise.
-    fn absorb_owed(&mut self, opaque: u32, flag: u8, response: Response) -> Outcome {
+    fn absorb_owed(&mut self, opaque: u32, req: Req, response: Response) -> Outcome {
         match vbucket_of(opaque) {
-            Some(vb) if self.owed.take(vb, owed_kind(flag)) => {
+            Some(vb) if self.owed.take(vb, req.index()) => {
                 self.absorbed += 1;
                 Outcome::NoReply
             }
@@ -585,8 +616,11 @@ impl Setup {
         let State::SettingUp { next } = self.state else {
             return Outcome::NoReply;
         };
-        let producer_done = self.producer_ignored || self.pending_closes_producer == 0;
-        if self.pending_adds > 0 || self.pending_closes_consumer > 0 || !producer_done {
+        let producer_done = self.producer_ignored || self.pending_closes_producer.is_empty();
+        if !self.pending_adds.is_empty()
+            || !self.pending_closes_consumer.is_empty()
+            || !producer_done
+        {
             return Outcome::NoReply;
         }
         self.producer_ignored = false;

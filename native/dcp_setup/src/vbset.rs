@@ -41,10 +41,6 @@ impl VbSet {
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -59,6 +55,16 @@ impl VbSet {
         (0..WORDS).flat_map(move |i| {
             Bits(self.words[i] & !other.words[i]).map(move |b| (i * 64 + b) as u16)
         })
+    }
+
+    /// Members of either set.
+    pub(crate) fn union(&self, other: &VbSet) -> VbSet {
+        let mut u = VbSet::new();
+        for i in 0..WORDS {
+            u.words[i] = self.words[i] | other.words[i];
+            u.len += u.words[i].count_ones() as usize;
+        }
+        u
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = u16> + '_ {
@@ -79,61 +85,6 @@ impl Iterator for Bits {
         let bit = self.0.trailing_zeros() as usize;
         self.0 &= self.0 - 1;
         Some(bit)
-    }
-}
-
-/// One byte of flags per vbucket (which requests are outstanding for it).
-#[derive(Clone, Debug)]
-pub(crate) struct FlagTable {
-    flags: [u8; MAX_VBUCKETS],
-}
-
-impl FlagTable {
-    pub(crate) const fn new() -> Self {
-        FlagTable {
-            flags: [0; MAX_VBUCKETS],
-        }
-    }
-
-    pub(crate) fn has(&self, vb: u16, flag: u8) -> bool {
-        self.flags
-            .get(usize::from(vb))
-            .is_some_and(|f| f & flag != 0)
-    }
-
-    pub(crate) fn get(&self, vb: u16) -> u8 {
-        self.flags.get(usize::from(vb)).copied().unwrap_or(0)
-    }
-
-    pub(crate) fn set(&mut self, vb: u16, flag: u8) {
-        if let Some(f) = self.flags.get_mut(usize::from(vb)) {
-            *f |= flag;
-        }
-    }
-
-    pub(crate) fn unset(&mut self, vb: u16, flag: u8) {
-        if let Some(f) = self.flags.get_mut(usize::from(vb)) {
-            *f &= !flag;
-        }
-    }
-
-    /// Vbuckets with any of `mask` set, ascending (a full scan: used once per setup, not per event).
-    pub(crate) fn with_any(&self, mask: u8) -> impl Iterator<Item = u16> + '_ {
-        self.flags
-            .iter()
-            .enumerate()
-            .filter(move |(_, f)| *f & mask != 0)
-            .map(|(vb, _)| vb as u16)
-    }
-
-    pub(crate) fn clear_flag_everywhere(&mut self, flag: u8) {
-        for f in self.flags.iter_mut() {
-            *f &= !flag;
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.flags = [0; MAX_VBUCKETS];
     }
 }
 

@@ -2,9 +2,12 @@
 //! model written straight from the rules (plain vectors, linear scans). Every outcome and every
 //! observable state must agree, and the waiting caller must get exactly one reply.
 
+mod common;
+
+use common::Drive;
 use dcp_setup::{
-    reason, Action, Outcome, Phase, Refusal, Reply, Response, Setup, SetupInfo, Side, Start,
-    TakeoverInfo, TakeoverStage, VbState, Why, MAX_VBUCKETS,
+    Action, Outcome, Phase, Refusal, Reply, Response, Setup, SetupInfo, Side, Start,
+    StreamEndReason, TakeoverInfo, TakeoverStage, VbState, Why, MAX_VBUCKETS,
 };
 use proptest::prelude::*;
 
@@ -119,17 +122,20 @@ impl Model {
             .iter()
             .map(|&vb| Action::AddStream {
                 vbucket: vb,
-                takeover: false,
+                opaque: u32::from(vb),
+                flags: 0,
             })
             .collect();
         for &vb in &closes {
             actions.push(Action::CloseStream {
                 side: Side::Consumer,
                 vbucket: vb,
+                opaque: u32::from(vb),
             });
             actions.push(Action::CloseStream {
                 side: Side::Producer,
                 vbucket: vb,
+                opaque: u32::from(vb),
             });
         }
         self.state = ModelState::SettingUp {
@@ -170,7 +176,8 @@ impl Model {
         });
         Ok(vec![Action::AddStream {
             vbucket: vb,
-            takeover: true,
+            opaque: u32::from(vb),
+            flags: 1,
         }])
     }
 
@@ -189,6 +196,7 @@ impl Model {
                     .map(|&vb| Action::CloseStream {
                         side: Side::Consumer,
                         vbucket: vb,
+                        opaque: u32::from(vb),
                     })
                     .collect();
                 self.state = ModelState::SettingUp {
@@ -223,6 +231,7 @@ impl Model {
                         .map(|vb| Action::CloseStream {
                             side: Side::Consumer,
                             vbucket: vb,
+                            opaque: u32::from(vb),
                         })
                         .collect(),
                 ))
@@ -332,7 +341,7 @@ impl Model {
                 if side == Side::Consumer && *then_shut && remove_first(adds, &vb) {
                     self.owed.push((Kind::Add, vb));
                     if closed {
-                        errors.push((Why::StreamEnd(reason::CLOSED), vb));
+                        errors.push((Why::StreamEnd(StreamEndReason::CLOSED), vb));
                     } else {
                         errors.push((Why::McbpStatus(status), vb));
                     }
@@ -345,11 +354,11 @@ impl Model {
         }
     }
 
-    fn stream_end(&mut self, vb: u16, reason_code: u32) -> Outcome {
+    fn stream_end(&mut self, vb: u16, reason_code: StreamEndReason) -> Outcome {
         match &mut self.state {
             ModelState::Shut => Outcome::NoReply,
             ModelState::SettingUp { adds, errors, .. } if adds.contains(&vb) => {
-                if reason_code == reason::OK {
+                if reason_code == StreamEndReason::OK {
                     return Outcome::NoReply;
                 }
                 remove_first(adds, &vb);
@@ -387,7 +396,7 @@ impl Model {
     fn set_vbucket_state_response(&mut self, opaque: u32, status: u16) -> Outcome {
         if let ModelState::Takeover(t) = &mut self.state {
             if t.stage == TakeoverStage::OpaqueKnown && t.opaque == opaque && status == 0 {
-                if t.requested == Some(VbState::Active) {
+                if t.requested == Some(VbState::ACTIVE) {
                     t.stage = TakeoverStage::Active;
                     return self.takeover_done();
                 }
@@ -548,7 +557,7 @@ enum Op {
     Begin(Vec<u16>),
     AddAnswer(u32, u16),
     CloseAnswer(Side, u32, u16),
-    StreamEnd(u16, u32, u32),
+    StreamEnd(u16, u32, StreamEndReason),
     TakeoverBegin(u16),
     StreamReq(u16, u32),
     SetVbState(u32, VbState),
@@ -588,22 +597,23 @@ fn status() -> impl Strategy<Value = u16> {
     ]
 }
 
-fn stream_end_reason() -> impl Strategy<Value = u32> {
+fn stream_end_reason() -> impl Strategy<Value = StreamEndReason> {
     prop_oneof![
-        3 => Just(reason::OK),
+        3 => Just(StreamEndReason::OK.0),
         6 => 1u32..=8,
         1 => 9u32..64,
         1 => Just(u32::MAX),
     ]
+    .prop_map(StreamEndReason)
 }
 
 fn vb_state() -> impl Strategy<Value = VbState> {
     prop_oneof![
-        4 => Just(VbState::Active),
-        2 => Just(VbState::Pending),
-        1 => Just(VbState::Replica),
-        1 => Just(VbState::Dead),
-        1 => any::<u8>().prop_map(VbState::from_code),
+        4 => Just(VbState::ACTIVE),
+        2 => Just(VbState::PENDING),
+        1 => Just(VbState::REPLICA),
+        1 => Just(VbState::DEAD),
+        1 => any::<u8>().prop_map(VbState),
     ]
 }
 
@@ -830,7 +840,7 @@ impl Harness {
                 answers.push(Op::StreamReq(t.vbucket, stream_opaque));
                 if t.stage != TakeoverStage::Active {
                     answers.push(Op::SetVbStateAnswer(stream_opaque, 0)); // clears a pending request
-                    answers.push(Op::SetVbState(stream_opaque, VbState::Active));
+                    answers.push(Op::SetVbState(stream_opaque, VbState::ACTIVE));
                     answers.push(Op::SetVbStateAnswer(stream_opaque, 0));
                 }
                 if !reverse {

@@ -1,12 +1,18 @@
 //! Named cases of a shut over a setup whose add the consumer never answers: the consumer's answer
 //! to the shut's CLOSE_STREAM settles that add, so the setup's caller is answered at once.
 
-use dcp_setup::{reason, Action, Outcome, Phase, Reply, Response, Setup, Side, Start, Why};
+mod common;
+
+use common::Drive;
+use dcp_setup::{
+    Action, Outcome, Phase, Reply, Response, Setup, Side, Start, StreamEndReason, Why,
+};
 
 fn close_consumer(vb: u16) -> Action {
     Action::CloseStream {
         side: Side::Consumer,
         vbucket: vb,
+        opaque: u32::from(vb),
     }
 }
 
@@ -14,7 +20,7 @@ fn errors(list: &[(Why, u16)]) -> Outcome {
     Outcome::Reply(Reply::Errors(list.to_vec()))
 }
 
-const CLOSED: Why = Why::StreamEnd(reason::CLOSED);
+const CLOSED: Why = Why::StreamEnd(StreamEndReason::CLOSED);
 
 /// A setup of `vbs` whose adds are all unanswered, then a shut over it.
 fn shut_over_stuck_adds(vbs: &[u16]) -> Setup {
@@ -95,7 +101,10 @@ fn stream_end_after_the_close_settled_the_add_changes_nothing() {
         s.close_stream_response(Side::Consumer, 4, 0),
         Outcome::NoReply
     );
-    assert_eq!(s.stream_end(4, 0x99, reason::CLOSED), Outcome::NoReply);
+    assert_eq!(
+        s.stream_end(4, 0x99, StreamEndReason::CLOSED),
+        Outcome::NoReply
+    );
     assert_eq!(
         s.close_stream_response(Side::Consumer, 6, 0),
         errors(&[(CLOSED, 4), (CLOSED, 6)])
@@ -106,13 +115,13 @@ fn stream_end_after_the_close_settled_the_add_changes_nothing() {
 fn stream_end_before_the_close_answer_keeps_its_own_reason_and_is_reported_once() {
     let mut s = shut_over_stuck_adds(&[4]);
     assert_eq!(
-        s.stream_end(4, 0x99, reason::STATE_CHANGED),
+        s.stream_end(4, 0x99, StreamEndReason::STATE_CHANGED),
         Outcome::NoReply,
         "the shut's close is still unanswered"
     );
     assert_eq!(
         s.close_stream_response(Side::Consumer, 4, 0),
-        errors(&[(Why::StreamEnd(reason::STATE_CHANGED), 4)])
+        errors(&[(Why::StreamEnd(StreamEndReason::STATE_CHANGED), 4)])
     );
 }
 
@@ -147,4 +156,52 @@ fn close_answers_without_a_shut_never_settle_adds() {
     );
     assert_eq!(s.info().pending_adds, vec![1]);
     assert_eq!(s.add_stream_response(1, 0), Outcome::Reply(Reply::Ok));
+}
+
+// Moved from test/dcp_setup_tests.erl (shut_from_a_stuck_setup_answers_the_setup_caller_then_is_shut).
+#[test]
+fn adds_settled_before_their_closes_are_answered_leave_the_closes_to_complete_the_setup() {
+    let mut s = Setup::new();
+    assert!(s.begin(&[0, 1]).is_ok());
+    assert_eq!(
+        s.shut(),
+        Ok(Start::Send(vec![close_consumer(0), close_consumer(1)]))
+    );
+    assert_eq!(s.info().next, Some(Phase::Shut));
+    assert_eq!(
+        s.stream_end(0, 0, StreamEndReason::STATE_CHANGED),
+        Outcome::NoReply
+    );
+    assert_eq!(s.add_stream_response(1, 4), Outcome::NoReply);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 0, 0),
+        Outcome::NoReply
+    );
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 1, 1),
+        errors(&[
+            (Why::StreamEnd(StreamEndReason::STATE_CHANGED), 0),
+            (Why::McbpStatus(4), 1)
+        ])
+    );
+    assert_eq!(s.phase(), Phase::Shut);
+    assert_eq!(s.shut(), Ok(Start::Settled));
+}
+
+// Moved from test/dcp_setup_tests.erl
+// (shut_close_failure_settles_a_stuck_add_with_its_status_and_owes_the_add_answer).
+#[test]
+fn a_failed_close_settles_its_add_whose_late_answer_is_absorbed_while_another_waits() {
+    let mut s = shut_over_stuck_adds(&[2, 5]);
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 2, 7),
+        Outcome::NoReply
+    );
+    assert_eq!((s.info().pending_adds, s.info().absorbed), (vec![5], 0));
+    assert_eq!(s.add_stream_response(2, 0), Outcome::NoReply);
+    assert_eq!((s.info().pending_adds, s.info().absorbed), (vec![5], 1));
+    assert_eq!(
+        s.close_stream_response(Side::Consumer, 5, 1),
+        errors(&[(Why::McbpStatus(7), 2), (CLOSED, 5)])
+    );
 }

@@ -41,7 +41,7 @@ fn stream(frame_size: usize, total: usize) -> (Vec<u8>, u64) {
 }
 
 fn split_all(stream: &[u8], out: &mut FeedOutput) -> usize {
-    let mut splitter = Splitter::new(Side::Producer, 30 * 1024 * 1024);
+    let mut splitter = Splitter::new(Side::Producer, mcbp::DEFAULT_MAX_FRAME_SIZE);
     let mut pieces = 0;
     for chunk in stream.chunks(CHUNK) {
         out.clear();
@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
         let chunk = &s[..CHUNK - CHUNK % size];
         let frames = (chunk.len() / size) as u64;
         hot.throughput(Throughput::Elements(frames));
-        let mut splitter = Splitter::new(Side::Producer, 30 * 1024 * 1024);
+        let mut splitter = Splitter::new(Side::Producer, mcbp::DEFAULT_MAX_FRAME_SIZE);
         hot.bench_with_input(BenchmarkId::from_parameter(name), chunk, |b, chunk| {
             b.iter(|| {
                 out.clear();

@@ -4,66 +4,6 @@ use crate::error::Error;
 use crate::frame::Frame;
 use crate::names::*;
 
-/// Why a producer ended a stream (DCP_STREAM_END extras). Unknown codes are kept, never an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEndReason {
-    Known(&'static str),
-    Unknown(u32),
-}
-
-static STREAM_END_REASONS: [&str; 9] = [
-    "ok",
-    "closed",
-    "state_changed",
-    "disconnected",
-    "too_slow",
-    "backfill_fail",
-    "rollback",
-    "filter_empty",
-    "lost_privileges",
-];
-
-impl StreamEndReason {
-    pub fn from_code(code: u32) -> StreamEndReason {
-        match STREAM_END_REASONS.get(code as usize) {
-            Some(name) => StreamEndReason::Known(name),
-            None => StreamEndReason::Unknown(code),
-        }
-    }
-
-    pub fn code(self) -> u32 {
-        match self {
-            StreamEndReason::Known(name) => STREAM_END_REASONS
-                .iter()
-                .position(|n| *n == name)
-                .map_or(u32::MAX, |p| p as u32),
-            StreamEndReason::Unknown(code) => code,
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<StreamEndReason> {
-        STREAM_END_REASONS
-            .iter()
-            .find(|n| **n == name)
-            .map(|n| StreamEndReason::Known(n))
-    }
-}
-
-/// vbucket states in DCP_SET_VBUCKET_STATE (1 active, 2 replica, 3 pending, 4 dead).
-pub fn vbucket_state_name(state: u8) -> Option<&'static str> {
-    match state {
-        1 => Some("active"),
-        2 => Some("replica"),
-        3 => Some("pending"),
-        4 => Some("dead"),
-        _ => None,
-    }
-}
-
-pub fn vbucket_state_by_name(name: &str) -> Option<u8> {
-    (1..=4).find(|s| vbucket_state_name(*s) == Some(name))
-}
-
 /// One decoded field value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Field<'a> {
@@ -79,6 +19,14 @@ pub enum Field<'a> {
 }
 
 pub type Fields<'a> = Vec<(&'static str, Field<'a>)>;
+
+/// A code as its name in `kind`'s table, or kept as a number.
+fn named(kind: Kind, code: u64) -> Field<'static> {
+    match u32::try_from(code).ok().and_then(|c| name(kind, c)) {
+        Some(n) => Field::Name(n),
+        None => Field::Unknown(code),
+    }
+}
 
 /// Reads big-endian integers from a slice whose size the caller has checked.
 struct Reader<'a>(&'a [u8]);
@@ -170,11 +118,7 @@ pub fn fields<'a>(frame: &Frame<'a>) -> Result<Fields<'a>, Error> {
         }
         DCP_STREAM_END => {
             expect_extras(frame, &[4])?;
-            let reason = match StreamEndReason::from_code(r.u32() as u32) {
-                StreamEndReason::Known(name) => Field::Name(name),
-                StreamEndReason::Unknown(code) => Field::Unknown(code as u64),
-            };
-            vec![("reason", reason)]
+            vec![("reason", named(Kind::StreamEndReason, r.u32()))]
         }
         DCP_SNAPSHOT_MARKER => snapshot_marker(frame)?,
         DCP_MUTATION => {
@@ -214,12 +158,7 @@ pub fn fields<'a>(frame: &Frame<'a>) -> Result<Fields<'a>, Error> {
         }
         DCP_SET_VBUCKET_STATE => {
             expect_extras(frame, &[1])?;
-            let state = r.u8();
-            let state = match vbucket_state_name(state as u8) {
-                Some(name) => Field::Name(name),
-                None => Field::Unknown(state),
-            };
-            vec![("state", state)]
+            vec![("state", named(Kind::VbState, r.u8()))]
         }
         DCP_BUFFER_ACKNOWLEDGEMENT => {
             expect_extras(frame, &[4])?;

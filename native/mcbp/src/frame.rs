@@ -206,7 +206,8 @@ impl Frame<'_> {
         Ok(out)
     }
 
+    /// The opcode's name in the namespace of the frame's magic.
     pub fn opcode_name(&self) -> Option<&'static str> {
-        crate::names::opcode_name(self.opcode)
+        crate::names::opcode_name_for(self.magic, self.opcode)
     }
 }

@@ -6,6 +6,10 @@ pub const HEADER_LEN: usize = 24;
 /// memcached's default `max_packet_size`: a peer claiming more is disconnected.
 pub const DEFAULT_MAX_FRAME_SIZE: u64 = 30 * 1024 * 1024;
 
+/// The max frame sizes a splitter takes: a whole header at least, a u32 body at most.
+pub const MAX_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u64> =
+    HEADER_LEN as u64..=u32::MAX as u64 + HEADER_LEN as u64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Magic {
     Req,
@@ -67,6 +71,16 @@ impl Magic {
     /// Responses carry a status in bytes 6-7, requests a vbucket.
     pub fn is_response(self) -> bool {
         matches!(self, Magic::Res | Magic::AltRes | Magic::ServerRes)
+    }
+
+    /// The name of bytes 6-7 under this magic, and of the one it excludes: (`status`, `vbucket`)
+    /// for a response, the other way round for a request.
+    pub fn vbucket_or_status_names(self) -> (&'static str, &'static str) {
+        if self.is_response() {
+            ("status", "vbucket")
+        } else {
+            ("vbucket", "status")
+        }
     }
 
     /// Flexible framing: byte 2 is the framing-extras length and byte 3 the (u8) key length.

@@ -8,8 +8,9 @@ pub mod header;
 pub mod names;
 pub mod splitter;
 
-pub use dcp::{fields, Field, StreamEndReason};
+pub use dcp::{fields, Field};
 pub use error::{EncodeError, Error};
 pub use frame::{decode, Decoded, Frame, FrameInfo};
-pub use header::{Header, Magic, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN};
-pub use splitter::{Event, FeedOutput, FeedStatus, Piece, Side, Splitter, Stats};
+pub use header::{Header, Magic, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, MAX_FRAME_SIZE_RANGE};
+pub use names::{Kind, StreamEndReason, VbState};
+pub use splitter::{event, Event, FeedOutput, FeedStatus, Piece, Side, Splitter, Stats};

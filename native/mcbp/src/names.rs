@@ -1,4 +1,7 @@
-//! Opcode and status names (kv_engine's, in snake case). The NIF turns these strings into atoms.
+//! Every protocol name table: opcodes, statuses, DCP_STREAM_END reasons, vbucket states and HELLO
+//! features, code <-> name (kv_engine's names, in snake case). This is the only place they are
+//! written down: the NIF makes its atoms from these tables once, at load, and Erlang reads them
+//! through the NIF (`mcbp:names/1`) or `include/mcbp.hrl` (checked against these tables by a test).
 
 use crate::header::Magic;
 
@@ -37,11 +40,106 @@ pub const DCP_CACHE_TRANSFER: u8 = 0x66;
 pub const DCP_CACHE_TRANSFER_END: u8 = 0x67;
 
 pub const STATUS_SUCCESS: u16 = 0x00;
+/// A close-stream answer of key_enoent means the stream was already gone.
 pub const STATUS_KEY_ENOENT: u16 = 0x01;
 pub const STATUS_ROLLBACK: u16 = 0x23;
 
-/// Client opcodes (magics 0x80, 0x81, 0x08, 0x18).
-static CLIENT_OPCODES: [(u8, &str); 72] = [
+/// DCP_ADD_STREAM flags word: take the vbucket over.
+pub const ADD_STREAM_FLAG_TAKEOVER: u32 = 0x1;
+
+/// Why a producer ended a stream (the u32 in DCP_STREAM_END's extras). Any code is a value: one
+/// without a name is kept as it is, never an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamEndReason(pub u32);
+
+impl StreamEndReason {
+    /// Everything asked for was sent: not a failure during setup.
+    pub const OK: StreamEndReason = StreamEndReason(0);
+    pub const CLOSED: StreamEndReason = StreamEndReason(1);
+    pub const STATE_CHANGED: StreamEndReason = StreamEndReason(2);
+    pub const DISCONNECTED: StreamEndReason = StreamEndReason(3);
+    pub const TOO_SLOW: StreamEndReason = StreamEndReason(4);
+    pub const BACKFILL_FAIL: StreamEndReason = StreamEndReason(5);
+    pub const ROLLBACK: StreamEndReason = StreamEndReason(6);
+    pub const FILTER_EMPTY: StreamEndReason = StreamEndReason(7);
+    pub const LOST_PRIVILEGES: StreamEndReason = StreamEndReason(8);
+
+    pub fn name(self) -> Option<&'static str> {
+        name(Kind::StreamEndReason, self.0)
+    }
+}
+
+/// A vbucket state (DCP_SET_VBUCKET_STATE's extras byte). Any byte is a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VbState(pub u8);
+
+impl VbState {
+    pub const ACTIVE: VbState = VbState(1);
+    pub const REPLICA: VbState = VbState(2);
+    pub const PENDING: VbState = VbState(3);
+    pub const DEAD: VbState = VbState(4);
+
+    pub fn name(self) -> Option<&'static str> {
+        name(Kind::VbState, u32::from(self.0))
+    }
+}
+
+/// The name tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Client opcodes (magics 0x80, 0x81, 0x08, 0x18).
+    Opcode,
+    /// Server-initiated opcodes (magics 0x82, 0x83): a namespace of their own.
+    ServerOpcode,
+    Status,
+    StreamEndReason,
+    VbState,
+    HelloFeature,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Opcode,
+        Kind::ServerOpcode,
+        Kind::Status,
+        Kind::StreamEndReason,
+        Kind::VbState,
+        Kind::HelloFeature,
+    ];
+}
+
+/// The (code, name) pairs of one table, ascending by code.
+pub fn table(kind: Kind) -> &'static [(u16, &'static str)] {
+    match kind {
+        Kind::Opcode => &CLIENT_OPCODES,
+        Kind::ServerOpcode => &SERVER_OPCODES,
+        Kind::Status => &STATUSES,
+        Kind::StreamEndReason => &STREAM_END_REASONS,
+        Kind::VbState => &VBUCKET_STATES,
+        Kind::HelloFeature => &HELLO_FEATURES,
+    }
+}
+
+/// The name of a code, `None` when the table has none.
+pub fn name(kind: Kind, code: u32) -> Option<&'static str> {
+    if kind == Kind::Opcode {
+        return u8::try_from(code).ok().and_then(opcode_name);
+    }
+    table(kind)
+        .iter()
+        .find(|(c, _)| u32::from(*c) == code)
+        .map(|(_, n)| *n)
+}
+
+/// The code of a name, `None` when the table has none.
+pub fn code(kind: Kind, name: &str) -> Option<u32> {
+    table(kind)
+        .iter()
+        .find(|(_, n)| *n == name)
+        .map(|(c, _)| u32::from(*c))
+}
+
+static CLIENT_OPCODES: [(u16, &str); 72] = [
     (0x00, "get"),
     (0x01, "set"),
     (0x02, "add"),
@@ -116,8 +214,7 @@ static CLIENT_OPCODES: [(u8, &str); 72] = [
     (0xfe, "get_error_map"),
 ];
 
-/// Server-initiated opcodes (magics 0x82, 0x83): a namespace of their own.
-static SERVER_OPCODES: [(u8, &str); 4] = [
+static SERVER_OPCODES: [(u16, &str); 4] = [
     (0x01, "clustermap_change_notification"),
     (0x02, "authenticate"),
     (0x03, "active_external_users"),
@@ -160,6 +257,40 @@ static STATUSES: [(u16, &str); 33] = [
     (0xa2, "sync_write_in_progress"),
 ];
 
+static STREAM_END_REASONS: [(u16, &str); 9] = [
+    (0, "ok"),
+    (1, "closed"),
+    (2, "state_changed"),
+    (3, "disconnected"),
+    (4, "too_slow"),
+    (5, "backfill_fail"),
+    (6, "rollback"),
+    (7, "filter_empty"),
+    (8, "lost_privileges"),
+];
+
+static VBUCKET_STATES: [(u16, &str); 4] =
+    [(1, "active"), (2, "replica"), (3, "pending"), (4, "dead")];
+
+static HELLO_FEATURES: [(u16, &str); 16] = [
+    (0x02, "tls"),
+    (0x03, "tcp_nodelay"),
+    (0x04, "mutation_seqno"),
+    (0x05, "tcp_delay"),
+    (0x06, "xattr"),
+    (0x07, "xerror"),
+    (0x08, "select_bucket"),
+    (0x0a, "snappy"),
+    (0x0b, "json"),
+    (0x0c, "duplex"),
+    (0x0d, "clustermap_change_notification"),
+    (0x0e, "unordered_execution"),
+    (0x0f, "tracing"),
+    (0x10, "alt_request_support"),
+    (0x11, "sync_replication"),
+    (0x12, "collections"),
+];
+
 const fn client_table() -> [Option<&'static str>; 256] {
     let mut t = [None; 256];
     let mut i = 0;
@@ -180,34 +311,13 @@ pub fn opcode_name(opcode: u8) -> Option<&'static str> {
 /// The name of an opcode in the namespace its magic selects.
 pub fn opcode_name_for(magic: Magic, opcode: u8) -> Option<&'static str> {
     match magic {
-        Magic::ServerReq | Magic::ServerRes => SERVER_OPCODES
-            .iter()
-            .find(|(code, _)| *code == opcode)
-            .map(|(_, name)| *name),
+        Magic::ServerReq | Magic::ServerRes => name(Kind::ServerOpcode, u32::from(opcode)),
         _ => opcode_name(opcode),
     }
 }
 
-/// The client opcode with this name.
-pub fn opcode_by_name(name: &str) -> Option<u8> {
-    CLIENT_OPCODES
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(code, _)| *code)
-}
-
 pub fn status_name(status: u16) -> Option<&'static str> {
-    STATUSES
-        .iter()
-        .find(|(code, _)| *code == status)
-        .map(|(_, name)| *name)
-}
-
-pub fn status_by_name(name: &str) -> Option<u16> {
-    STATUSES
-        .iter()
-        .find(|(_, n)| *n == name)
-        .map(|(code, _)| *code)
+    name(Kind::Status, u32::from(status))
 }
 
 #[cfg(test)]
@@ -215,15 +325,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_are_unique_and_round_trip() {
-        for (code, name) in CLIENT_OPCODES {
-            assert_eq!(opcode_name(code), Some(name));
-            assert_eq!(opcode_by_name(name), Some(code));
+    fn names_are_unique_ascending_and_round_trip() {
+        for kind in Kind::ALL {
+            let t = table(kind);
+            assert!(t.windows(2).all(|w| w[0].0 < w[1].0), "{kind:?} ascending");
+            for &(c, n) in t {
+                assert_eq!(name(kind, u32::from(c)), Some(n), "{kind:?}");
+                assert_eq!(code(kind, n), Some(u32::from(c)), "{kind:?} {n}");
+            }
         }
-        for (code, name) in STATUSES {
-            assert_eq!(status_name(code), Some(name));
-            assert_eq!(status_by_name(name), Some(code));
-        }
+        assert_eq!(StreamEndReason::STATE_CHANGED.name(), Some("state_changed"));
+        assert_eq!(StreamEndReason(9).name(), None);
+        assert_eq!(VbState::ACTIVE.name(), Some("active"));
+        assert_eq!(VbState(0).name(), None);
+        assert_eq!(code(Kind::HelloFeature, "collections"), Some(0x12));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use mcbp::splitter::{fate, Fate};
 use mcbp::{
     decode, Decoded, Error, Event, FeedOutput, FeedStatus, Frame, FrameInfo, Magic, Side, Splitter,
-    StreamEndReason,
 };
 use proptest::prelude::*;
 
@@ -96,9 +95,13 @@ fn spec() -> impl Strategy<Value = Spec> {
                     key,
                     value,
                 };
-                // Reported stream ends need their 4-byte reason to be valid.
+                // Reported stream ends need their 4-byte reason to be valid, reported
+                // set-vbucket-state requests their state byte.
                 if matches!(magic, Magic::Req | Magic::AltReq) && opcode == 0x55 {
                     s.extras.resize(4, 0);
+                }
+                if matches!(magic, Magic::Req | Magic::AltReq) && opcode == 0x5b {
+                    s.extras.resize(1, 0);
                 }
                 s
             },
@@ -125,21 +128,15 @@ fn model(side: Side, frames: &[Vec<u8>]) -> (Vec<u8>, Vec<Event>) {
             forward.extend_from_slice(f);
         }
         if fate != Fate::Forward {
-            let is_request = matches!(f[0], 0x80 | 0x08);
-            if is_request && f[1] == 0x55 {
-                let Decoded::Frame(d, _) = decode(f, u64::MAX).unwrap() else {
-                    unreachable!()
-                };
-                events.push(Event::StreamEnd {
-                    vbucket: d.vbucket_or_status,
-                    opaque: d.opaque,
-                    reason: StreamEndReason::from_code(u32::from_be_bytes(
-                        d.extras.try_into().unwrap(),
-                    )),
-                });
-            } else {
-                events.push(Event::Frame(f.clone().into()));
-            }
+            // Every reported frame is one typed event, decoded once.
+            let Decoded::Frame(d, _) = decode(f, u64::MAX).unwrap() else {
+                unreachable!()
+            };
+            events.push(
+                mcbp::event(&d)
+                    .unwrap()
+                    .expect("a reported frame has an event"),
+            );
         }
     }
     (forward, events)

@@ -47,7 +47,7 @@ fn producer_stream_end_is_forwarded_and_reported() {
         vec![Event::StreamEnd {
             vbucket: 5,
             opaque: 77,
-            reason: StreamEndReason::Known("state_changed")
+            reason: StreamEndReason::STATE_CHANGED
         }]
     );
 }
@@ -61,7 +61,13 @@ fn producer_close_stream_answer_is_reported_and_not_forwarded() {
     let mut s = Splitter::new(Side::Producer, MAX);
     let (fwd, events, pieces) = feed(&mut s, &stream).unwrap();
     assert_eq!(fwd, [m1.clone(), m2].concat());
-    assert_eq!(events, vec![Event::Frame(close.into())]);
+    assert_eq!(
+        events,
+        vec![Event::CloseStreamResponse {
+            opaque: 9,
+            status: 0
+        }]
+    );
     assert_eq!(pieces.len(), 2);
     assert_eq!(s.stats().blocked_frames, 1);
 }
@@ -109,7 +115,14 @@ fn consumer_add_stream_answer_is_held_across_chunks_until_whole() {
     assert!(ev1.is_empty());
     assert_eq!(s.held_bytes(), 26);
     let (fwd2, ev2, _) = feed(&mut s, &stream[cut..]).unwrap();
-    assert_eq!(ev2, vec![Event::Frame(answer.into())]);
+    assert_eq!(
+        ev2,
+        vec![Event::AddStreamResponse {
+            opaque: 3,
+            status: 0,
+            stream_opaque: Some(4)
+        }]
+    );
     assert_eq!(s.held_bytes(), 0);
     assert_eq!(
         [fwd1, fwd2].concat(),
@@ -303,4 +316,44 @@ fn forward_remaining_counts_what_is_left_of_the_frame_being_cut_through() {
     assert_eq!(s.stats().forward_remaining, (end.len() - 26) as u64);
     feed(&mut s, &end[26..]).unwrap();
     assert_eq!(s.stats().forward_remaining, 0);
+}
+
+#[test]
+fn event_decodes_each_reported_kind_and_nothing_else() {
+    let decoded = |b: &[u8]| match mcbp::decode(b, u64::MAX).unwrap() {
+        mcbp::Decoded::Frame(f, _) => mcbp::event(&f),
+        mcbp::Decoded::More(n) => panic!("short by {n}"),
+    };
+    let set_state = request(0x5b, &[3], 12);
+    assert_eq!(
+        decoded(&set_state),
+        Ok(Some(Event::SetVbucketState {
+            vbucket: 0,
+            opaque: 12,
+            state: mcbp::VbState::PENDING
+        }))
+    );
+    assert_eq!(
+        decoded(&request(0x5b, &[], 12)),
+        Err(Error::BadExtras {
+            opcode: 0x5b,
+            len: 0
+        })
+    );
+    assert_eq!(
+        decoded(&request(0x53, &[0; 48], 5)),
+        Ok(Some(Event::StreamReq {
+            vbucket: 0,
+            opaque: 5
+        }))
+    );
+    assert_eq!(
+        decoded(&response(0x5b, 0x23, 6)),
+        Ok(Some(Event::SetVbucketStateResponse {
+            opaque: 6,
+            status: 0x23
+        }))
+    );
+    assert_eq!(decoded(&mutation(1, 1, 4)), Ok(None));
+    assert_eq!(decoded(&response(0x55, 0, 1)), Ok(None));
 }
