@@ -23,7 +23,7 @@
 
 -include_lib("kernel/include/logger.hrl").
 
--export([is_handler/1, handlers/1, notify/3, traffic_monitor/1,
+-export([is_handler/1, handlers/1, notify/3, emit/3, connection_lost/2, traffic_monitor/1,
          traffic_new/0, traffic_note/4]).
 
 -export_type([handler/0, handlers/0, name/0, traffic/0]).
@@ -58,6 +58,26 @@ handlers(Opts) ->
                     _ -> undefined
                 end],
           H =/= undefined].
+
+%% @doc Calls the handlers a connection holds (`handlers' in its `dcp_proxy:conn()') with the
+%% event, its connection name, side and bucket added.
+-spec emit(map(), name(), map()) -> ok.
+emit(#{handlers := [_ | _] = Handlers} = Conn, Name, Data) ->
+    notify(Handlers, Name,
+           maps:merge(#{connection_name => maps:get(name, Conn, undefined),
+                        side => maps:get(side, Conn, undefined),
+                        bucket => maps:get(bucket, Conn, undefined)}, Data));
+emit(_Conn, _Name, _Data) ->
+    ok.
+
+%% @doc `connection_lost' for a connection that stops for `Reason', unless the stop is orderly
+%% (`normal', `shutdown', or a `{shutdown, _}' the owner asked for).
+-spec connection_lost(map(), term()) -> ok.
+connection_lost(_Conn, normal) -> ok;
+connection_lost(_Conn, shutdown) -> ok;
+connection_lost(Conn, {shutdown, Why}) when Why =/= shut -> emit(Conn, connection_lost, #{reason => Why});
+connection_lost(_Conn, {shutdown, _}) -> ok;
+connection_lost(Conn, Reason) -> emit(Conn, connection_lost, #{reason => Reason}).
 
 %% @doc Calls every handler with the event.
 -spec notify(handlers(), name(), map()) -> ok.

@@ -14,7 +14,7 @@
 %% report.
 -module(dcp_log).
 
--export([ctx/3, set_process_metadata/1, metadata/1,
+-export([ctx/3, set_process_metadata/1, metadata/1, who/1, errors/1,
          debug/2, info/2, notice/2, warning/2, error/2, log/3,
          vbuckets/1, ranges/1, is_expected/1, exit_reason/1, stopped/2,
          format_report/1, add_handler/0, remove_handler/0]).
@@ -77,9 +77,14 @@ log(Level, What, Fields) ->
 %% @doc How a report reads: `connection side: what key=value ...'; vbucket lists are summaries.
 -spec format_report(logger:report()) -> {io:format(), [term()]}.
 format_report(#{what := What} = Report) ->
-    Fields = maps:without([what], Report),
+    Fields = maps:without([what, connection, side], Report),
     Pairs = [io_lib:format(" ~s=~0tp", [K, V]) || {K, V} <- lists:sort(maps:to_list(Fields))],
-    {"~s~ts", [What, Pairs]};
+    Who = case Report of
+              #{connection := C, side := S} -> io_lib:format("~ts ~s: ", [C, S]);
+              #{connection := C} -> io_lib:format("~ts: ", [C]);
+              _ -> ""
+          end,
+    {"~ts~s~ts", [Who, What, Pairs]};
 format_report(Report) ->
     {"~0tp", [Report]}.
 
@@ -107,6 +112,22 @@ ranges(VBuckets) ->
 
 range_text({V, V}) -> integer_to_list(V);
 range_text({F, L}) -> [integer_to_list(F), $-, integer_to_list(L)].
+
+%% @doc The fields that name a connection in a report, from a `dcp_proxy:conn()'.
+-spec who(map()) -> map().
+who(Conn) ->
+    maps:filter(fun(_, V) -> V =/= undefined end,
+                #{connection => maps:get(name, Conn, undefined),
+                  side => maps:get(side, Conn, undefined),
+                  bucket => maps:get(bucket, Conn, undefined)}).
+
+%% @doc A setup reply's errors as a log shows them: per reason, the vbuckets' summary.
+-spec errors([{term(), {vbucket, non_neg_integer()}}]) -> [{term(), map()}].
+errors(Errors) ->
+    ByWhy = lists:foldl(fun({Why, {vbucket, VB}}, Acc) ->
+                                maps:update_with(Why, fun(L) -> [VB | L] end, [VB], Acc)
+                        end, #{}, Errors),
+    [{Why, vbuckets(VBs)} || {Why, VBs} <- lists:sort(maps:to_list(ByWhy))].
 
 %% ---- how a process ends ----
 

@@ -3,7 +3,7 @@
 %% `{error, {bad_option, Key, Value}}' (a bad password's value is never echoed: it is
 %% `dcp_secret:redacted()'); a required key that is missing is `{error, {missing_option, Key}}'.
 %% The checked options come back normalised: the password wrapped (`dcp_secret'), the user a UTF-8
-%% binary. The README's options table lists the same keys, types and defaults as `specs/0'.
+%% binary, the bucket a string, the features a sorted list of the names that are on. The README's options table lists the same keys, types and defaults as `specs/0'.
 -module(dcp_options).
 
 -export([replicator/1, sup/1, check/2, defaults/0]).
@@ -101,7 +101,8 @@ common() ->
 value(Side, Endpoint) when Side =:= consumer; Side =:= producer ->
     ok_if(is_endpoint(Endpoint), Endpoint);
 value(bucket, Bucket) ->
-    ok_if(is_bucket_name(Bucket), Bucket);
+    %% a string: it goes into connection names
+    ok_if(is_bucket_name(Bucket), unicode:characters_to_list(Bucket));
 value(connection_name, Name) ->
     %% ep-engine and ns_server depend on the prefix
     ok_if(is_ascii(Name) andalso lists:prefix("replication:", Name), Name);

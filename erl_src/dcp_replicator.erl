@@ -9,6 +9,9 @@
 -export([start_link/1, setup_replication/2, takeover/2, get_partitions/1, stats/1,
          get_connection_name/4]).
 
+%% embedding: a child spec for the user's supervisor, an orderly stop
+-export([child_spec/1, stop/1]).
+
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -52,8 +55,40 @@
 
 %% @doc Connects both sides and starts proxying. Returns `{error, {consumer | producer, Why}}' when a
 %% side cannot connect or handshake (e.g. `{sasl_auth, {mcbp_status, auth_error}}').
+%% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}' and
+%% nothing connects.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
-start_link(#{connection_name := Name} = Opts) ->
+start_link(Opts) ->
+    case dcp_options:replicator(Opts) of
+        {ok, Checked} -> start_checked(Checked);
+        {error, _} = Error -> Error
+    end.
+
+%% @doc A child spec for `start_link(Opts)' (id `{dcp_replicator, ConnectionName}'); its start
+%% arguments hold the password wrapped (`dcp_secret'), so no supervisor report can show it. Raises
+%% `error({bad_option, Key, Value})' for options `start_link/1' would refuse.
+-spec child_spec(opts()) -> supervisor:child_spec().
+child_spec(Opts) ->
+    case dcp_options:replicator(Opts) of
+        {ok, #{connection_name := Name} = Checked} ->
+            #{id => {?MODULE, Name},
+              start => {?MODULE, start_link, [Checked]},
+              restart => transient,
+              %% the orderly stop: the consumer shut (shut_timeout), then the pair's own stop
+              shutdown => maps:get(shut_timeout, Checked, ?DEFAULT_SHUT_TIMEOUT) + 4 * ?STOP_TIMEOUT,
+              type => worker,
+              modules => [?MODULE]};
+        {error, Reason} ->
+            erlang:error(Reason)
+    end.
+
+%% @doc Stops the replicator the orderly way (its consumer streams closed within shut_timeout) and
+%% waits until it is gone.
+-spec stop(pid() | atom()) -> ok.
+stop(Rep) ->
+    gen_server:stop(Rep, shutdown, infinity).
+
+start_checked(#{connection_name := Name} = Opts) ->
     %% ep-engine and ns_server depend on this prefix
     case lists:prefix("replication:", Name) of
         true ->

@@ -71,7 +71,7 @@ names_test() ->
     ?assertEqual({error, {bad_option, bucket, "a b"}}, bad(bucket, "a b")),
     ?assertEqual({error, {bad_option, bucket, lists:duplicate(101, $b)}},
                  bad(bucket, lists:duplicate(101, $b))),
-    ?assertMatch({ok, #{bucket := <<"travel-sample">>}}, bad(bucket, <<"travel-sample">>)),
+    ?assertMatch({ok, #{bucket := "travel-sample"}}, bad(bucket, <<"travel-sample">>)),
     ?assertEqual({error, {bad_option, name, "rep"}}, bad(name, "rep")),
     ?assertEqual({error, {bad_option, name, undefined}}, bad(name, undefined)).
 
