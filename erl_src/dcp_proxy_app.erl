@@ -19,7 +19,7 @@ check_nif() ->
     case code:ensure_loaded(dcp_nif) of
         {module, dcp_nif} ->
             %% the stubs raise `{not_loaded, dcp_nif}' until the .so replaced them
-            try dcp_nif:status_name(0) of
+            try dcp_nif:default_max_frame_size() of
                 _ -> ok
             catch
                 error:Why -> {error, {nif_not_loaded, nif_detail(Why)}}
