@@ -67,7 +67,8 @@ shut_connection(Pid, Timeout) ->
 
 -spec get_partitions(pid()) -> [vbucket()].
 get_partitions(Pid) ->
-    gen_server:call(Pid, get_partitions, infinity).
+    %% answered at once: the conn never blocks on a socket
+    gen_server:call(Pid, get_partitions, 5000).
 
 %% @doc The default of `start_link/2''s `SetupTimeout', in milliseconds.
 -spec default_setup_timeout() -> pos_integer().
@@ -76,7 +77,7 @@ default_setup_timeout() ->
 
 -spec setup_info(pid()) -> map().
 setup_info(Pid) ->
-    gen_server:call(Pid, setup_info, infinity).
+    gen_server:call(Pid, setup_info, 5000).
 
 %% ---- connect ----
 

@@ -27,7 +27,7 @@ start_link(Opts) ->
 %% answer the machine did not ask for is a protocol violation that stops the pair.
 -spec close_stream(pid(), 0..1023) -> ok.
 close_stream(Pid, VBucket) ->
-    gen_server:call(Pid, {close_stream, VBucket}, infinity).
+    gen_server:call(Pid, {close_stream, VBucket}, 5000).
 
 %% ---- connect ----
 

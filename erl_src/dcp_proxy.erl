@@ -1,20 +1,33 @@
-%% @doc The socket process shared by both sides of a replication: connects and handshakes with one
-%% memcached, feeds every chunk it reads through its side's splitter, writes what must be forwarded
-%% straight to its partner's socket and hands the reported frames to its side module
-%% (`dcp_consumer_conn' or `dcp_producer_conn').
+%% @doc The connection process shared by both sides of a replication: connects and handshakes with
+%% one memcached in the background, feeds every chunk it reads through its side's splitter, hands
+%% what must be forwarded to the writer of its partner's socket and the reported frames to its side
+%% module (`dcp_consumer_conn' or `dcp_producer_conn').
 %%
-%% Cut-through forwarding means a proxy may have written only part of a frame to its partner's socket.
-%% A frame of our own (ADD_STREAM, CLOSE_STREAM) going to that socket must not land inside it, so it is
-%% written by the one process that forwards into that socket, and only at a frame boundary: a side
-%% module asks for it with `send_own/2' (our own socket: the partner writes it) or `send_partner/2'.
+%% Processes and messages. A connection process never sends on a socket: each socket has one
+%% writer (`dcp_proxy_writer', linked to the connection process that owns the socket) that does the
+%% blocking sends. The connection process reading socket A passes what it forwards to the writer of
+%% socket B and counts those bytes until the writer acknowledges them; while more than
+%% `?MAX_UNACKED_BYTES' are unacknowledged it stops reading A (backpressure through the kernel
+%% buffers, not a mailbox), so a node that stops reading stalls the stream, never a caller or a
+%% deadline. Events passed to the partner (the producer conn's stream ends and vbucket states for
+%% the consumer conn's machine) are followed by a `'$dcp_sync'' the partner acknowledges once it has
+%% handled them; at most `?MAX_EVENT_BATCHES' batches may be unacknowledged before this process
+%% stops reading. Connecting and the handshake run in a linked connector process under one deadline
+%% (`connect_timeout'); until it reports, calls for the side module wait (they are answered once
+%% connected, or with `{error, {connection_lost, Reason}}' when connecting failed).
+%%
+%% Cut-through forwarding means a writer may have written only part of a frame to its socket. A
+%% frame of our own (ADD_STREAM, CLOSE_STREAM) going to that socket must not land inside it, so it is
+%% queued by the one process that forwards into that socket, and only at a frame boundary: a side
+%% module asks for it with `send_own/2' (our own socket: the partner queues it) or `send_partner/2'.
 -module(dcp_proxy).
 
 -behaviour(gen_server).
 
 -include_lib("kernel/include/logger.hrl").
 
--export([start_link/3, connect_proxies/2, send_own/2, send_partner/2, discard_reads/1,
-         stats/1, terminate_and_wait/3]).
+-export([start_link/3, connect_proxies/2, connect_proxies/3, send_own/2, send_partner/2, discard_reads/1,
+         stats/1, terminate_and_wait/3, memory_bound/1]).
 
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2, format_status/1]).
@@ -44,7 +57,8 @@
                   recbuf => pos_integer(),
                   sndbuf => pos_integer()}.
 -type socket() :: {gen_tcp, gen_tcp:socket()} | {ssl, ssl:sslsocket()}.
-%% What a side module's callbacks get to talk to the sockets.
+%% What a side module's callbacks get to talk to the sockets. `partner' holds the partner
+%% connection process and its socket.
 -type conn() :: #{side := side(),
                   name := binary(),
                   socket := socket(),
@@ -66,14 +80,37 @@
 -define(DEFAULT_CONNECT_TIMEOUT, 30000).
 %% a peer that stops reading for this long ends the replication instead of blocking it forever
 -define(DEFAULT_SEND_TIMEOUT, 60000).
+%% the connector reports by the deadline; this much later it is killed
+-define(CONNECT_GRACE_MS, 200).
 -define(TRAFFIC_INTERVAL_MS, 100).
+%% Bytes handed to the partner's writer and not yet written: above this the socket is not read.
+-define(MAX_UNACKED_BYTES, 1024 * 1024).
+%% Event batches handed to the partner and not yet handled: at this many the socket is not read.
+-define(MAX_EVENT_BATCHES, 2).
+%% The NIF splitter's cap on a reported frame (mcbp::splitter::MAX_REPORTED_FRAME).
+-define(MAX_REPORTED_FRAME, 64 * 1024).
+%% Calls between the replication's own processes (answered by processes that never block).
+-define(CALL_TIMEOUT, 5000).
 -define(AGENT, <<"dcp_proxy">>).
 -define(LOG_META, #{domain => [dcp_proxy]}).
 
 -record(state, {module :: module(),
                 mod_state :: term(),
-                conn :: conn(),
-                splitter :: dcp_splitter:splitter(),
+                side :: side(),
+                name :: binary(),
+                args :: term(),
+                opts :: map(),
+                %% `connecting' until the connector hands over the socket
+                status = connecting :: connecting | connected,
+                connector :: undefined | pid(),
+                connect_timer :: undefined | reference(),
+                %% calls that arrived while connecting, oldest first
+                deferred = [] :: [{term(), gen_server:from()}],
+                conn :: undefined | conn(),
+                splitter :: undefined | dcp_splitter:splitter(),
+                %% the writer of our own socket, and of the partner's
+                writer :: undefined | pid(),
+                partner_writer :: undefined | pid(),
                 %% what the last feed left of the frame being cut through: 0 at a frame boundary
                 forward_remaining = 0 :: non_neg_integer(),
                 partner_ref :: undefined | reference(),
@@ -82,6 +119,11 @@
                 %% a shut consumer drops what it reads: `pending' until the frame being forwarded
                 %% is complete, then `active'
                 discard = false :: false | pending | active,
+                %% backpressure: bytes at the partner's writer, event batches at the partner, and
+                %% whether the socket is armed ({active, once} outstanding)
+                unacked_bytes = 0 :: non_neg_integer(),
+                unacked_batches = 0 :: non_neg_integer(),
+                armed = false :: boolean(),
                 traffic_monitor :: undefined | pid(),
                 last_traffic :: undefined | integer(),
                 chunks = 0 :: non_neg_integer(),
@@ -90,25 +132,35 @@
 
 %% ---- API ----
 
-%% @doc Connects, handshakes and starts the side module `Module' with `Args'. The socket is read only
-%% once the partner is known (`connect_proxies/2').
+%% @doc Starts the connection process and returns at once: it connects and handshakes in the
+%% background (one deadline, `connect_timeout', for all of it) and starts the side module `Module'
+%% with `Args' once connected. A connection that fails stops the process with `{Side, Why}'
+%% (`{connect_failed, R}', `{Step, R}' for a handshake step, `{Step, connect_timeout}'). The socket is
+%% read only once the partner is known (`connect_proxies/2').
 -spec start_link(module(), opts(), term()) -> {ok, pid()} | {error, term()}.
 start_link(Module, Opts, Args) ->
     gen_server:start_link(?MODULE, {Module, Opts, Args}, []).
 
-%% @doc Gives each proxy the other's pid and socket, then both start reading.
+%% @doc Gives each proxy the other's pid, socket and writer, then both start reading. Waits until
+%% both are connected (at most `Timeout' ms); exits when a side failed to connect.
 -spec connect_proxies(pid(), pid()) -> ok.
 connect_proxies(Consumer, Producer) ->
-    ConsumerSock = gen_server:call(Consumer, '$dcp_socket', infinity),
-    ProducerSock = gen_server:call(Producer, '$dcp_socket', infinity),
-    ok = gen_server:call(Consumer, {'$dcp_partner', Producer, ProducerSock}, infinity),
-    ok = gen_server:call(Producer, {'$dcp_partner', Consumer, ConsumerSock}, infinity).
+    connect_proxies(Consumer, Producer, infinity).
+
+-spec connect_proxies(pid(), pid(), timeout()) -> ok.
+connect_proxies(Consumer, Producer, Timeout) ->
+    ConsumerEnd = gen_server:call(Consumer, '$dcp_endpoint', Timeout),
+    ProducerEnd = gen_server:call(Producer, '$dcp_endpoint', Timeout),
+    ok = gen_server:call(Consumer, {'$dcp_partner', Producer, ProducerEnd}, ?CALL_TIMEOUT),
+    ok = gen_server:call(Producer, {'$dcp_partner', Consumer, ConsumerEnd}, ?CALL_TIMEOUT).
 
 %% @doc Writes our own frames to the socket of this connection. Once the pair is connected the
-%% partner forwards into that socket, so the partner writes them at its next frame boundary.
+%% partner forwards into that socket, so the partner queues them at its next frame boundary.
+%% Never blocks.
 -spec send_own(conn(), iodata()) -> ok | {error, term()}.
-send_own(#{partner := undefined, socket := Sock}, Frames) ->
-    socket_send(Sock, Frames);
+send_own(#{partner := undefined}, Frames) ->
+    self() ! {'$dcp_write_own', Frames},
+    ok;
 send_own(#{partner := {Pid, _}}, Frames) ->
     Pid ! {'$dcp_inject', Frames},
     ok.
@@ -127,10 +179,24 @@ discard_reads(_Conn) ->
     self() ! '$dcp_discard',
     ok.
 
-%% @doc The splitter counters and this proxy's own counters.
+%% @doc The splitter counters and this proxy's own counters (`#{state := connecting}' before it
+%% is connected). Answered even while a socket is stuck.
 -spec stats(pid()) -> map().
 stats(Pid) ->
-    gen_server:call(Pid, '$dcp_stats', infinity).
+    gen_server:call(Pid, '$dcp_stats', ?CALL_TIMEOUT).
+
+%% @doc What a flooding peer can make one connection hold, in bytes, for connection options
+%% `Opts' (README, "Memory bounds"), with the NIF splitter: per direction the unacknowledged bytes at
+%% a writer plus one read, and per side one reported frame being assembled (at most 64 KiB) plus two
+%% event batches of one read each (an event costs at most 16 times its bytes on the wire).
+-spec memory_bound(map()) -> pos_integer().
+memory_bound(Opts) ->
+    Read = read_size(Opts),
+    %% the NIF splitter gathers only reported frames, capped (mcbp MAX_REPORTED_FRAME)
+    MaxFrame = min(maps:get(max_frame_size, Opts, ?MAX_REPORTED_FRAME), ?MAX_REPORTED_FRAME),
+    Direction = ?MAX_UNACKED_BYTES + Read,
+    Events = ?MAX_EVENT_BATCHES * Read * 16,
+    2 * (Direction + MaxFrame + Events).
 
 %% @doc Stops the given processes with `Reason' and waits (at most `Timeout' ms each) until they are gone.
 -spec terminate_and_wait([pid()], term(), timeout()) -> ok.
@@ -147,54 +213,88 @@ terminate_and_wait(Pids, Reason, Timeout) ->
               end
       end, Refs).
 
-%% ---- connect and handshake ----
+%% ---- connect and handshake: in a connector process, under one deadline ----
 
 init({Module, #{side := Side, connection_name := Name} = Opts, Args}) ->
     %% trap exits so that terminate/2 runs and a waiting setup caller is always answered
     process_flag(trap_exit, true),
-    case connect(Opts) of
+    Timeout = maps:get(connect_timeout, Opts, ?DEFAULT_CONNECT_TIMEOUT),
+    Self = self(),
+    Deadline = case Timeout of
+                   infinity -> infinity;
+                   _ -> erlang:monotonic_time(millisecond) + Timeout
+               end,
+    Connector = spawn_link(fun() -> connector(Self, Opts, Deadline) end),
+    Timer = case Timeout of
+                infinity -> undefined;
+                _ -> erlang:start_timer(Timeout + ?CONNECT_GRACE_MS, self(), connect_deadline)
+            end,
+    {ok, #state{module = Module, side = Side, name = iolist_to_binary(Name), args = Args,
+                opts = maps:without([password], Opts), connector = Connector,
+                connect_timer = Timer,
+                traffic_monitor = maps:get(traffic_monitor, Opts, undefined)}}.
+
+%% Connects and handshakes, then hands the socket to the connection process; or reports why not.
+connector(Owner, Opts, Deadline) ->
+    Result = try connect_and_handshake(Opts, Deadline)
+             catch
+                 %% never the stack (its arguments hold the credentials): only what failed
+                 Class:Why:_ -> {error, {handshake_crashed, Class, crash_summary(Why)}}
+             end,
+    case Result of
         {ok, Sock} ->
-            case handshake(Sock, Opts) of
+            case socket_controlling_process(Sock, Owner) of
                 ok ->
-                    start_side(Module, Args, Sock, Opts);
+                    Owner ! {'$dcp_connected', self(), Sock};
                 {error, Reason} ->
                     _ = socket_close(Sock),
-                    ?LOG_ERROR("~s: ~p handshake failed: ~p", [Name, Side, Reason], ?LOG_META),
-                    {stop, {Side, Reason}}
+                    Owner ! {'$dcp_connect_failed', self(), {connect_failed, Reason}}
             end;
         {error, Reason} ->
-            ?LOG_ERROR("~s: ~p connect failed: ~p", [Name, Side, Reason], ?LOG_META),
-            {stop, {Side, {connect_failed, Reason}}}
+            Owner ! {'$dcp_connect_failed', self(), Reason}
     end.
 
-start_side(Module, Args, Sock, #{side := Side, connection_name := Name} = Opts) ->
-    case new_splitter(Side, Opts) of
-        {ok, Splitter} ->
-            Conn = #{side => Side, name => iolist_to_binary(Name), socket => Sock,
-                     partner => undefined},
-            {ok, ModState} = Module:init(Args, Conn),
-            {ok, #state{module = Module, mod_state = ModState, conn = Conn, splitter = Splitter,
-                        traffic_monitor = maps:get(traffic_monitor, Opts, undefined)}};
+crash_summary(Why) when is_atom(Why) -> Why;
+crash_summary(Why) when is_tuple(Why), tuple_size(Why) > 0, is_atom(element(1, Why)) ->
+    element(1, Why);
+crash_summary(_) -> other.
+
+connect_and_handshake(Opts, Deadline) ->
+    case connect(Opts, Deadline) of
+        {ok, Sock} ->
+            case handshake(Sock, Opts, Deadline) of
+                ok ->
+                    {ok, Sock};
+                {error, _} = Error ->
+                    _ = socket_close(Sock),
+                    Error
+            end;
         {error, Reason} ->
-            _ = socket_close(Sock),
-            {stop, {Side, Reason}}
+            {error, {connect_failed, Reason}}
     end.
 
-connect(#{host := Host, port := Port} = Opts) ->
-    Timeout = maps:get(connect_timeout, Opts, ?DEFAULT_CONNECT_TIMEOUT),
+left(infinity) -> infinity;
+left(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
+
+%% The driver's read buffer (the largest chunk one read delivers) is the receive buffer.
+read_size(Opts) ->
+    maps:get(recbuf, Opts, ?DEFAULT_BUF).
+
+connect(#{host := Host, port := Port} = Opts, Deadline) ->
     SockOpts = [binary, {active, false}, {packet, raw}, {nodelay, true}, {keepalive, true},
                 {send_timeout, maps:get(send_timeout, Opts, ?DEFAULT_SEND_TIMEOUT)},
                 {send_timeout_close, true},
                 {recbuf, maps:get(recbuf, Opts, ?DEFAULT_BUF)},
+                {buffer, read_size(Opts)},
                 {sndbuf, maps:get(sndbuf, Opts, ?DEFAULT_BUF)}],
     case maps:get(ssl, Opts, false) of
         false ->
-            case gen_tcp:connect(Host, Port, SockOpts, Timeout) of
+            case gen_tcp:connect(Host, Port, SockOpts, left(Deadline)) of
                 {ok, S} -> {ok, {gen_tcp, S}};
                 {error, _} = Error -> Error
             end;
         SslOpts when is_list(SslOpts) ->
-            case ssl:connect(Host, Port, SockOpts ++ SslOpts, Timeout) of
+            case ssl:connect(Host, Port, SockOpts ++ SslOpts, left(Deadline)) of
                 {ok, S} -> {ok, {ssl, S}};
                 {error, Reason} -> {error, {tls, Reason}}
             end
@@ -202,8 +302,7 @@ connect(#{host := Host, port := Port} = Opts) ->
 
 %% SASL PLAIN, SELECT_BUCKET, HELLO, DCP_OPEN: each step's failure names the step.
 handshake(Sock, #{side := Side, user := User, password := Password, bucket := Bucket,
-                  connection_name := Name} = Opts) ->
-    Timeout = maps:get(connect_timeout, Opts, ?DEFAULT_CONNECT_TIMEOUT),
+                  connection_name := Name} = Opts, Deadline) ->
     Features = maps:get(features, Opts, []),
     HelloFeatures = [F || F <- [xattr, snappy, json], lists:member(F, Features)],
     OpenFlags = [F || F <- [xattr, del_times, del_user_xattr], lists:member(F, Features)],
@@ -211,23 +310,33 @@ handshake(Sock, #{side := Side, user := User, password := Password, bucket := Bu
              {select_bucket, fun() -> dcp_commands:select_bucket(Bucket, 2) end},
              {hello, fun() -> dcp_commands:hello(?AGENT, HelloFeatures, 3) end},
              {dcp_open, fun() -> dcp_commands:dcp_open(Name, Side, OpenFlags, 4) end}],
-    run_handshake(Steps, Sock, HelloFeatures, Timeout).
+    run_handshake(Steps, Sock, HelloFeatures, Deadline).
 
-run_handshake([], _Sock, _HelloFeatures, _Timeout) ->
+run_handshake([], _Sock, _HelloFeatures, _Deadline) ->
     ok;
-run_handshake([{Step, Build} | Rest], Sock, HelloFeatures, Timeout) ->
-    case socket_send(Sock, Build()) of
+run_handshake([{Step, Build} | Rest], Sock, HelloFeatures, Deadline) ->
+    Request = iolist_to_binary(Build()),
+    %% the answer must be a response to this very request: same opcode, same opaque
+    {ok, #{opcode := Opcode, opaque := Opaque}, <<>>} = mcbp:decode(Request),
+    case socket_send(Sock, Request) of
         ok ->
-            case recv_frame(Sock, <<>>, Timeout) of
-                {ok, #{status := 0} = Frame} ->
+            case recv_frame(Sock, <<>>, Deadline) of
+                {ok, #{magic := Magic, opcode := Opcode, opaque := Opaque, status := 0} = Frame}
+                  when Magic =:= res; Magic =:= alt_res ->
                     case check_step(Step, Frame, HelloFeatures) of
-                        ok -> run_handshake(Rest, Sock, HelloFeatures, Timeout);
+                        ok -> run_handshake(Rest, Sock, HelloFeatures, Deadline);
                         {error, _} = Error -> Error
                     end;
-                {ok, #{status := Status}} ->
+                {ok, #{magic := Magic, opcode := Opcode, opaque := Opaque, status := Status}}
+                  when Magic =:= res; Magic =:= alt_res ->
                     {error, {Step, {mcbp_status, mcbp:status_name(Status)}}};
-                {ok, Other} ->
+                {ok, #{opcode := Opcode, opaque := Opaque} = Other} ->
                     {error, {Step, {unexpected_frame, maps:get(opcode_name, Other, unknown)}}};
+                {ok, #{} = Other} ->
+                    {error, {Step, {unexpected_answer, maps:get(opcode_name, Other, unknown),
+                                    maps:get(opaque, Other, undefined)}}};
+                {error, timeout} ->
+                    {error, {Step, connect_timeout}};
                 {error, Reason} ->
                     {error, {Step, Reason}}
             end;
@@ -246,14 +355,21 @@ check_step(hello, #{value := Value}, Wanted) ->
 check_step(_Step, _Frame, _Wanted) ->
     ok.
 
-recv_frame(Sock, Buf, Timeout) ->
+%% Every receive is bounded by what is left of the one deadline.
+recv_frame(Sock, Buf, Deadline) ->
     case mcbp:decode(Buf) of
         {ok, Frame, _Rest} ->
             {ok, Frame};
         {more, N} ->
-            case socket_recv(Sock, N, Timeout) of
-                {ok, Data} -> recv_frame(Sock, <<Buf/binary, Data/binary>>, Timeout);
-                {error, Reason} -> {error, {recv_failed, Reason}}
+            case left(Deadline) of
+                0 ->
+                    {error, timeout};
+                Left ->
+                    case socket_recv(Sock, N, Left) of
+                        {ok, Data} -> recv_frame(Sock, <<Buf/binary, Data/binary>>, Deadline);
+                        {error, timeout} -> {error, timeout};
+                        {error, Reason} -> {error, {recv_failed, Reason}}
+                    end
             end;
         {error, Reason} ->
             {error, {bad_frame, Reason}}
@@ -263,19 +379,66 @@ recv_frame(Sock, Buf, Timeout) ->
 new_splitter(Side, Opts) ->
     dcp_splitter:new(Side, maps:get(splitter, Opts, nif), maps:with([max_frame_size], Opts)).
 
+%% The connector handed over the socket: the writer, the splitter and the side module start, then
+%% the calls that waited run.
+connected(Sock, #state{module = Module, side = Side, name = Name, args = Args, opts = Opts} = State) ->
+    State0 = cancel_connect_timer(State#state{connector = undefined}),
+    case new_splitter(Side, Opts) of
+        {ok, Splitter} ->
+            Writer = dcp_proxy_writer:start_link(Sock, Side),
+            Conn = #{side => Side, name => Name, socket => Sock, partner => undefined},
+            {ok, ModState} = Module:init(Args, Conn),
+            State1 = State0#state{status = connected, conn = Conn, splitter = Splitter,
+                                  writer = Writer, mod_state = ModState, deferred = []},
+            replay(State0#state.deferred, State1);
+        {error, Reason} ->
+            _ = socket_close(Sock),
+            {stop, {Side, Reason}, State0}
+    end.
+
+cancel_connect_timer(#state{connect_timer = undefined} = State) ->
+    State;
+cancel_connect_timer(#state{connect_timer = Ref} = State) ->
+    _ = erlang:cancel_timer(Ref),
+    State#state{connect_timer = undefined}.
+
+replay([], State) ->
+    {noreply, State};
+replay([{Request, From} | Rest], State) ->
+    case handle_call(Request, From, State) of
+        {reply, Reply, State1} ->
+            gen_server:reply(From, Reply),
+            replay(Rest, State1);
+        {noreply, State1} ->
+            replay(Rest, State1);
+        {stop, Reason, Reply, State1} ->
+            gen_server:reply(From, Reply),
+            {stop, Reason, State1#state{deferred = Rest}}
+    end.
+
+connect_failed(Reason, #state{side = Side, name = Name} = State) ->
+    ?LOG_ERROR("~s: ~p connect failed: ~0p", [Name, Side, Reason], ?LOG_META),
+    {stop, {Side, Reason}, cancel_connect_timer(State#state{connector = undefined})}.
+
 %% ---- calls: the pair, stats, then the side module's own ----
 
-handle_call('$dcp_socket', _From, #state{conn = #{socket := Sock}} = State) ->
-    {reply, Sock, State};
-handle_call({'$dcp_partner', Pid, PartnerSock}, _From, #state{conn = Conn} = State) ->
-    Ref = erlang:monitor(process, Pid),
-    State1 = State#state{conn = Conn#{partner => {Pid, PartnerSock}}, partner_ref = Ref},
-    case activate(State1) of
-        ok -> {reply, ok, State1};
-        {error, Reason} -> {stop, socket_stop_reason(State1, Reason), ok, State1}
-    end;
 handle_call('$dcp_stats', _From, State) ->
     {reply, stats_map(State), State};
+handle_call(Request, From, #state{status = connecting, deferred = Deferred} = State) ->
+    {noreply, State#state{deferred = Deferred ++ [{Request, From}]}};
+handle_call('$dcp_socket', _From, #state{conn = #{socket := Sock}} = State) ->
+    {reply, Sock, State};
+handle_call('$dcp_endpoint', _From, #state{conn = #{socket := Sock}, writer = W} = State) ->
+    {reply, {Sock, W}, State};
+handle_call({'$dcp_partner', Pid, {PartnerSock, PartnerWriter}}, _From,
+            #state{conn = Conn} = State) ->
+    Ref = erlang:monitor(process, Pid),
+    State1 = State#state{conn = Conn#{partner => {Pid, PartnerSock}}, partner_ref = Ref,
+                         partner_writer = PartnerWriter},
+    case maybe_activate(State1) of
+        {ok, State2} -> {reply, ok, State2};
+        {error, Reason} -> {stop, socket_stop_reason(State1, Reason), ok, State1}
+    end;
 handle_call(Request, From, #state{module = Module, mod_state = ModState, conn = Conn} = State) ->
     case Module:handle_call(Request, From, ModState, Conn) of
         {reply, Reply, ModState1} ->
@@ -286,7 +449,7 @@ handle_call(Request, From, #state{module = Module, mod_state = ModState, conn = 
             {stop, Reason, Reply, State#state{mod_state = ModState1}}
     end.
 
-handle_cast(Msg, #state{conn = #{name := Name}} = State) ->
+handle_cast(Msg, #state{name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected cast ~p", [Name, Msg], ?LOG_META),
     {noreply, State}.
 
@@ -294,21 +457,35 @@ handle_cast(Msg, #state{conn = #{name := Name}} = State) ->
 
 handle_info({Tag, S, Chunk}, #state{conn = #{socket := {_, S}}} = State)
   when Tag =:= tcp; Tag =:= ssl ->
-    case process_chunk(Chunk, State) of
-        {ok, State1} ->
-            case activate(State1) of
-                ok -> {noreply, State1};
-                {error, Reason} -> {stop, socket_stop_reason(State1, Reason), State1}
-            end;
-        {stop, Reason, State1} ->
-            {stop, Reason, State1}
+    case process_chunk(Chunk, State#state{armed = false}) of
+        {ok, State1} -> activate_or_stop(State1);
+        {stop, Reason, State1} -> {stop, Reason, State1}
     end;
-handle_info({Tag, S}, #state{conn = #{socket := {_, S}, side := Side}} = State)
+handle_info({Tag, S}, #state{conn = #{socket := {_, S}}, side = Side} = State)
   when Tag =:= tcp_closed; Tag =:= ssl_closed ->
     {stop, {socket_closed, Side}, State};
 handle_info({Tag, S, Reason}, #state{conn = #{socket := {_, S}}} = State)
   when Tag =:= tcp_error; Tag =:= ssl_error ->
     {stop, socket_stop_reason(State, Reason), State};
+handle_info({'$dcp_written', W, Size}, #state{partner_writer = W, unacked_bytes = U} = State) ->
+    activate_or_stop(State#state{unacked_bytes = max(0, U - Size)});
+handle_info({'$dcp_written', _OwnWriter, _Size}, State) ->
+    %% our own frames written to our own socket before the pair was connected
+    {noreply, State};
+handle_info({'$dcp_sync', From}, State) ->
+    %% every event the partner sent before this is handled
+    From ! '$dcp_synced',
+    {noreply, State};
+handle_info('$dcp_synced', #state{unacked_batches = B} = State) ->
+    activate_or_stop(State#state{unacked_batches = max(0, B - 1)});
+handle_info({'$dcp_write_own', Frames}, #state{conn = #{partner := undefined},
+                                               writer = W} = State) ->
+    ok = dcp_proxy_writer:write(W, Frames, 0),
+    {noreply, State#state{injected = State#state.injected + 1}};
+handle_info({'$dcp_write_own', Frames}, #state{conn = #{partner := {Pid, _}}} = State) ->
+    %% paired meanwhile: the partner forwards into our socket now
+    Pid ! {'$dcp_inject', Frames},
+    {noreply, State};
 handle_info({'$dcp_inject', Frames}, #state{inject = Inject} = State) ->
     flush_after_callback(State#state{inject = [Frames | Inject]});
 handle_info('$dcp_discard', #state{discard = false} = State) ->
@@ -319,13 +496,30 @@ handle_info('$dcp_discard', #state{discard = false} = State) ->
     flush_after_callback(State#state{discard = Discard});
 handle_info('$dcp_discard', State) ->
     {noreply, State};
+handle_info({'$dcp_connected', Pid, Sock}, #state{connector = Pid} = State) ->
+    connected(Sock, State);
+handle_info({'$dcp_connect_failed', Pid, Reason}, #state{connector = Pid} = State) ->
+    connect_failed(Reason, State);
+handle_info({timeout, Ref, connect_deadline}, #state{connect_timer = Ref,
+                                                     connector = Pid} = State) ->
+    %% the connector missed its own deadline (a send stuck in the handshake): it goes
+    exit(Pid, kill),
+    connect_failed(connect_timeout, State#state{connect_timer = undefined});
+handle_info({timeout, _Stale, connect_deadline}, State) ->
+    {noreply, State};
 handle_info({'DOWN', Ref, process, _Pid, Reason}, #state{partner_ref = Ref} = State) ->
     {stop, {partner_down, Reason}, State};
 handle_info({'EXIT', _PortOrPid, normal}, State) ->
-    %% our socket's port; the parent's exit is handled by gen_server itself
+    %% our socket's port, or the connector that handed over the socket
     {noreply, State};
+handle_info({'EXIT', Pid, Reason}, #state{connector = Pid} = State) when is_pid(Pid) ->
+    connect_failed({connector_down, Reason}, State);
 handle_info({'EXIT', _PortOrPid, Reason}, State) ->
+    %% our writer (a send failed: `{send_failed, Side, Why}') or our parent
     {stop, Reason, State};
+handle_info(Info, #state{status = connecting, name = Name} = State) ->
+    ?LOG_WARNING("~s: unexpected message while connecting ~0p", [Name, Info], ?LOG_META),
+    {noreply, State};
 handle_info(Info, #state{module = Module, mod_state = ModState, conn = Conn} = State) ->
     case Module:handle_info(Info, ModState, Conn) of
         {noreply, ModState1} ->
@@ -334,7 +528,27 @@ handle_info(Info, #state{module = Module, mod_state = ModState, conn = Conn} = S
             {stop, Reason, State#state{mod_state = ModState1}}
     end.
 
-%% One feed, the events in order, one send to the partner's socket. Our own frames waiting for a
+%% Reads on only while the partner's writer and the partner keep up.
+activate_or_stop(State) ->
+    case maybe_activate(State) of
+        {ok, State1} -> {noreply, State1};
+        {error, Reason} -> {stop, socket_stop_reason(State, Reason), State}
+    end.
+
+maybe_activate(#state{armed = true} = State) ->
+    {ok, State};
+maybe_activate(#state{partner_writer = undefined} = State) ->
+    {ok, State};
+maybe_activate(#state{unacked_bytes = U, unacked_batches = B} = State)
+  when U > ?MAX_UNACKED_BYTES; B >= ?MAX_EVENT_BATCHES ->
+    {ok, State};
+maybe_activate(State) ->
+    case activate(State) of
+        ok -> {ok, State#state{armed = true}};
+        {error, _} = Error -> Error
+    end.
+
+%% One feed, the events in order, one write to the partner's writer. Our own frames waiting for a
 %% boundary, or a pending discard, take the slow path that cuts the chunk where the frame being
 %% forwarded ends.
 process_chunk(Chunk, #state{inject = [], discard = false} = State) ->
@@ -342,7 +556,7 @@ process_chunk(Chunk, #state{inject = [], discard = false} = State) ->
 process_chunk(Chunk, #state{discard = active} = State) ->
     %% a shut consumer: our own frames still go out, what the node sends does not
     case feed(count_chunk(State), Chunk) of
-        {ok, _Dropped, Events, State1} -> handle_frames([], Events, State1);
+        {ok, _Dropped, Events, State1} -> handle_frames([], 0, Events, State1);
         {error, Reason, State1} -> {stop, Reason, State1}
     end;
 process_chunk(Chunk, State) ->
@@ -370,7 +584,8 @@ process_chunk(Chunk, State) ->
                                       false -> [Forward1, Own, Forward2];
                                       active -> [Forward1, Own]
                                   end,
-                            handle_frames(Out, Events1 ++ Events2, State4);
+                            handle_frames(Out, byte_size(Chunk) + iolist_size(Own),
+                                          Events1 ++ Events2, State4);
                         {error, Reason, State4} ->
                             {stop, Reason, State4}
                     end;
@@ -381,24 +596,35 @@ process_chunk(Chunk, State) ->
 
 feed_and_forward(Chunk, State) ->
     case feed(State, Chunk) of
-        {ok, Forward, Events, State1} -> handle_frames(Forward, Events, State1);
-        {error, Reason, State1} -> {stop, Reason, State1}
+        {ok, Forward, Events, State1} ->
+            handle_frames(Forward, byte_size(Chunk), Events, State1);
+        {error, Reason, State1} ->
+            {stop, Reason, State1}
     end.
 
-%% Events before the send: the side module (and through the producer conn, the consumer conn)
+%% Events before the write: the side module (and through the producer conn, the consumer conn)
 %% learns of a frame before the node it goes to can answer it, so an answer arriving on the other
 %% socket never overtakes the frame it answers (a takeover's set-vbucket-state, a stream end
-%% racing an add's answer).
-handle_frames(Forward, Events, State) ->
+%% racing an add's answer). What is forwarded is accounted as the whole chunk it came from (its
+%% sub-binaries keep the chunk alive until written).
+handle_frames(Forward, Size, Events, State) ->
     case dispatch(Events, State) of
         {ok, State1} ->
-            case forward(Forward, State1) of
-                ok -> flush_inject(note_traffic(State1));
-                {error, Reason} -> {stop, Reason, State1}
-            end;
+            State2 = sync_partner(Events, State1),
+            flush_inject(note_traffic(forward(Forward, Size, State2)));
         {stop, _, _} = Stop ->
             Stop
     end.
+
+%% After a batch of events the partner may have been sent messages: it acknowledges this marker
+%% once it has handled them, which bounds what waits in its mailbox.
+sync_partner([], State) ->
+    State;
+sync_partner(_Events, #state{conn = #{partner := {Pid, _}}, unacked_batches = B} = State) ->
+    Pid ! {'$dcp_sync', self()},
+    State#state{unacked_batches = B + 1};
+sync_partner(_Events, State) ->
+    State.
 
 feed_head(<<>>, State) ->
     {ok, [], [], State};
@@ -408,7 +634,7 @@ feed_head(Head, State) ->
 count_chunk(#state{chunks = C} = State) ->
     State#state{chunks = C + 1}.
 
-feed(#state{splitter = Splitter, conn = #{side := Side}, bytes_in = In} = State, Chunk) ->
+feed(#state{splitter = Splitter, side = Side, bytes_in = In} = State, Chunk) ->
     State1 = State#state{bytes_in = In + byte_size(Chunk)},
     case dcp_splitter:feed(Splitter, Chunk) of
         {ok, Forward, Events, Remaining, Splitter1} ->
@@ -418,15 +644,13 @@ feed(#state{splitter = Splitter, conn = #{side := Side}, bytes_in = In} = State,
             {error, {splitter_error, Side, Reason}, State1}
     end.
 
-forward([], _State) ->
-    ok;
-forward(<<>>, _State) ->
-    ok;
-forward(IoData, #state{conn = #{partner := {_, PartnerSock}, side := Side}}) ->
-    case socket_send(PartnerSock, IoData) of
-        ok -> ok;
-        {error, Reason} -> {error, {send_failed, partner_side(Side), Reason}}
-    end.
+forward([], _Size, State) ->
+    State;
+forward(<<>>, _Size, State) ->
+    State;
+forward(IoData, Size, #state{partner_writer = W, unacked_bytes = U} = State) ->
+    ok = dcp_proxy_writer:write(W, IoData, Size),
+    State#state{unacked_bytes = U + Size}.
 
 dispatch([], State) ->
     {ok, State};
@@ -436,7 +660,7 @@ dispatch([Event | Events], #state{module = Module, mod_state = ModState, conn = 
         {stop, Reason, ModState1} -> {stop, Reason, State#state{mod_state = ModState1}}
     end.
 
-%% Writes our own frames now if the partner's socket is at a frame boundary; else the next chunk
+%% Queues our own frames now if the partner's socket is at a frame boundary; else the next chunk
 %% does it.
 flush_inject(#state{inject = []} = State) ->
     {ok, State};
@@ -445,24 +669,19 @@ flush_inject(#state{inject = Inject, discard = Discard} = State) ->
         true ->
             Own = lists:reverse(Inject),
             State1 = State#state{inject = [], injected = State#state.injected + length(Own)},
-            case forward(Own, State1) of
-                ok -> {ok, State1};
-                {error, Reason} -> {stop, Reason, State1}
-            end;
+            {ok, forward(Own, iolist_size(Own), State1)};
         false ->
             {ok, State}
     end.
 
 flush_after_callback(State) ->
-    case flush_inject(State) of
-        {ok, State1} -> {noreply, State1};
-        {stop, Reason, State1} -> {stop, Reason, State1}
-    end.
+    {ok, State1} = flush_inject(State),
+    {noreply, State1}.
 
 note_traffic(#state{traffic_monitor = undefined} = State) ->
     State;
-note_traffic(#state{traffic_monitor = Pid, last_traffic = Last,
-                    conn = #{name := Name, side := Side}} = State) ->
+note_traffic(#state{traffic_monitor = Pid, last_traffic = Last, name = Name,
+                    side = Side} = State) ->
     Now = erlang:monotonic_time(millisecond),
     case Last =:= undefined orelse Now - Last >= ?TRAFFIC_INTERVAL_MS of
         true ->
@@ -477,38 +696,61 @@ activate(#state{conn = #{socket := {gen_tcp, S}}}) ->
 activate(#state{conn = #{socket := {ssl, S}}}) ->
     ssl:setopts(S, [{active, once}]).
 
-socket_stop_reason(#state{conn = #{side := Side}}, Reason) ->
+socket_stop_reason(#state{side = Side}, Reason) ->
     {socket_error, Side, Reason}.
 
-partner_side(consumer) -> producer;
-partner_side(producer) -> consumer.
-
+stats_map(#state{status = connecting, side = Side, name = Name, deferred = Deferred}) ->
+    #{side => Side, connection_name => Name, state => connecting,
+      waiting_calls => length(Deferred)};
 stats_map(#state{splitter = Splitter, chunks = Chunks, bytes_in = BytesIn, injected = Injected,
-                 inject = Inject, conn = #{side := Side, name := Name}}) ->
-    #{side => Side, connection_name => Name, chunks => Chunks, bytes_in => BytesIn,
-      own_batches_sent => Injected, own_batches_waiting => length(Inject),
+                 inject = Inject, side = Side, name = Name} = State) ->
+    #{side => Side, connection_name => Name, state => connected, chunks => Chunks,
+      bytes_in => BytesIn, own_batches_sent => Injected, own_batches_waiting => length(Inject),
+      unacked_bytes => State#state.unacked_bytes,
+      unacked_event_batches => State#state.unacked_batches,
+      reading => State#state.armed,
       splitter => dcp_splitter:stats(Splitter)}.
 
 %% ---- shut and stop ----
 
-terminate(Reason, #state{module = Module, mod_state = ModState, conn = Conn}) ->
-    #{name := Name, side := Side, socket := Sock} = Conn,
+terminate(Reason, #state{status = connecting, side = Side, deferred = Deferred,
+                         connector = Connector}) ->
+    _ = is_pid(Connector) andalso exit(Connector, kill),
+    [gen_server:reply(From, {error, {connection_lost, lost_reason(Side, Reason)}})
+     || {_Request, From} <- Deferred],
+    ok;
+terminate(Reason, #state{module = Module, mod_state = ModState, conn = Conn, writer = Writer,
+                         deferred = Deferred, side = Side}) ->
+    #{name := Name, socket := Sock} = Conn,
     Module:terminate(Reason, ModState, Conn),
+    [gen_server:reply(From, {error, {connection_lost, Reason}}) || {_Request, From} <- Deferred],
     case Reason of
         normal -> ok;
-        _ -> ?LOG_NOTICE("~s: ~p connection stopped: ~p", [Name, Side, Reason], ?LOG_META)
+        _ -> ?LOG_NOTICE("~s: ~p connection stopped: ~0p", [Name, Side, Reason], ?LOG_META)
     end,
+    %% the writer may be stuck in a send: it goes first, then the socket
+    unlink(Writer),
+    exit(Writer, kill),
     socket_close(Sock).
+
+lost_reason(_Side, {_, _} = Reason) -> Reason;
+lost_reason(Side, Reason) -> {Side, Reason}.
 
 %% No credentials are kept in the state; crash reports get a summary without the queued frames
 %% and the splitter resource.
 format_status(#{state := #state{} = State} = Status) ->
-    #state{module = Module, mod_state = ModState, conn = #{side := Side, name := Name} = Conn,
-           inject = Inject, discard = Discard, chunks = Chunks, bytes_in = BytesIn} = State,
-    Status#{state => #{module => Module, side => Side, connection_name => Name,
-                       partner => maps:get(partner, Conn), discard => Discard,
+    #state{module = Module, mod_state = ModState, side = Side, name = Name, conn = Conn,
+           inject = Inject, discard = Discard, chunks = Chunks, bytes_in = BytesIn,
+           status = St} = State,
+    Partner = case Conn of
+                  #{partner := P} -> P;
+                  _ -> undefined
+              end,
+    Status#{state => #{module => Module, side => Side, connection_name => Name, status => St,
+                       partner => Partner, discard => Discard,
                        own_batches_waiting => length(Inject), chunks => Chunks,
-                       bytes_in => BytesIn, mod_state => ModState}};
+                       bytes_in => BytesIn, unacked_bytes => State#state.unacked_bytes,
+                       mod_state => ModState}};
 format_status(Status) ->
     Status.
 
@@ -522,3 +764,6 @@ socket_recv({ssl, S}, N, Timeout) -> ssl:recv(S, N, Timeout).
 
 socket_close({gen_tcp, S}) -> gen_tcp:close(S);
 socket_close({ssl, S}) -> ssl:close(S).
+
+socket_controlling_process({gen_tcp, S}, Pid) -> gen_tcp:controlling_process(S, Pid);
+socket_controlling_process({ssl, S}, Pid) -> ssl:controlling_process(S, Pid).

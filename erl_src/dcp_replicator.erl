@@ -7,7 +7,7 @@
 -include_lib("kernel/include/logger.hrl").
 
 -export([start_link/1, setup_replication/2, takeover/2, get_partitions/1, stats/1,
-         get_connection_name/4]).
+         get_connection_name/4, check_vbuckets/1, real_cause/1]).
 
 %% embedding: a child spec for the user's supervisor, an orderly stop
 -export([child_spec/1, stop/1]).
@@ -48,15 +48,30 @@
                 producer :: pid(),
                 connection_name :: string(),
                 shut_timeout :: timeout(),
-                %% processes waiting for the consumer conn's answer to a caller
-                helpers = #{} :: #{reference() => pid()}}).
+                setup_timeout :: timeout(),
+                %% `connecting' until both sides are connected and paired
+                status = connecting :: connecting | connected,
+                pairer :: undefined | pid(),
+                %% processes waiting for the consumer conn's answer to a caller; while connecting
+                %% they wait for the pair first
+                helpers = #{} :: #{reference() => {pid(), connecting | connected}}}).
+
+%% Past the setup deadline an answer is owed within this many ms more, whatever the peers do.
+-define(ANSWER_MARGIN, 1000).
+%% Calls to the replication's own processes (they never block on a socket).
+-define(CALL_TIMEOUT, 5000).
+-define(MAX_VBUCKET, 1023).
 
 %% ---- API ----
 
-%% @doc Connects both sides and starts proxying. Returns `{error, {consumer | producer, Why}}' when a
-%% side cannot connect or handshake (e.g. `{sasl_auth, {mcbp_status, auth_error}}').
-%% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}' and
-%% nothing connects.
+%% @doc Starts the replicator and returns at once (MB-50442): both sides connect and handshake in
+%% the background, each within `connect_timeout'. A setup or takeover asked for meanwhile waits for
+%% the pair (within its `setup_timeout'). A side that cannot connect or handshake ends the
+%% replicator with exit reason `{consumer | producer, Why}' (e.g. `{consumer, {sasl_auth,
+%% {mcbp_status, auth_error}}}', `{producer, {connect_failed, econnrefused}}'); the setups that were
+%% waiting are answered `{errors, [{{connection_lost, {Side, Why}}, {vbucket, V}}, ...]}'.
+%% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}'
+%% returned at once, and nothing connects.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
     case dcp_options:replicator(Opts) of
@@ -101,34 +116,71 @@ start_checked(#{connection_name := Name} = Opts) ->
             {error, {bad_connection_name, Name}}
     end.
 
-%% @doc Replicates exactly `VBuckets' from now on. Never hangs: the answer comes at the latest when
-%% `setup_timeout' passes.
+%% @doc Replicates exactly `VBuckets' from now on. Never hangs: the answer comes at the latest about a
+%% second after `setup_timeout' passes, whatever the peers do. A list that is not a proper list of
+%% integers in 0..1023 is `{error, {bad_vbucket, X}}' (`X' the first bad element, or the whole term
+%% when it is not a proper list); duplicates count once.
 -spec setup_replication(pid() | atom(), [0..1023]) ->
           dcp_consumer_conn:setup_reply() | {error, term()}.
-setup_replication(Rep, VBuckets) when is_list(VBuckets) ->
-    call_or_lost(Rep, {setup_replication, VBuckets}, VBuckets).
+setup_replication(Rep, VBuckets) ->
+    case check_vbuckets(VBuckets) of
+        {ok, Unique} -> call_or_lost(Rep, {setup_replication, Unique}, Unique);
+        {error, _} = Error -> Error
+    end.
 
 -spec takeover(pid() | atom(), 0..1023) -> dcp_consumer_conn:setup_reply() | {error, term()}.
-takeover(Rep, VBucket) ->
-    call_or_lost(Rep, {takeover, VBucket}, [VBucket]).
+takeover(Rep, VBucket) when is_integer(VBucket), VBucket >= 0, VBucket =< ?MAX_VBUCKET ->
+    call_or_lost(Rep, {takeover, VBucket}, [VBucket]);
+takeover(_Rep, VBucket) ->
+    {error, {bad_vbucket, VBucket}}.
+
+%% @doc `{ok, SortedUnique}' for a proper list of vbuckets, else `{error, {bad_vbucket, X}}'.
+-spec check_vbuckets(term()) -> {ok, [0..1023]} | {error, {bad_vbucket, term()}}.
+check_vbuckets(VBuckets) ->
+    case is_proper_list(VBuckets) of
+        true ->
+            case [VB || VB <- VBuckets,
+                        not (is_integer(VB) andalso VB >= 0 andalso VB =< ?MAX_VBUCKET)] of
+                [] -> {ok, lists:usort(VBuckets)};
+                [Bad | _] -> {error, {bad_vbucket, Bad}}
+            end;
+        false ->
+            {error, {bad_vbucket, VBuckets}}
+    end.
+
+is_proper_list([]) -> true;
+is_proper_list([_ | T]) -> is_proper_list(T);
+is_proper_list(_) -> false.
 
 %% The consumer conn answers before the pair goes away; should the replicator be gone first (or
 %% never have run), the caller still gets the contract's reply.
-call_or_lost(Rep, Request, VBuckets) ->
+call_or_lost(Rep, Request, VBuckets) when is_pid(Rep); is_atom(Rep) ->
     try
         gen_server:call(Rep, Request, infinity)
     catch
-        exit:{Reason, {gen_server, call, _}} -> lost(Reason, VBuckets)
-    end.
+        exit:{Reason, {gen_server, call, _}} -> lost(real_cause(Reason), VBuckets)
+    end;
+call_or_lost(Rep, _Request, _VBuckets) ->
+    {error, {bad_replicator, Rep}}.
 
 lost(Reason, VBuckets) ->
     {errors, [{{connection_lost, Reason}, {vbucket, VB}} || VB <- VBuckets]}.
 
+%% What was lost, without the call-exit wrapping (`{Reason, {gen_server, call, Args}}') or the
+%% partner's (`{partner_down, Reason}').
+-spec real_cause(term()) -> term().
+real_cause({Reason, {gen_server, call, _}}) -> real_cause(Reason);
+real_cause({partner_down, Reason}) -> real_cause(Reason);
+real_cause({shutdown, {Side, _} = Reason}) when Side =:= consumer; Side =:= producer -> Reason;
+real_cause(Reason) -> Reason.
+
+%% @doc The vbuckets replicated now (`[]' while connecting).
 -spec get_partitions(pid() | atom()) -> [0..1023].
 get_partitions(Rep) ->
     gen_server:call(Rep, get_partitions, infinity).
 
-%% @doc Both sides' splitter counters and the setup machine's state.
+%% @doc Both sides' splitter counters and the setup machine's state. Answered while a socket is
+%% stuck; a part that cannot be had in time is `#{error => Why}'.
 -spec stats(pid() | atom()) -> #{consumer := map(), producer := map(), setup := map()}.
 stats(Rep) ->
     gen_server:call(Rep, stats, infinity).
@@ -169,45 +221,27 @@ cut_node_name(Name, Common) ->
     Drop = min(Common, max(0, length(Name) - ?MIN_NODE_NAME)),
     lists:sublist(lists:nthtail(Drop, Name), ?MIN_NODE_NAME).
 
-%% ---- connect ----
+%% ---- connect: in the background ----
 
 init(#{connection_name := Name} = Opts) ->
     process_flag(trap_exit, true),
     SetupTimeout = maps:get(setup_timeout, Opts, dcp_consumer_conn:default_setup_timeout()),
-    case dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout) of
-        {ok, Consumer} ->
-            case dcp_producer_conn:start_link(proxy_opts(producer, Opts)) of
-                {ok, Producer} ->
-                    try dcp_proxy:connect_proxies(Consumer, Producer) of
-                        ok ->
-                            ?LOG_INFO("~s: replicating ~p -> ~p",
-                                      [Name, maps:get(producer, Opts), maps:get(consumer, Opts)],
-                                      ?LOG_META),
-                            {ok, #state{consumer = Consumer, producer = Producer,
-                                        connection_name = Name,
-                                        shut_timeout = maps:get(shut_timeout, Opts,
-                                                                ?DEFAULT_SHUT_TIMEOUT)}}
-                    catch
-                        exit:{Reason, {gen_server, call, _}} ->
-                            %% a side went away between its handshake and the pairing
-                            dcp_proxy:terminate_and_wait([Consumer, Producer], shutdown,
-                                                         ?STOP_TIMEOUT),
-                            flush_exit(),
-                            {stop, {connect_proxies, Reason}}
-                    end;
-                {error, Reason} ->
-                    flush_exit(),
-                    dcp_proxy:terminate_and_wait([Consumer], shutdown, ?STOP_TIMEOUT),
-                    {stop, Reason}
-            end;
-        {error, Reason} ->
-            flush_exit(),
-            {stop, Reason}
-    end.
+    %% both return at once; each connects in its own connector process
+    {ok, Consumer} = dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout),
+    {ok, Producer} = dcp_producer_conn:start_link(proxy_opts(producer, Opts)),
+    Self = self(),
+    Pairer = spawn_link(fun() ->
+                                ok = dcp_proxy:connect_proxies(Consumer, Producer, infinity),
+                                Self ! {paired, self()}
+                        end),
+    ?LOG_INFO("~s: connecting ~p -> ~p",
+              [Name, maps:get(producer, Opts), maps:get(consumer, Opts)], ?LOG_META),
+    {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
+                pairer = Pairer, setup_timeout = setup_timeout(SetupTimeout),
+                shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
 
-%% A child that failed to start or was stopped here leaves its exit signal in our mailbox.
-flush_exit() ->
-    receive {'EXIT', _, _} -> flush_exit() after 0 -> ok end.
+setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
+setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->
@@ -226,46 +260,113 @@ hide_password(#{password := P} = Opts) ->
 
 %% The consumer conn answers (it never hangs); a helper waits for it so that stats and
 %% get_partitions stay answerable meanwhile, and turns a lost conn into the contract's errors.
-handle_call({setup_replication, VBuckets}, From, #state{consumer = C} = State) ->
-    {noreply, answer_later(From, fun() -> dcp_consumer_conn:setup_streams(C, VBuckets) end,
-                           VBuckets, State)};
-handle_call({takeover, VBucket}, From, #state{consumer = C} = State) ->
-    {noreply, answer_later(From, fun() ->
-                                         case dcp_consumer_conn:maybe_close_stream(C, VBucket) of
-                                             ok -> dcp_consumer_conn:takeover(C, VBucket);
-                                             Error -> Error
-                                         end
-                                 end, [VBucket], State)};
+handle_call({setup_replication, VBuckets}, From, State) ->
+    {noreply, answer_later(From, {setup, VBuckets}, VBuckets, State)};
+handle_call({takeover, VBucket}, From, State) ->
+    {noreply, answer_later(From, {takeover, VBucket}, [VBucket], State)};
+handle_call(get_partitions, _From, #state{status = connecting} = State) ->
+    {reply, [], State};
 handle_call(get_partitions, _From, #state{consumer = C} = State) ->
-    {reply, dcp_consumer_conn:get_partitions(C), State};
-handle_call(stats, _From, #state{consumer = C, producer = P} = State) ->
-    {reply, #{consumer => dcp_proxy:stats(C), producer => dcp_proxy:stats(P),
-              setup => dcp_consumer_conn:setup_info(C)}, State};
+    {reply, bounded(fun() -> dcp_consumer_conn:get_partitions(C) end, []), State};
+handle_call(stats, _From, #state{consumer = C, producer = P, status = Status} = State) ->
+    Setup = case Status of
+                connecting -> #{state => connecting};
+                connected -> bounded(fun() -> dcp_consumer_conn:setup_info(C) end, error)
+            end,
+    {reply, #{consumer => bounded(fun() -> dcp_proxy:stats(C) end, error),
+              producer => bounded(fun() -> dcp_proxy:stats(P) end, error),
+              setup => Setup}, State};
 handle_call(Request, _From, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected call ~p", [Name, Request], ?LOG_META),
     {reply, {error, {unknown_request, Request}}, State}.
 
-answer_later(From, Fun, VBuckets, #state{helpers = Helpers} = State) ->
-    {Pid, Ref} = spawn_monitor(fun() ->
-                                       Reply = try
-                                                   Fun()
-                                               catch
-                                                   exit:{Reason, {gen_server, call, _}} ->
-                                                       lost(Reason, VBuckets)
-                                               end,
-                                       gen_server:reply(From, Reply)
-                               end),
-    State#state{helpers = Helpers#{Ref => Pid}}.
+%% A call to one of our processes, answered in at most ?CALL_TIMEOUT ms (they never block on a
+%% socket; the bound is for a process that is going away).
+bounded(Fun, Default) ->
+    Self = self(),
+    Ref = make_ref(),
+    {Pid, MRef} = spawn_monitor(fun() -> Self ! {Ref, Fun()} end),
+    receive
+        {Ref, Result} ->
+            erlang:demonitor(MRef, [flush]),
+            Result;
+        {'DOWN', MRef, process, Pid, Reason} ->
+            fallback(Default, real_cause(Reason))
+    after ?CALL_TIMEOUT ->
+            exit(Pid, kill),
+            erlang:demonitor(MRef, [flush]),
+            fallback(Default, timeout)
+    end.
+
+fallback(error, Why) -> #{error => Why};
+fallback(Default, _Why) -> Default.
+
+%% The helper answers by `setup_timeout' plus ?ANSWER_MARGIN from now, whatever happens: while
+%% connecting it waits for the pair, then asks the consumer conn, and past the deadline answers
+%% `setup_timeout' for each vbucket itself.
+answer_later(From, Work, VBuckets, #state{helpers = Helpers, setup_timeout = Timeout,
+                                          status = Status, consumer = C} = State) ->
+    Deadline = case Timeout of
+                   infinity -> infinity;
+                   _ -> erlang:monotonic_time(millisecond) + Timeout + ?ANSWER_MARGIN
+               end,
+    {Pid, Ref} = spawn_monitor(
+                   fun() ->
+                           Reply = case Status of
+                                       connected -> run(Work, C, VBuckets, Deadline);
+                                       connecting -> wait_pair(Work, C, VBuckets, Deadline)
+                                   end,
+                           gen_server:reply(From, Reply)
+                   end),
+    State#state{helpers = Helpers#{Ref => {Pid, Status}}}.
+
+wait_pair(Work, C, VBuckets, Deadline) ->
+    receive
+        paired -> run(Work, C, VBuckets, Deadline);
+        {lost, Reason} -> lost(Reason, VBuckets)
+    after left(Deadline) ->
+            timed_out(VBuckets)
+    end.
+
+run(Work, C, VBuckets, Deadline) ->
+    try
+        do(Work, C, Deadline)
+    catch
+        exit:{timeout, {gen_server, call, _}} -> timed_out(VBuckets);
+        exit:{Reason, {gen_server, call, _}} -> lost(real_cause(Reason), VBuckets)
+    end.
+
+do({setup, VBuckets}, C, Deadline) ->
+    gen_server:call(C, {setup_streams, VBuckets}, left(Deadline));
+do({takeover, VBucket}, C, Deadline) ->
+    case gen_server:call(C, {maybe_close_stream, VBucket}, left(Deadline)) of
+        ok -> gen_server:call(C, {takeover, VBucket}, left(Deadline));
+        Error -> Error
+    end.
+
+timed_out(VBuckets) ->
+    {errors, [{setup_timeout, {vbucket, VB}} || VB <- VBuckets]}.
+
+left(infinity) -> infinity;
+left(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
 
 handle_cast(Msg, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected cast ~p", [Name, Msg], ?LOG_META),
     {noreply, State}.
 
-%% ---- stop: a lost side ends the replication ----
+%% ---- paired; stop: a lost side ends the replication ----
 
-handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P} = State)
-  when Pid =:= C; Pid =:= P ->
-    {stop, Reason, State};
+handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
+                                  connection_name = Name} = State) ->
+    ?LOG_INFO("~s: replicating", [Name], ?LOG_META),
+    _ = [H ! paired || {H, connecting} <- maps:values(Helpers)],
+    {noreply, State#state{status = connected,
+                          helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
+handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
+    {noreply, State#state{pairer = undefined}};
+handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
+  when Pid =:= C; Pid =:= P; Pid =:= Pairer ->
+    {stop, real_cause(Reason), State};
 handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
   when is_map_key(Ref, Helpers) ->
     {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
@@ -276,9 +377,9 @@ handle_info(Info, #state{connection_name = Name} = State) ->
 %% On an orderly stop the consumer's streams are closed first (bounded), so that a replicator
 %% started next for the same vbuckets does not meet "stream exists"; only the consumer, so that
 %% a failed-over producer cannot slow this down.
-terminate(Reason, #state{consumer = C, producer = P, connection_name = Name,
-                         shut_timeout = ShutTimeout, helpers = Helpers}) ->
-    case is_orderly(Reason) andalso is_process_alive(C) of
+terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, status = Status,
+                         shut_timeout = ShutTimeout, helpers = Helpers, pairer = Pairer}) ->
+    case Status =:= connected andalso is_orderly(Reason) andalso is_process_alive(C) of
         true ->
             Shut = try dcp_consumer_conn:shut_connection(C, ShutTimeout)
                    catch exit:{Why, _} -> {error, Why}
@@ -287,6 +388,9 @@ terminate(Reason, #state{consumer = C, producer = P, connection_name = Name,
         false ->
             ok
     end,
+    _ = is_pid(Pairer) andalso exit(Pairer, kill),
+    %% helpers still waiting for the pair: the connection is lost
+    _ = [H ! {lost, real_cause(Reason)} || {H, connecting} <- maps:values(Helpers)],
     dcp_proxy:terminate_and_wait([C, P], Reason, ?STOP_TIMEOUT),
     %% the consumer conn answered its callers before it went; let those answers reach them
     %% before our own exit does (a caller seeing our exit first would get the fallback reply)

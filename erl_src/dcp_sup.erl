@@ -55,11 +55,19 @@ stop(Sup) ->
 
 %% @doc Connection `V rem N' replicates vbucket V. Every connection gets its full list (an empty one
 %% closes what it had), and the answers are merged: `ok', or every error from every connection.
--spec setup_replication(pid(), [0..1023]) -> dcp_consumer_conn:setup_reply().
+%% A `VBuckets' that is not a proper list of 0..1023 is `{error, {bad_vbucket, X}}' (nothing is
+%% asked of any connection).
+-spec setup_replication(pid(), [0..1023]) -> dcp_consumer_conn:setup_reply() | {error, term()}.
 setup_replication(Sup, VBuckets) ->
+    case dcp_replicator:check_vbuckets(VBuckets) of
+        {ok, Unique} -> setup_checked(Sup, Unique);
+        {error, _} = Error -> Error
+    end.
+
+setup_checked(Sup, VBuckets) ->
     Replicators = replicators(Sup),
     N = length(Replicators),
-    Callers = [{ConnNum, Rep, [VB || VB <- lists:usort(VBuckets),
+    Callers = [{ConnNum, Rep, [VB || VB <- VBuckets,
                                      connection_for_vbucket(N, VB) =:= ConnNum]}
                || {ConnNum, Rep} <- Replicators],
     %% the connections set up in parallel; each one answers by its own deadline

@@ -30,6 +30,10 @@
 %% <li>`{chunked_writes, MaxBytes}' (connection-wide): cut every write into random chunks of 1..MaxBytes.</li>
 %% <li>`flexible_framing' (producer): send the stream's frames with the alt-request magic and a DCP
 %%     stream-id framing extra.</li>
+%% <li>`stop_reading' (connection-wide, either role): the node's connections stop reading their
+%%     sockets while it is set (their writes go on).</li>
+%% <li>`{flood_stream_ends, N, EndVB}' (producer): with the acceptance of the vbucket's STREAM_REQ,
+%%     N DCP_STREAM_ENDs for vbucket `EndVB' (reason `closed', opaque 0) in the same write.</li>
 %% <li>`{unknown_opcodes, Opcode}' (producer): send a request with this (unknown) opcode before each
 %%     snapshot marker and each batch of mutations; a consumer node ignores it.</li>
 %% </ul>
@@ -66,7 +70,9 @@
                | {close_socket_after_mutations, non_neg_integer()}
                | {chunked_writes, pos_integer()}
                | flexible_framing
-               | {unknown_opcodes, 0..255}.
+               | {unknown_opcodes, 0..255}
+               | stop_reading
+               | {flood_stream_ends, pos_integer(), dcp_commands:vbucket()}.
 
 %% What a connection process needs of its node.
 -type node_config() :: #{role := consumer | producer, bucket := binary(), user := binary(),

@@ -102,6 +102,10 @@ handle_info({kv_sim_socket_ready, _}, #conn{transport = ssl, sock = Sock} = C) -
 handle_info({kv_sim_socket_ready, _}, C) ->
     activate(C),
     {noreply, C};
+handle_info(kv_sim_read_again, C) ->
+    %% the `stop_reading' fault: reads on once it is cleared
+    activate(C),
+    {noreply, C};
 handle_info({Tag, _Sock, Data}, C) when Tag =:= tcp; Tag =:= ssl ->
     received(Data, C);
 handle_info({Tag, _Sock}, C) when Tag =:= tcp_closed; Tag =:= ssl_closed ->
@@ -122,11 +126,21 @@ terminate(_Reason, #conn{transport = Transport, sock = Sock}) ->
     _ = Transport:close(Sock),
     ok.
 
-%% A failure here means the socket is gone, and its closed message is already on its way.
-activate(#conn{transport = gen_tcp, sock = Sock}) ->
+%% A failure here means the socket is gone, and its closed message is already on its way. While the
+%% connection-wide `stop_reading' fault is set the socket is not read (looked at every 20 ms).
+activate(#conn{config = #{faults := Faults}} = C) ->
+    case kv_sim_faults:lookup(kv_sim_faults:for_turn(Faults), all, stop_reading) of
+        stop_reading ->
+            _ = erlang:send_after(20, self(), kv_sim_read_again),
+            ok;
+        none ->
+            arm(C)
+    end.
+
+arm(#conn{transport = gen_tcp, sock = Sock}) ->
     _ = inet:setopts(Sock, [{active, once}]),
     ok;
-activate(#conn{transport = ssl, sock = Sock}) ->
+arm(#conn{transport = ssl, sock = Sock}) ->
     _ = ssl:setopts(Sock, [{active, once}]),
     ok.
 

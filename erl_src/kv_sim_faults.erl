@@ -28,6 +28,10 @@ key(VBucket, Fault) ->
         {unknown_opcodes, Op} when is_integer(Op), Op >= 0, Op =< 255 ->
             {ok, {VBucket, unknown_opcodes}, Fault};
         no_add_stream_answer_after_stream_end -> {ok, {VBucket, Fault}, Fault};
+        stop_reading -> {ok, {all, stop_reading}, Fault};
+        {flood_stream_ends, N, EndVB} when is_integer(N), N > 0, is_integer(EndVB), EndVB >= 0,
+                                           EndVB =< 16#ffff ->
+            {ok, {VBucket, flood_stream_ends}, Fault};
         flexible_framing -> {ok, {VBucket, Fault}, Fault};
         _ -> {error, {unknown_fault, Fault}}
     end.

@@ -102,7 +102,8 @@ request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C
     case stream_req_refusal(VB, Start, P, C) of
         none ->
             Accept = dcp_commands:stream_req_response(Opaque, ?SUCCESS, failover_log(P, VB)),
-            {ok, P, C1} = answer(?DCP_STREAM_REQ, VB, Accept, P, C),
+            {ok, P, C0} = answer(?DCP_STREAM_REQ, VB, Accept, P, C),
+            C1 = flood_stream_ends(VB, C0),
             case kv_sim_conn:fault(C1, VB, stream_end_on_accept) of
                 {stream_end_on_accept, Reason} ->
                     emit(dcp_commands:stream_end(VB, Opaque, Reason), P, C1);
@@ -158,6 +159,17 @@ stream_req_refusal(VB, Start, P, C) ->
 answer(Opcode, VB, Bytes, P, C) ->
     {ok, C1} = kv_sim_conn:answer(Opcode, VB, Bytes, C),
     {ok, P, C1}.
+
+%% The `{flood_stream_ends, N, EndVB}' fault: N stream ends for `EndVB' (reason closed, opaque 0)
+%% right behind the acceptance, outside the flow control a stream's bytes count against.
+flood_stream_ends(VB, C) ->
+    case kv_sim_conn:fault(C, VB, flood_stream_ends) of
+        {flood_stream_ends, N, EndVB} ->
+            End = iolist_to_binary(dcp_commands:stream_end(EndVB, 0, closed)),
+            kv_sim_conn:out(binary:copy(End, N), C);
+        none ->
+            C
+    end.
 
 %% One entry: the vbucket's uuid (fixed by the seed) since seqno 0.
 failover_log(#producer{config = #{seed := Seed}}, VB) ->

@@ -7,7 +7,7 @@
 %% logger handler callback (collects events for the credentials test)
 -export([log/2]).
 
--import(dcp_test_lib, [with_nodes/3, proxy_opts/2, rep_opts/1, start_replicator/1]).
+-import(dcp_test_lib, [with_nodes/3, proxy_opts/2, rep_opts/1]).
 
 %% ---- the handshake ----
 
@@ -15,9 +15,9 @@ unknown_bucket_is_a_select_bucket_error_test_() ->
     with_nodes("the producer conn asks for a bucket the node has not", #{rep => none},
                fun(#{producer := Producer}) ->
                        process_flag(trap_exit, true),
-                       ?assertMatch({error, {producer, {select_bucket, {mcbp_status, _}}}},
-                                    dcp_producer_conn:start_link(
-                                      proxy_opts(Producer, #{bucket => "no-such-bucket"}))),
+                       ?assertMatch({producer, {select_bucket, {mcbp_status, _}}},
+                                    dcp_test_lib:conn_failure(dcp_producer_conn:start_link(
+                                      proxy_opts(Producer, #{bucket => "no-such-bucket"})))),
                        dcp_test_lib:flush_exits()
                end).
 
@@ -28,10 +28,11 @@ refused_snappy_is_tolerated_but_refused_xattr_is_an_error_test_() ->
                        process_flag(trap_exit, true),
                        {ok, P} = dcp_producer_conn:start_link(
                                    proxy_opts(Producer, #{features => [snappy, del_times]})),
+                       ?assertMatch(#{state := connected}, connected(P)),
                        dcp_proxy:terminate_and_wait([P], shutdown, 5000),
-                       ?assertEqual({error, {producer, {hello, {features_refused, [xattr]}}}},
-                                    dcp_producer_conn:start_link(
-                                      proxy_opts(Producer, #{features => [xattr, snappy]}))),
+                       ?assertEqual({producer, {hello, {features_refused, [xattr]}}},
+                                    dcp_test_lib:conn_failure(dcp_producer_conn:start_link(
+                                      proxy_opts(Producer, #{features => [xattr, snappy]})))),
                        dcp_test_lib:flush_exits()
                end).
 
@@ -40,21 +41,22 @@ connection_refused_is_a_connect_error_test() ->
     {ok, L} = gen_tcp:listen(0, [{ip, loopback}]),
     {ok, Port} = inet:port(L),
     ok = gen_tcp:close(L),
-    ?assertEqual({error, {consumer, {connect_failed, econnrefused}}},
-                 dcp_consumer_conn:start_link(#{host => {127, 0, 0, 1}, port => Port,
-                                                bucket => "default",
-                                                connection_name => dcp_test_lib:connection_name(),
-                                                user => "u", password => fun() -> "p" end},
-                                              1000)),
+    ?assertEqual({consumer, {connect_failed, econnrefused}},
+                 dcp_test_lib:conn_failure(
+                   dcp_consumer_conn:start_link(#{host => {127, 0, 0, 1}, port => Port,
+                                                  bucket => "default",
+                                                  connection_name => dcp_test_lib:connection_name(),
+                                                  user => "u", password => fun() -> "p" end},
+                                                1000))),
     dcp_test_lib:flush_exits().
 
 wrong_password_gives_a_clear_error_from_start_link_test_() ->
     with_nodes("the replicator's password is wrong for both nodes", #{rep => none},
                fun(Env) ->
                        Wrong = "not-the-Pa55word",
-                       Result = start_replicator((rep_opts(Env))#{password => Wrong}),
-                       ?assertEqual({error, {consumer, {sasl_auth, {mcbp_status, auth_error}}}},
-                                    Result),
+                       Result = dcp_test_lib:start_failure((rep_opts(Env))#{password => Wrong}),
+                       %% both sides connect at once: either may be the first to fail
+                       ?assertMatch({_, {sasl_auth, {mcbp_status, auth_error}}}, Result),
                        %% neither password appears in what the caller gets
                        Text = lists:flatten(io_lib:format("~p", [Result])),
                        ?assertEqual(nomatch, string:find(Text, Wrong)),
@@ -65,9 +67,13 @@ wrong_password_on_the_producer_only_names_the_producer_test_() ->
     with_nodes("the producer node has another password",
                #{producer => #{password => "other"}, rep => none},
                fun(Env) ->
-                       ?assertEqual({error, {producer, {sasl_auth, {mcbp_status, auth_error}}}},
-                                    start_replicator(rep_opts(Env)))
+                       ?assertEqual({producer, {sasl_auth, {mcbp_status, auth_error}}},
+                                    dcp_test_lib:start_failure(rep_opts(Env)))
                end).
+
+connected(Pid) ->
+    dcp_test_lib:wait_until(fun() -> maps:get(state, dcp_proxy:stats(Pid)) =:= connected end),
+    dcp_proxy:stats(Pid).
 
 %% ---- TLS ----
 
@@ -101,15 +107,17 @@ tls_client_without_a_certificate_is_refused_test_() ->
                            NoCert = [O || O <- ClientTls, not is_tuple(O)
                                               orelse not lists:member(element(1, O),
                                                                       [cert, key, certs_keys])],
-                           Result = start_replicator((rep_opts(Env))#{ssl => NoCert}),
-                           ?assertMatch({error, {consumer, _}}, Result)
+                           Result = dcp_test_lib:start_failure((rep_opts(Env))#{ssl => NoCert}),
+                           ?assertMatch({Side, _} when Side =:= consumer; Side =:= producer,
+                                        Result)
                    end).
 
 tls_peer_that_cannot_be_verified_is_refused_test_() ->
     tls_nodes_test("TLS: a replicator trusting another CA refuses the nodes", other_ca,
                    fun(Env, ClientTls) ->
-                           ?assertMatch({error, {consumer, {connect_failed, {tls, _}}}},
-                                        start_replicator((rep_opts(Env))#{ssl => ClientTls}))
+                           ?assertMatch({_, {connect_failed, {tls, _}}},
+                                        dcp_test_lib:start_failure(
+                                          (rep_opts(Env))#{ssl => ClientTls}))
                    end).
 
 %% Nodes that speak TLS only, no replicator: `Body(Env, ClientTls)', the client options of the
@@ -149,8 +157,9 @@ password_never_appears_in_logs_or_crash_reports_test_() ->
                        ok = logger:set_primary_config(level, all),
                        try
                            Opts = maps:without([features, setup_timeout], rep_opts(Env)),
-                           {error, _} = dcp_replicator:start_link(
-                                          Opts#{producer => {{127, 0, 0, 1}, 1}}),
+                           {ok, Failing} = dcp_replicator:start_link(
+                                             Opts#{producer => {{127, 0, 0, 1}, 1}}),
+                           receive {'EXIT', Failing, _} -> ok end,
                            {ok, Rep} = dcp_replicator:start_link(Opts),
                            ok = dcp_replicator:setup_replication(Rep, [0]),
                            ok = kv_sim:set_fault(Consumer, 1, {close_socket_on, dcp_add_stream}),

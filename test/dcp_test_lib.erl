@@ -7,9 +7,9 @@
 
 -export([with_nodes/3, start_env/1, stop_env/1, stop_node/1,
          rep_opts/1, proxy_opts/2, password/0, connection_name/0,
-         start_replicator/1, stop_replicator/1, wait_exit/1,
+         start_replicator/1, stop_replicator/1, wait_exit/1, start_failure/1, conn_failure/1,
          fail_stream/3, never_answer_after_stream_end/2, stream_end_error/2,
-         assert_replicated/3, wait_until/1, wait_stats/2, frames/3, async/1,
+         assert_replicated/3, wait_until/1, wait_connected/1, wait_stats/2, frames/3, async/1,
          tls_configs/0, flush_exits/0]).
 
 -export_type([env/0]).
@@ -58,7 +58,10 @@ start_env(Opts) ->
             Env;
         RepOpts ->
             case start_replicator(maps:merge(rep_opts(Env), RepOpts)) of
-                {ok, {_, Rep} = Keeper} -> Env#{rep := Rep, keeper => Keeper};
+                {ok, {_, Rep} = Keeper} ->
+                    %% connecting is in the background: the tests start from a connected pair
+                    wait_connected(Rep),
+                    Env#{rep := Rep, keeper => Keeper};
                 Failed -> stop_env(Env), error({replicator_failed, Failed})
             end
     end.
@@ -160,6 +163,19 @@ stop_child(Rep) ->
             receive {'EXIT', Rep, _} -> killed_after_30_s end
     end.
 
+%% @doc A replicator expected not to connect: it starts (connecting is in the background), then
+%% stops on its own; its exit reason.
+-spec start_failure(dcp_replicator:opts()) -> term().
+start_failure(Opts) ->
+    {ok, Keeper} = start_replicator(Opts),
+    wait_exit(Keeper).
+
+%% @doc A connection process (the result of its start_link, called by this process, which traps
+%% exits) expected not to connect: the reason it stopped with.
+-spec conn_failure({ok, pid()}) -> term().
+conn_failure({ok, Pid}) ->
+    receive {'EXIT', Pid, Reason} -> Reason after 30000 -> still_running end.
+
 %% @doc Stops the replicator through its keeper; the replicator's exit reason.
 -spec stop_replicator(keeper()) -> term().
 stop_replicator({Keeper, _Rep}) ->
@@ -211,6 +227,17 @@ wait_replicated(Producer, Consumer, VBuckets, Deadline) ->
         true -> timer:sleep(20), wait_replicated(Producer, Consumer, Pending, Deadline);
         false -> ok
     end.
+
+%% @doc Polls the replicator's stats until both sides are connected and paired.
+-spec wait_connected(pid()) -> ok.
+wait_connected(Rep) ->
+    wait_until(fun() ->
+                       case dcp_replicator:stats(Rep) of
+                           #{setup := #{state := connecting}} -> false;
+                           #{consumer := #{reading := true}, producer := #{reading := true}} -> true;
+                           _ -> false
+                       end
+               end).
 
 %% @doc Polls `Cond()' until it holds (EUnit's backstop ends a wait that never does).
 -spec wait_until(fun(() -> boolean())) -> ok.

@@ -19,7 +19,7 @@ rustler::atoms! {
     // frame map keys
     magic, opcode_name, datatype, vbucket, opaque, cas, framing_extras, extras, key, value,
     // errors
-    bad_magic, frame_too_large, bad_lengths, bad_framing_extras, bad_extras, bad_value, framing,
+    bad_magic, frame_too_large, reported_frame_too_large, bad_lengths, bad_framing_extras, bad_extras, bad_value, framing,
     body, missing_field, bad_field, field_not_allowed, key_too_long, extras_too_long,
     framing_extras_not_allowed, framing_extras_too_long, frame_info_id_too_large,
     frame_info_too_long, body_too_large,

@@ -26,6 +26,11 @@ fn error_term<'a>(env: Env<'a>, e: &Error) -> Term<'a> {
     match *e {
         Error::BadMagic(b) => (bad_magic(), b).encode(env),
         Error::FrameTooLarge { len, max } => (frame_too_large(), len, max).encode(env),
+        Error::ReportedFrameTooLarge {
+            opcode: op,
+            len,
+            max,
+        } => (reported_frame_too_large(), op, len, max).encode(env),
         Error::BadLengths {
             framing: f,
             extras: x,

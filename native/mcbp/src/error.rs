@@ -10,6 +10,10 @@ pub enum Error {
     BadMagic(u8),
     /// The header claims a frame (24-byte header + body) larger than the configured cap.
     FrameTooLarge { len: u64, max: u64 },
+    /// A frame the splitter reports (stream ends, stream requests, vbucket states, add and close
+    /// answers: all small) larger than `splitter::MAX_REPORTED_FRAME`: a protocol violation, not
+    /// megabytes to gather and copy.
+    ReportedFrameTooLarge { opcode: u8, len: u64, max: u64 },
     /// framing extras + extras + key exceed the body length.
     BadLengths {
         framing: u32,
@@ -31,6 +35,12 @@ impl fmt::Display for Error {
             Error::BadMagic(b) => write!(f, "bad magic 0x{b:02x}"),
             Error::FrameTooLarge { len, max } => {
                 write!(f, "frame of {len} bytes exceeds cap {max}")
+            }
+            Error::ReportedFrameTooLarge { opcode, len, max } => {
+                write!(
+                    f,
+                    "reported frame 0x{opcode:02x} of {len} bytes exceeds cap {max}"
+                )
             }
             Error::BadLengths {
                 framing,

@@ -151,6 +151,12 @@ pub struct FeedOutput {
 /// frame, so it weighs this much in the budget.
 pub const REPORTED_FRAME_COST: usize = 128;
 
+/// The largest frame the splitter reports (header included). Reported frames are gathered and
+/// copied into an event, so they are capped far below `max_frame_size`: stream ends, add and close
+/// answers and set-vbucket-state frames are tens of bytes, a stream request with a collections
+/// filter a few KiB.
+pub const MAX_REPORTED_FRAME: u64 = 64 * 1024;
+
 fn cost(fate: Fate) -> usize {
     match fate {
         Fate::Forward => 1,
@@ -434,6 +440,13 @@ impl Splitter {
                     }
                     break Exit::Straddle(frame_len - avail);
                 }
+                if frame_len > MAX_REPORTED_FRAME {
+                    break Exit::Error(Error::ReportedFrameTooLarge {
+                        opcode: h[1],
+                        len: frame_len,
+                        max: MAX_REPORTED_FRAME,
+                    });
+                }
                 *left = left.saturating_sub(REPORTED_FRAME_COST);
                 break Exit::Reported(frame_len, fate);
             };
@@ -504,6 +517,13 @@ impl Splitter {
         let frame_len = header.frame_len();
         let opcode = h[1] as usize;
         let fate = self.policy[(MAGIC_INFO[h[0] as usize] & 0x3) as usize][opcode];
+        if fate != Fate::Forward && frame_len > MAX_REPORTED_FRAME {
+            return Err(Error::ReportedFrameTooLarge {
+                opcode: h[1],
+                len: frame_len,
+                max: MAX_REPORTED_FRAME,
+            });
+        }
         self.frames_by_opcode[opcode] += 1;
         self.bytes_by_opcode[opcode] += frame_len;
         self.largest_frame = self.largest_frame.max(frame_len);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use mcbp::splitter::{fate, Fate, REPORTED_FRAME_COST};
+use mcbp::splitter::{fate, Fate, MAX_REPORTED_FRAME, REPORTED_FRAME_COST};
 use mcbp::{
     Error, Event, FeedOutput, FeedStatus, FrameInfo, Magic, Piece, Side, Splitter, StreamEndReason,
 };
@@ -212,6 +212,28 @@ fn an_oversized_frame_is_refused_from_its_header() {
         }
     );
     assert_eq!(s.held_bytes(), 0);
+}
+
+/// A reported frame (here a 30 MiB stream end) is refused from its header, whole in the chunk or
+/// held across chunks, long before `max_frame_size`: nothing is gathered or copied.
+#[test]
+fn an_oversized_reported_frame_is_refused_from_its_header() {
+    let mut end = stream_end(3, 9, 0);
+    let len = 30 * 1024 * 1024u64;
+    end[8..12].copy_from_slice(&((len - 24) as u32).to_be_bytes());
+    let want = Error::ReportedFrameTooLarge {
+        opcode: 0x55,
+        len,
+        max: MAX_REPORTED_FRAME,
+    };
+    let mut s = Splitter::new(Side::Producer, MAX);
+    assert_eq!(feed(&mut s, &end[..24]).unwrap_err(), want);
+    let mut held = Splitter::new(Side::Producer, MAX);
+    feed(&mut held, &end[..10]).unwrap();
+    assert_eq!(feed(&mut held, &end[10..24]).unwrap_err(), want);
+    // a mutation of the same size is forwarded (cut through)
+    let mut fwd = Splitter::new(Side::Producer, MAX);
+    assert!(feed(&mut fwd, &mutation(1, 1, 20 * 1024 * 1024)).is_ok());
 }
 
 #[test]
