@@ -316,7 +316,8 @@ terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued,
     ok.
 
 %% The partner's reason is the one that says what was lost.
-lost_reason({partner_down, Reason}) -> Reason;
+lost_reason({shutdown, Reason}) -> lost_reason(Reason);
+lost_reason({partner_down, Reason}) -> lost_reason(Reason);
 lost_reason(Reason) -> Reason.
 
 lost_reply({setup_streams, VBuckets}, Lost) ->

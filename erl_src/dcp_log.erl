@@ -16,7 +16,7 @@
 
 -export([ctx/3, set_process_metadata/1, metadata/1, who/1, errors/1,
          debug/2, info/2, notice/2, warning/2, error/2, log/3,
-         vbuckets/1, ranges/1, is_expected/1, exit_reason/1, stopped/2,
+         vbuckets/1, ranges/1, is_expected/1, exit_reason/1, cause/1, stopped/2,
          format_report/1, add_handler/0, remove_handler/0]).
 
 -export_type([ctx/0]).
@@ -68,7 +68,11 @@ log(Level, What, Fields) ->
     case logger:allow(Level, ?MODULE) of
         true ->
             %% logger adds the process metadata (set_process_metadata/1)
-            logger:log(Level, maps:put(what, What, Fields),
+            Who = case logger:get_process_metadata() of
+                      #{} = M -> maps:with([connection, side], M);
+                      undefined -> #{}
+                  end,
+            logger:log(Level, maps:merge(Who, maps:put(what, What, Fields)),
                        #{domain => ?DOMAIN, report_cb => fun ?MODULE:format_report/1});
         false ->
             ok
@@ -136,7 +140,8 @@ errors(Errors) ->
 -spec is_expected(term()) -> boolean().
 is_expected({shutdown, _}) -> true;
 is_expected({Side, Why}) when Side =:= consumer; Side =:= producer -> is_expected(Why);
-is_expected({partner_down, Why}) -> is_expected(Why);
+%% the partner's own end (crash or not) is the partner's report
+is_expected({partner_down, _}) -> true;
 is_expected({connect_failed, _}) -> true;
 is_expected({tls, _}) -> true;
 is_expected({socket_closed, _}) -> true;
@@ -164,6 +169,11 @@ exit_reason(Reason) ->
         true -> {shutdown, Reason};
         false -> Reason
     end.
+
+%% @doc What `exit_reason/1' wrapped: `Reason' without `{shutdown, _}'.
+-spec cause(term()) -> term().
+cause({shutdown, Reason}) -> cause(Reason);
+cause(Reason) -> Reason.
 
 %% @doc The one line of a process that stops: notice for an orderly or expected stop, error for
 %% anything else (which also gets OTP's crash report).

@@ -171,7 +171,7 @@ lost(Reason, VBuckets) ->
 -spec real_cause(term()) -> term().
 real_cause({Reason, {gen_server, call, _}}) -> real_cause(Reason);
 real_cause({partner_down, Reason}) -> real_cause(Reason);
-real_cause({shutdown, {Side, _} = Reason}) when Side =:= consumer; Side =:= producer -> Reason;
+real_cause({shutdown, Reason}) when Reason =/= shut -> real_cause(Reason);
 real_cause(Reason) -> Reason.
 
 %% @doc The vbuckets replicated now (`[]' while connecting).
@@ -225,6 +225,7 @@ cut_node_name(Name, Common) ->
 
 init(#{connection_name := Name} = Opts) ->
     process_flag(trap_exit, true),
+    dcp_log:set_process_metadata(dcp_log:ctx(Name, replicator, maps:get(bucket, Opts))),
     SetupTimeout = maps:get(setup_timeout, Opts, dcp_consumer_conn:default_setup_timeout()),
     %% both return at once; each connects in its own connector process
     {ok, Consumer} = dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout),
@@ -234,8 +235,8 @@ init(#{connection_name := Name} = Opts) ->
                                 ok = dcp_proxy:connect_proxies(Consumer, Producer, infinity),
                                 Self ! {paired, self()}
                         end),
-    ?LOG_INFO("~s: connecting ~p -> ~p",
-              [Name, maps:get(producer, Opts), maps:get(consumer, Opts)], ?LOG_META),
+    dcp_log:info(connecting, #{connection => Name, producer => maps:get(producer, Opts),
+                               consumer => maps:get(consumer, Opts)}),
     {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
                 pairer = Pairer, setup_timeout = setup_timeout(SetupTimeout),
                 shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
@@ -248,7 +249,7 @@ proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
     {Host, Port} = maps:get(Side, Opts),
     Base = #{side => Side, host => Host, port => Port, bucket => Bucket,
              connection_name => Name, user => User, password => Password},
-    maps:merge(Base, maps:with([features, ssl, splitter, max_frame_size, traffic_monitor,
+    maps:merge(Base, maps:with([features, ssl, splitter, max_frame_size, traffic_monitor, event_handler,
                                 connect_timeout, send_timeout, recbuf, sndbuf], Opts)).
 
 hide_password(#{password := P} = Opts) when is_function(P, 0) ->
@@ -358,7 +359,7 @@ handle_cast(Msg, #state{connection_name = Name} = State) ->
 
 handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
                                   connection_name = Name} = State) ->
-    ?LOG_INFO("~s: replicating", [Name], ?LOG_META),
+    dcp_log:notice(replicating, #{connection => Name}),
     _ = [H ! paired || {H, connecting} <- maps:values(Helpers)],
     {noreply, State#state{status = connected,
                           helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
@@ -366,7 +367,8 @@ handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
     {noreply, State#state{pairer = undefined}};
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
   when Pid =:= C; Pid =:= P; Pid =:= Pairer ->
-    {stop, real_cause(Reason), State};
+    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report
+    {stop, dcp_log:exit_reason(real_cause(Reason)), State};
 handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
   when is_map_key(Ref, Helpers) ->
     {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
@@ -395,7 +397,7 @@ terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, sta
     %% the consumer conn answered its callers before it went; let those answers reach them
     %% before our own exit does (a caller seeing our exit first would get the fallback reply)
     wait_helpers(maps:keys(Helpers), erlang:monotonic_time(millisecond) + ?STOP_TIMEOUT),
-    ?LOG_INFO("~s: replicator stopped: ~0p", [Name, Reason], ?LOG_META).
+    dcp_log:stopped(replicator_stopped, Reason).
 
 wait_helpers([], _Deadline) ->
     ok;

@@ -129,7 +129,8 @@ init(#{consumer_node := ConsumerNode, producer_node := ProducerNode, bucket := B
                             [RepOpts#{connection_name =>
                                           dcp_replicator:get_connection_name(
                                             ConsumerNode, ProducerNode, Bucket, ConnNum)}]},
-                  restart => transient,
+                  %% permanent: an expected failure ends a replicator with {shutdown, Why}
+                  restart => permanent,
                   %% the replicator's own stop: the consumer shut, then at most 15 s more
                   shutdown => maps:get(shut_timeout, Opts, 10000) + 20000,
                   type => worker,

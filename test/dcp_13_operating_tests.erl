@@ -63,7 +63,8 @@ expected_failures_end_with_shutdown_test() ->
                 {stop, {unexpected_response, add_stream, 7}}],
     [?assertEqual({shutdown, R}, dcp_log:exit_reason(R)) || R <- Expected],
     [?assertEqual(R, dcp_log:exit_reason(R))
-     || R <- [normal, shutdown, {shutdown, x}, {badmatch, 1}, {function_clause, []}]].
+     || R <- [normal, shutdown, {shutdown, x}, {badmatch, 1}, {function_clause, []}]],
+    ?assertEqual({shutdown, {partner_down, killed}}, dcp_log:exit_reason({partner_down, killed})).
 
 reports_read_as_one_line_with_the_connection_first_test() ->
     {Format, Args} = dcp_log:format_report(#{what => setup_begun, connection => <<"replication:a->b:c">>,
@@ -141,13 +142,15 @@ connection_lost_is_not_emitted_for_an_orderly_stop_test() ->
     receive {connection_lost, #{reason := {socket_closed, consumer}}} -> ok
     after 1000 -> ?assert(false)
     end,
-    receive Other -> ?assertEqual(nothing_else, Other) after 0 -> ok end.
+    receive {connection_lost, _} = Other -> ?assertEqual(nothing_else, Other) after 0 -> ok end.
 
 traffic_monitor_keeps_ns_servers_message_shape_test() ->
     [TM] = dcp_events:handlers(#{traffic_monitor => self()}),
     ok = dcp_events:notify([TM], traffic, #{connection_name => <<"n">>, side => consumer,
                                             time => 42, bytes => 10, frames => 1}),
-    receive Msg -> ?assertEqual({dcp_traffic, <<"n">>, consumer, 42}, Msg) after 1000 -> ?assert(false) end,
+    receive {dcp_traffic, _, _, _} = Msg -> ?assertEqual({dcp_traffic, <<"n">>, consumer, 42}, Msg)
+    after 1000 -> ?assert(false)
+    end,
     ?assertEqual([], dcp_events:handlers(#{})).
 
 traffic_counts_are_reported_at_most_every_100_ms_test() ->
