@@ -88,7 +88,8 @@ child_spec(Opts) ->
         {ok, #{connection_name := Name} = Checked} ->
             #{id => {?MODULE, Name},
               start => {?MODULE, start_link, [Checked]},
-              restart => transient,
+              %% an expected failure ends a replicator with {shutdown, Why}: restart it anyway
+              restart => permanent,
               %% the orderly stop: the consumer shut (shut_timeout), then the pair's own stop
               shutdown => maps:get(shut_timeout, Checked, ?DEFAULT_SHUT_TIMEOUT) + 4 * ?STOP_TIMEOUT,
               type => worker,

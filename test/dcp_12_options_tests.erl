@@ -153,3 +153,37 @@ sup_options_test() ->
     ?assertEqual({error, {missing_option, producer_node}},
                  dcp_options:sup(maps:remove(producer_node, sup_good()))),
     ?assertEqual({error, {bad_option, ssl, true}}, dcp_options:sup((sup_good())#{ssl => true})).
+
+%% ---- at the public start functions: refused at once, nothing connects ----
+
+start_functions_refuse_bad_options_before_connecting_test() ->
+    %% a listener that would see any connection attempt
+    {ok, L} = gen_tcp:listen(0, [binary, {active, false}]),
+    {ok, Port} = inet:port(L),
+    Opts = (good())#{consumer => {{127, 0, 0, 1}, Port}, producer => {{127, 0, 0, 1}, Port}},
+    Before = length(processes()),
+    ?assertEqual({error, {bad_option, ssl, true}}, dcp_replicator:start_link(Opts#{ssl => true})),
+    ?assertEqual({error, {bad_option, setup_timout, 1}},
+                 dcp_replicator:start_link(Opts#{setup_timout => 1})),
+    ?assertEqual({error, {bad_option, password, '*redacted*'}},
+                 dcp_replicator:start_link(Opts#{password => 42})),
+    SupOpts = maps:merge(maps:remove(connection_name, Opts),
+                         #{consumer_node => c, producer_node => p}),
+    ?assertEqual({error, {bad_option, max_frame_size, 0}},
+                 dcp_sup:start_link(SupOpts#{max_frame_size => 0})),
+    ?assertEqual({error, {bad_option, connections, 0}},
+                 dcp_sup:start_link(SupOpts#{connections => 0})),
+    ?assertError({bad_option, recbuf, 1}, dcp_replicator:child_spec(Opts#{recbuf => 1})),
+    ?assertError({bad_option, features, [bogus]}, dcp_sup:child_spec(SupOpts#{features => [bogus]})),
+    ?assertEqual({error, timeout}, gen_tcp:accept(L, 100)),
+    ?assert(length(processes()) =< Before + 1),
+    gen_tcp:close(L).
+
+child_specs_hold_the_password_wrapped_test() ->
+    #{id := {dcp_replicator, "replication:p->c:default"},
+      start := {dcp_replicator, start_link, [Args]}, restart := permanent} =
+        dcp_replicator:child_spec(good()),
+    ?assert(dcp_secret:is_secret(maps:get(password, Args))),
+    #{start := {dcp_sup, start_link, [SupArgs]}, type := supervisor} = dcp_sup:child_spec(sup_good()),
+    ?assert(dcp_secret:is_secret(maps:get(password, SupArgs))),
+    ?assertEqual(nomatch, string:find(lists:flatten(io_lib:format("~p", [SupArgs])), "TopSecret1")).

@@ -194,3 +194,102 @@ application_starts_with_its_nif_test() ->
         ok = application:stop(dcp_proxy)
     end,
     ?assertMatch({error, _}, logger:get_handler_config(dcp_proxy)).
+
+%% ---- end to end: events and embedding with kv_sim nodes ----
+
+events_of(Tag) ->
+    receive {Tag, Event} -> [Event | events_of(Tag)] after 300 -> [] end.
+
+event_handler_reports_setups_stream_ends_traffic_and_the_lost_connection_test_() ->
+    dcp_test_lib:with_nodes("an event_handler fun and a traffic monitor", #{rep => none},
+        fun(#{consumer := Consumer} = Env) ->
+                Self = self(),
+                Tag = make_ref(),
+                Handler = fun(Event) -> Self ! {Tag, Event} end,
+                {ok, {_, Rep} = Keeper} = dcp_test_lib:start_replicator(
+                                            (dcp_test_lib:rep_opts(Env))#{event_handler => Handler,
+                                                                          traffic_monitor => Self}),
+                dcp_test_lib:wait_connected(Rep),
+                dcp_test_lib:fail_stream(Env, 5, rollback),
+                dcp_test_lib:never_answer_after_stream_end(Env, 5),
+                ?assertEqual({errors, [{{stream_end, rollback}, {vbucket, 5}}]},
+                             dcp_replicator:setup_replication(Rep, [1, 2, 3, 5])),
+                Events = events_of(Tag),
+                Names = [N || {N, _} <- Events],
+                ?assertMatch([{setup_begun, #{request := setup_streams, adds := 4,
+                                              vbuckets := #{count := 4, ranges := <<"1-3,5">>},
+                                              side := consumer, bucket := <<"default">>}}],
+                             [E || {setup_begun, _} = E <- Events]),
+                [{setup_settled, Settled}] = [E || {setup_settled, _} = E <- Events],
+                ?assertMatch(#{result := errors, reasons := [{5, {stream_end, rollback}}],
+                               duration_us := D} when is_integer(D), Settled),
+                ?assertMatch([#{vbucket := 5, reason := rollback, side := producer}],
+                             [E || {stream_end, E} <- Events]),
+                ?assert(lists:member(traffic, Names)),
+                [#{bytes := B} | _] = [E || {traffic, E} <- Events],
+                ?assert(B > 0),
+                %% the traffic monitor's ns_server message
+                receive {dcp_traffic, Name, Side, T} ->
+                        ?assert(is_binary(Name) andalso is_atom(Side) andalso is_integer(T))
+                after 1000 -> ?assert(false)
+                end,
+                ok = kv_sim:set_fault(Consumer, 7, {close_socket_on, dcp_add_stream}),
+                _ = dcp_replicator:setup_replication(Rep, [1, 2, 3, 7]),
+                ?assertEqual({socket_closed, consumer}, dcp_test_lib:wait_exit(Keeper)),
+                Lost = [E || {connection_lost, E} <- events_of(Tag)],
+                ?assertMatch([#{side := consumer, reason := {socket_closed, consumer}} | _], Lost)
+        end).
+
+expected_failure_is_shutdown_and_one_line_without_crash_report_test_() ->
+    dcp_test_lib:with_nodes("the consumer node closes its socket; every log event captured",
+        #{},
+        fun(#{rep := Rep, consumer := Consumer}) ->
+                Self = self(),
+                ok = logger:add_handler(dcp_13_capture, ?MODULE, #{level => all, pid => Self}),
+                {ok, #{level := DefaultLevel}} = logger:get_handler_config(default),
+                ok = logger:set_handler_config(default, level, none),
+                Ref = erlang:monitor(process, Rep),
+                try
+                    ok = kv_sim:set_fault(Consumer, 7, {close_socket_on, dcp_add_stream}),
+                    _ = dcp_replicator:setup_replication(Rep, [7]),
+                    receive {'DOWN', Ref, process, Rep, Reason} ->
+                            ?assertEqual({shutdown, {socket_closed, consumer}}, Reason)
+                    end,
+                    timer:sleep(200)
+                after
+                    logger:set_handler_config(default, level, DefaultLevel),
+                    logger:remove_handler(dcp_13_capture)
+                end,
+                Captured = captured(),
+                Crashes = [E || #{msg := {report, #{label := {proc_lib, crash}}}} = E <- Captured],
+                ?assertEqual([], Crashes),
+                Notices = [R || #{level := L, msg := {report, #{what := connection_stopped} = R}}
+                                    <- Captured, L =/= info, L =/= debug],
+                ?assertMatch([#{reason := {shutdown, {socket_closed, consumer}}}], Notices)
+        end).
+
+captured() ->
+    receive {captured, E} -> [E | captured()] after 0 -> [] end.
+
+child_spec_and_stop_embed_a_replicator_in_a_users_supervisor_test_() ->
+    dcp_test_lib:with_nodes("a replicator under a plain OTP supervisor", #{rep => none},
+        fun(Env) ->
+                process_flag(trap_exit, true),
+                Spec = dcp_replicator:child_spec(dcp_test_lib:rep_opts(Env)),
+                {ok, Sup} = supervisor:start_link(dcp_13_sup, [Spec]),
+                [{_, Rep, worker, _}] = supervisor:which_children(Sup),
+                dcp_test_lib:wait_connected(Rep),
+                ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [1, 2])),
+                ok = supervisor:terminate_child(Sup, maps:get(id, Spec)),
+                ?assertEqual([{maps:get(id, Spec), undefined, worker, [dcp_replicator]}],
+                             supervisor:which_children(Sup)),
+                {ok, Rep2} = supervisor:restart_child(Sup, maps:get(id, Spec)),
+                ok = supervisor:terminate_child(Sup, maps:get(id, Spec)),
+                ?assertNot(is_process_alive(Rep2)),
+                exit(Sup, shutdown),
+                receive {'EXIT', Sup, shutdown} -> ok end,
+                {ok, Rep3} = dcp_replicator:start_link(dcp_test_lib:rep_opts(Env)),
+                ?assertEqual(ok, dcp_replicator:stop(Rep3)),
+                ?assertNot(is_process_alive(Rep3)),
+                dcp_test_lib:flush_exits()
+        end).
