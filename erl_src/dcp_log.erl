@@ -117,13 +117,13 @@ ranges(VBuckets) ->
 range_text({V, V}) -> integer_to_list(V);
 range_text({F, L}) -> [integer_to_list(F), $-, integer_to_list(L)].
 
-%% @doc The fields that name a connection in a report, from a `dcp_proxy:conn()'.
+%% @doc The fields that name a connection in a report, from a `dcp_proxy:conn()' (the bucket is in
+%% the metadata).
 -spec who(map()) -> map().
 who(Conn) ->
     maps:filter(fun(_, V) -> V =/= undefined end,
                 #{connection => maps:get(name, Conn, undefined),
-                  side => maps:get(side, Conn, undefined),
-                  bucket => maps:get(bucket, Conn, undefined)}).
+                  side => maps:get(side, Conn, undefined)}).
 
 %% @doc A setup reply's errors as a log shows them: per reason, the vbuckets' summary.
 -spec errors([{term(), {vbucket, non_neg_integer()}}]) -> [{term(), map()}].
