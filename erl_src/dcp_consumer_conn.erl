@@ -292,8 +292,7 @@ request_vbuckets({_, VB}) when is_integer(VB) -> [VB];
 request_vbuckets(shut_connection) -> [].
 
 result(ok) -> ok;
-result({errors, _}) -> errors;
-result(_) -> error.
+result({errors, _}) -> errors.
 
 %% ---- stop: every caller is answered before the process goes ----
 
