@@ -5,6 +5,9 @@ VBUCKETS   ?= 64
 DOCS       ?= 10000
 VALUE_SIZE ?= 256
 
+# Criterion's warm-up and measurement per bench (s), short enough that `make bench` stays under 5 min.
+CRITERION_TIMES ?= --warm-up-time 1 --measurement-time 2
+
 EBIN = -pa _build/default/lib/dcp_proxy/ebin -pa _build/default/lib/dcp_proxy/bench
 
 .PHONY: all bootstrap compile demo test test-rust test-erlang lint bench dialyzer clean
@@ -36,8 +39,9 @@ dialyzer: compile
 	rebar3 dialyzer
 
 bench: compile
-	cargo bench -p mcbp --bench splitter -- --noplot
-	cargo bench -p dcp_setup --bench setup -- --noplot
+	cargo build --release -p load_driver
+	cargo bench -p mcbp --bench splitter -- --noplot $(CRITERION_TIMES)
+	cargo bench -p dcp_setup --bench setup -- --noplot $(CRITERION_TIMES)
 	erl -noshell $(EBIN) -eval 'dcp_bench:main()' -s init stop
 
 clean:

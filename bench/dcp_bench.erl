@@ -1,14 +1,19 @@
-%% @doc `make bench', BEAM level: the NIF splitter (`mcbp:feed/2') against the pure-Erlang
-%% baseline (`dcp_baseline_splitter', ns_server's loop), the scheduler-slice check, the cost of
-%% stream setup at 256 and 1024 vbuckets, and end to end through the proxy with kv_sim. Prints
-%% tables and writes the same figures as JSON to `_build/bench/dcp_bench.json'. It measures; it
-%% asserts nothing about time.
+%% @doc `make bench', BEAM level: end to end at the limit (`dcp_bench_e2e': a native load driver
+%% for both nodes, a raw relay against the proxy with the NIF and with the baseline), the NIF
+%% splitter (`mcbp:feed/2') against the pure-Erlang baseline (`dcp_baseline_splitter', ns_server's
+%% loop) at the chunk sizes the proxy really read end to end and at 64 KiB, the scheduler-slice
+%% check and the cost of stream setup at 256 and 1024 vbuckets; optionally (`kv_sim') end to end
+%% with kv_sim as the nodes. Prints tables and writes the same figures as JSON to
+%% `_build/bench/dcp_bench.json'. It measures; it asserts nothing about time.
 -module(dcp_bench).
 
 -export([main/0, main/1]).
 
 %% Called on the kv_sim peer VM.
 -export([consumer_doc_count/1]).
+
+%% Shared with dcp_bench_e2e.
+-export([load_average/0, os_cpu_ms/0, median/1, size_name/1]).
 
 -define(MB, 1000000).
 -define(KIB, 1024).
@@ -18,12 +23,14 @@
 
 -type opts() :: #{reps => pos_integer(),
                   stream_bytes => pos_integer(),
-                  sections => [feed | slice | setup | end_to_end],
+                  sections => [end_to_end | feed | slice | setup | kv_sim],
+                  end_to_end => dcp_bench_e2e:opts(),
                   e2e_bytes => pos_integer(),
                   e2e_reps => pos_integer(),
                   json_file => file:filename()}.
 
-%% @doc Runs every section with the default sizes: about a minute or two on 2 quiet cores.
+%% @doc Runs the default sections (all but `kv_sim') with the default sizes: about three
+%% minutes on 2 quiet cores.
 -spec main() -> ok.
 main() ->
     main(#{}).
@@ -32,7 +39,8 @@ main() ->
 -spec main(opts()) -> ok.
 main(Opts0) ->
     Defaults = #{reps => 7, stream_bytes => 64 * ?MIB, e2e_bytes => 384 * ?MIB, e2e_reps => 5,
-                 sections => [feed, slice, setup, end_to_end], json_file => ?JSON_FILE},
+                 end_to_end => #{}, sections => [end_to_end, feed, slice, setup],
+                 json_file => ?JSON_FILE},
     Opts = maps:merge(Defaults, Opts0),
     LoadBefore = load_average(),
     io:format("~ndcp_bench: BEAM-level benchmarks (OTP ~s, ~p schedulers online, "
@@ -40,7 +48,12 @@ main(Opts0) ->
               [erlang:system_info(otp_release), erlang:system_info(schedulers_online), LoadBefore]),
     Results = lists:foldl(
                 fun(Section, Acc) ->
-                        Acc#{Section => run_section(Section, Opts)}
+                        T0 = erlang:monotonic_time(),
+                        Result = run_section(Section, Opts, Acc),
+                        Took = to_s(erlang:monotonic_time() - T0),
+                        io:format("[~p: ~.1f s, load average ~s]~n",
+                                  [Section, Took, load_average()]),
+                        Acc#{Section => Result#{section_s => Took}}
                 end, #{}, maps:get(sections, Opts)),
     LoadAfter = load_average(),
     targets(Results),
@@ -52,7 +65,8 @@ main(Opts0) ->
     ok = file:write_file(File, [json(maps:merge(Results, Info)), "\n"]),
     io:format("~nload average at the end ~s~nJSON: ~s~n", [LoadAfter, File]).
 
-%% The figures are only as good as the machine is quiet: print what else was running.
+%% @doc The figures are only as good as the machine is quiet: what else was running.
+-spec load_average() -> binary().
 load_average() ->
     case file:read_file("/proc/loadavg") of
         {ok, Text} ->
@@ -64,36 +78,52 @@ load_average() ->
 targets(Results) ->
     io:format("~n== Targets (DESIGN.md) against this run ==~n"),
     Feed = [C || #{frame_bytes := _} = C <- maps:get(cases, maps:get(feed, Results, #{}), [])],
-    Ratios = fun(Size) -> [R || #{frame_bytes := S, ratio := R} <- Feed, S =:= Size] end,
-    line(">= 25x frames/s at 256 B", Ratios(256), fun(R) -> R >= 25 end),
-    line(">= 5x at 4 KiB", Ratios(4 * ?KIB), fun(R) -> R >= 5 end),
-    line("never slower at 1 MiB", Ratios(?MIB), fun(R) -> R >= 1 end),
+    Ratios = fun(Size, Real) ->
+                     [M || #{frame_bytes := S, chunk_label := L,
+                             ratio_per_run := #{median := M}} <- Feed,
+                           S =:= Size, Real =:= lists:prefix("e2e@", binary_to_list(L))]
+             end,
+    line(">= 25x at 256 B, e2e chunk (median)", Ratios(256, true), fun(R) -> R >= 25 end),
+    line(">= 25x at 256 B, 64 KiB (median)", Ratios(256, false), fun(R) -> R >= 25 end),
+    line(">= 5x at 4 KiB (median)", Ratios(4 * ?KIB, true) ++ Ratios(4 * ?KIB, false),
+         fun(R) -> R >= 5 end),
+    line("never slower at 1 MiB (median)", Ratios(?MIB, false), fun(R) -> R >= 1 end),
     line("no NIF call over ~1 ms (longest, us)",
          [M || #{max_nif_call_us := M} <- [maps:get(slice, Results, #{})]],
          fun(M) -> M =< 1000 end),
     line("setup: 1024 vb about 4x 256 vb (<= 5x)",
          [R || #{ratio_1024_to_256 := R} <- [maps:get(setup, Results, #{})]],
          fun(R) -> R =< 5 end),
-    E2E = maps:get(cases, maps:get(end_to_end, Results, #{}), []),
-    line("end to end: higher throughput (ratio)",
-         [R || #{throughput_ratio := R} <- E2E, R =/= null], fun(R) -> R > 1 end),
-    line("end to end: lower CPU per GB (ratio)",
-         [R || #{cpu_per_gb_ratio_baseline_to_nif := R} <- E2E, R =/= null], fun(R) -> R > 1 end).
+    Limit = maps:get(cases, maps:get(end_to_end, Results, #{}), []),
+    RatioOf = fun(Key, Frames) ->
+                      [M || #{frame_bytes := F, ratios := #{Key := #{median := M}}} <- Limit,
+                            lists:member(F, Frames)]
+              end,
+    line("e2e: nif/relay CPU per GB <= 1.15 (median)",
+         RatioOf(nif_to_relay_cpu_per_gb, [256, 4 * ?KIB]), fun(R) -> R =< 1.15 end),
+    line("e2e: baseline/nif CPU per GB >= 2 at 256 B",
+         RatioOf(baseline_to_nif_cpu_per_gb, [256]), fun(R) -> R >= 2 end),
+    KvSim = maps:get(cases, maps:get(kv_sim, Results, #{}), []),
+    line("kv_sim e2e: higher throughput (ratio)",
+         [R || #{throughput_ratio := R} <- KvSim, R =/= null], fun(R) -> R > 1 end),
+    line("kv_sim e2e: lower CPU per GB (ratio)",
+         [R || #{cpu_per_gb_ratio_baseline_to_nif := R} <- KvSim, R =/= null],
+         fun(R) -> R > 1 end).
 
 line(Target, [], _Met) ->
-    io:format("  ~-40s not measured~n", [Target]);
+    io:format("  ~-46s not measured~n", [Target]);
 line(Target, Values, Met) ->
     Verdict = case lists:all(Met, Values) of
                   true -> "met";
                   false -> "MISSED"
               end,
-    Figures = lists:join(", ", [io_lib:format("~.1f", [float(V)]) || V <- Values]),
-    io:format("  ~-40s ~-6s ~s~n", [Target, Verdict, Figures]).
+    Figures = lists:join(", ", [io_lib:format("~.2f", [float(V)]) || V <- Values]),
+    io:format("  ~-46s ~-6s ~s~n", [Target, Verdict, Figures]).
 
 %% A section that cannot run (a module not there yet, a NIF not loaded) is reported and skipped.
-run_section(Section, Opts) ->
+run_section(Section, Opts, Before) ->
     try
-        section(Section, Opts)
+        section(Section, Opts, Before)
     catch
         Class:Reason:Stack ->
             Where = case Stack of [{M, F, A, _} | _] -> {M, F, arity(A)}; _ -> unknown end,
@@ -105,49 +135,84 @@ run_section(Section, Opts) ->
 arity(Args) when is_list(Args) -> length(Args);
 arity(Arity) -> Arity.
 
-section(feed, Opts) -> feed_section(Opts);
-section(slice, Opts) -> slice_section(Opts);
-section(setup, Opts) -> setup_section(Opts);
-section(end_to_end, Opts) -> end_to_end_section(Opts).
+section(end_to_end, Opts, _Before) -> dcp_bench_e2e:run(maps:get(end_to_end, Opts));
+section(feed, Opts, Before) -> feed_section(Opts, real_chunks(Before));
+section(slice, Opts, _Before) -> slice_section(Opts);
+section(setup, Opts, _Before) -> setup_section(Opts);
+section(kv_sim, Opts, _Before) -> end_to_end_section(Opts).
+
+%% The mean chunk the proxy (NIF) read from the producer's socket end to end, per frame size and
+%% buffer size: the chunk sizes the feed comparison must hold at.
+real_chunks(#{end_to_end := #{cases := Cases}}) ->
+    [{F, B, round(C)} || #{frame_bytes := F, buffer := B,
+                           modes := #{nif := #{mean_chunk_bytes := #{median := C}}}} <- Cases];
+real_chunks(_) ->
+    [].
 
 %% ---- feed level ----
 
-feed_section(#{reps := Reps, stream_bytes := StreamBytes}) ->
+feed_section(#{reps := Reps, stream_bytes := StreamBytes}, RealChunks) ->
     io:format("~n== Feed: mcbp:feed/2 (NIF) vs dcp_baseline_splitter (ns_server loop), "
-              "producer side, ~p MiB per stream, median of ~p interleaved runs each ==~n",
+              "producer side, ~p MiB per stream, ~p interleaved runs each ==~n",
               [StreamBytes div ?MIB, Reps]),
-    io:format("~-7s ~-6s | ~12s ~9s | ~12s ~9s | ~7s ~7s | ~16s ~16s~n",
-              ["frame", "chunk", "base fr/s", "base MB/s", "nif fr/s", "nif MB/s", "ratio", "best",
-               "nif p99/max us", "base p99/max us"]),
-    io:format("(rates and ratio from the median runs; best: ratio of the fastest runs, the "
-              "least disturbed by other load;~n p99/max us: feed call durations, mcbp:feed/2 for "
-              "the NIF, wall clock)~n"),
-    Rows = [feed_case(FrameSize, ChunkSize, StreamBytes, Reps)
-            || FrameSize <- [256, 4 * ?KIB, ?MIB], ChunkSize <- [64 * ?KIB, ?MIB]],
+    io:format("~-7s ~-25s | ~12s ~9s | ~12s ~9s | ~-26s | ~16s ~16s~n",
+              ["frame", "chunk", "base fr/s", "base MB/s", "nif fr/s", "nif MB/s",
+               "ratio min/med/max", "nif p99/max us", "base p99/max us"]),
+    io:format("(rates from the median runs; ratio: baseline time / NIF time of each pair of runs;~n"
+              " a run's time: the mean time per byte of its fastest 90% of ~~1 MiB batches times "
+              "its bytes;~n each side in one long-lived process, one warm-up run not counted;~n"
+              " chunk \"e2e@B\": the mean chunk the proxy read from the producer socket end to end "
+              "with buffers of B;~n p99/max us: feed call durations, mcbp:feed/2 for the NIF, "
+              "wall clock)~n"),
+    Rows = [feed_case(FrameSize, Chunk, StreamBytes, Reps)
+            || FrameSize <- [256, 4 * ?KIB, ?MIB], Chunk <- feed_chunks(FrameSize, RealChunks)],
     #{cases => Rows}.
 
-feed_case(FrameSize, ChunkSize, StreamBytes, Reps) ->
+%% {Label, Bytes}: the real end-to-end chunks of this frame size, then 64 KiB; 1 MiB frames (and
+%% any size without an end-to-end figure) at 64 KiB and 1 MiB.
+feed_chunks(FrameSize, RealChunks) ->
+    case [{"e2e@" ++ size_name(B), C} || {F, B, C} <- RealChunks, F =:= FrameSize, C > 0] of
+        [] -> [{size_name(64 * ?KIB), 64 * ?KIB}, {size_name(?MIB), ?MIB}];
+        Real -> Real ++ [{size_name(64 * ?KIB), 64 * ?KIB}]
+    end.
+
+feed_case(FrameSize, {ChunkLabel, ChunkSize}, StreamBytes, Reps) ->
     {Stream, Frames} = mutation_stream(FrameSize, StreamBytes),
-    Chunks = chunks(Stream, ChunkSize),
-    BaseRun = fun(How) -> fun() -> isolated(fun() -> baseline_run(Chunks, How) end) end end,
-    NifRun = fun(How) -> fun() -> isolated(fun() -> nif_run(Chunks, How) end) end end,
+    Chunks = {Stream, ChunkSize},
+    %% Each side runs in a process of its own that lives for the whole case, as a proxy's
+    %% connection process lives for the whole replication. One warm-up run each, not counted.
+    BaseWorker = worker(),
+    NifWorker = worker(),
+    BaseRun = fun(How) -> fun() -> on_worker(BaseWorker, fun() -> baseline_run(Chunks, How) end) end end,
+    NifRun = fun(How) -> fun() -> on_worker(NifWorker, fun() -> nif_run(Chunks, How) end) end end,
+    _ = interleave(1, BaseRun(throughput), NifRun(throughput)),
     {BaseRuns, NifRuns} = lists:unzip(interleave(Reps, BaseRun(throughput), NifRun(throughput))),
     [{{BaseP99, BaseMax}, {NifP99, NifMax}}] =
         interleave(1, BaseRun(longest_call), NifRun(longest_call)),
+    [exit(W, kill) || W <- [BaseWorker, NifWorker]],
     Base = (summary(BaseRuns, Frames, byte_size(Stream)))#{p99_call_us => BaseP99,
                                                           max_call_us => BaseMax},
     Nif = (summary(NifRuns, Frames, byte_size(Stream)))#{p99_call_us => NifP99,
                                                         max_call_us => NifMax},
     Ratio = maps:get(frames_per_s, Nif) / maps:get(frames_per_s, Base),
     BestRatio = maps:get(best_s, Base) / maps:get(best_s, Nif),
-    io:format("~-7s ~-6s | ~12s ~9.1f | ~12s ~9.1f | ~6.1fx ~6.1fx | ~16s ~16s~n",
-              [size_name(FrameSize), size_name(ChunkSize),
+    PerRun = [B / N || {B, N} <- lists:zip(BaseRuns, NifRuns)],
+    Spread = #{min => lists:min(PerRun), median => median(PerRun), max => lists:max(PerRun)},
+    io:format("~-7s ~-25s | ~12s ~9.1f | ~12s ~9.1f | ~-26s | ~16s ~16s~n",
+              [size_name(FrameSize), ChunkLabel ++ " " ++ size_label(ChunkSize),
                count(maps:get(frames_per_s, Base)), maps:get(mb_per_s, Base),
-               count(maps:get(frames_per_s, Nif)), maps:get(mb_per_s, Nif), Ratio, BestRatio,
+               count(maps:get(frames_per_s, Nif)), maps:get(mb_per_s, Nif),
+               io_lib:format("~.1f / ~.1f / ~.1fx", [lists:min(PerRun), median(PerRun),
+                                                      lists:max(PerRun)]),
                p99_max(Nif), p99_max(Base)]),
-    #{frame_bytes => FrameSize, chunk_bytes => ChunkSize, frames => Frames,
+    #{frame_bytes => FrameSize, chunk_bytes => ChunkSize,
+      chunk_label => list_to_binary(ChunkLabel), frames => Frames,
       stream_bytes => byte_size(Stream), baseline => Base, nif => Nif, ratio => Ratio,
-      ratio_best_runs => BestRatio}.
+      ratio_best_runs => BestRatio, ratio_per_run => Spread}.
+
+%% A chunk size in bytes, or "" when the label already says it.
+size_label(B) when B rem ?KIB =:= 0 -> "";
+size_label(B) -> "(" ++ integer_to_list(B) ++ " B)".
 
 p99_max(#{p99_call_us := P99, max_call_us := Max}) ->
     io_lib:format("~.1f/~.1f", [P99, Max]).
@@ -181,29 +246,53 @@ nif_run(Chunks, How) ->
     timed_feeds(How, Chunks, Splitter, Feed).
 
 %% Each chunk is handed over as a fresh binary, just written, as gen_tcp hands over what it read,
-%% so it is as warm in the cache as a received chunk is. `throughput': the seconds spent feeding,
-%% timed per batch of about 1 MiB of fresh chunks, because reading the clock costs ~0.3 us here,
-%% as much as a NIF call on a 64 KiB chunk. `longest_call': each call timed alone, the longest,
-%% in us.
-timed_feeds(throughput, Chunks, State0, Feed) ->
-    PerBatch = max(1, ?MIB div byte_size(hd(Chunks))),
-    {_, Total} = lists:foldl(
-                   fun(Batch, {State, Sum}) ->
-                           Received = [binary:copy(C) || C <- Batch],
-                           T0 = erlang:monotonic_time(),
-                           State2 = lists:foldl(fun(C, S) -> Feed(S, C) end, State, Received),
-                           {State2, Sum + erlang:monotonic_time() - T0}
-                   end, {State0, 0}, batches(Chunks, PerBatch)),
-    to_s(Total);
-timed_feeds(longest_call, Chunks, State0, Feed) ->
-    {_, Calls} = lists:foldl(
-                   fun(Chunk, {State, Took}) ->
-                           Received = binary:copy(Chunk),
-                           T0 = erlang:monotonic_time(),
-                           State2 = Feed(State, Received),
-                           {State2, [erlang:monotonic_time() - T0 | Took]}
-                   end, {State0, []}, Chunks),
-    call_stats(Calls).
+%% so it is as warm in the cache as a received chunk is; it is cut from the stream only then, so
+%% the process holds little more than a proxy's connection process does (a list of every chunk
+%% would be live data that each garbage collection of the baseline's busy heap has to keep).
+%% `throughput': the seconds spent feeding, timed per batch of about 1 MiB of fresh chunks,
+%% because reading the clock costs ~0.3 us here, as much as a NIF call on a 64 KiB chunk.
+%% `longest_call': each call timed alone, the longest, in us.
+timed_feeds(throughput, {Stream, Size}, State0, Feed) ->
+    PerBatch = max(1, ?MIB div Size),
+    Timed = timed_batches(Stream, 0, Size, PerBatch, State0, Feed, []),
+    %% The batches are alike (one stream of 256 distinct frames repeated), so the time of a run is
+    %% the mean time per byte of its fastest 90% of batches, over all its bytes: an OS preemption
+    %% (a few ms, on a shared machine) lands in one of the slowest batches and is left out instead
+    %% of doubling a 4 ms run, while costs that come every few batches (garbage collection) stay.
+    Bytes = lists:sum([B || {_, B} <- Timed]),
+    PerByte = lists:sort([to_s(T) / B || {T, B} <- Timed]),
+    Kept = lists:sublist(PerByte, max(1, (length(PerByte) * 9) div 10)),
+    lists:sum(Kept) / length(Kept) * Bytes;
+timed_feeds(longest_call, {Stream, Size}, State0, Feed) ->
+    call_stats(timed_calls(Stream, 0, Size, State0, Feed, [])).
+
+timed_batches(Stream, Offset, _Size, _PerBatch, _State, _Feed, Acc)
+  when Offset >= byte_size(Stream) ->
+    Acc;
+timed_batches(Stream, Offset, Size, PerBatch, State, Feed, Acc) ->
+    Received = fresh_chunks(Stream, Offset, Size, PerBatch),
+    T0 = erlang:monotonic_time(),
+    State2 = lists:foldl(fun(C, S) -> Feed(S, C) end, State, Received),
+    Took = erlang:monotonic_time() - T0,
+    Bytes = iolist_size(Received),
+    timed_batches(Stream, Offset + Bytes, Size, PerBatch, State2, Feed, [{Took, Bytes} | Acc]).
+
+timed_calls(Stream, Offset, _Size, _State, _Feed, Acc) when Offset >= byte_size(Stream) ->
+    Acc;
+timed_calls(Stream, Offset, Size, State, Feed, Acc) ->
+    [Received] = fresh_chunks(Stream, Offset, Size, 1),
+    T0 = erlang:monotonic_time(),
+    State2 = Feed(State, Received),
+    Took = erlang:monotonic_time() - T0,
+    timed_calls(Stream, Offset + byte_size(Received), Size, State2, Feed, [Took | Acc]).
+
+%% Up to N chunks of Size from Offset on, each a fresh copy.
+fresh_chunks(Stream, Offset, Size, N) when N > 0, Offset < byte_size(Stream) ->
+    Len = min(Size, byte_size(Stream) - Offset),
+    [binary:copy(binary:part(Stream, Offset, Len))
+     | fresh_chunks(Stream, Offset + Len, Size, N - 1)];
+fresh_chunks(_Stream, _Offset, _Size, _N) ->
+    [].
 
 %% The 99th percentile and the longest of some call durations, in us. Durations are wall clock: on a
 %% loaded machine the OS can preempt the VM inside any call, which the longest one shows and the
@@ -212,14 +301,6 @@ call_stats(Native) ->
     Sorted = lists:sort(Native),
     P99 = lists:nth(max(1, ceil(length(Sorted) * 0.99)), Sorted),
     {to_s(P99) * 1.0e6, to_s(lists:last(Sorted)) * 1.0e6}.
-
-batches([], _N) ->
-    [];
-batches(List, N) when length(List) =< N ->
-    [List];
-batches(List, N) ->
-    {Batch, Rest} = lists:split(N, List),
-    [Batch | batches(Rest, N)].
 
 %% ---- scheduler-slice check ----
 
@@ -469,8 +550,9 @@ replicate(RepOpts, VBuckets, Peer, Consumer, Expected) ->
       kv_sim_cpu_ms => PeerCpu1 - PeerCpu0, kv_sim_os_cpu_ms => PeerOs1 - PeerOs0,
       producer_chunks => Chunks}.
 
-%% This VM's user + system CPU from /proc (statistics(runtime) is user time only, and the socket
+%% @doc This VM's user + system CPU from /proc (statistics(runtime) is user time only, and the socket
 %% copies are system time); 0 where /proc is missing. Ticks are taken as 10 ms (USER_HZ 100).
+-spec os_cpu_ms() -> non_neg_integer().
 os_cpu_ms() ->
     os_cpu_ms(file:read_file("/proc/self/stat")).
 
@@ -530,14 +612,34 @@ mutation(Seqno, FrameSize) ->
     FrameSize = byte_size(Frame),
     Frame.
 
-%% Socket-sized chunks: sub-binaries of the stream, as a receive buffer would hand them over.
-chunks(Stream, Size) when byte_size(Stream) =< Size ->
-    [Stream];
-chunks(Stream, Size) ->
-    <<Chunk:Size/binary, Rest/binary>> = Stream,
-    [Chunk | chunks(Rest, Size)].
-
 %% ---- helpers ----
+
+%% A process that runs funs for the caller, one at a time, its garbage collected before each (a
+%% proxy's connection process holds little live data between chunks, so its heap stays small).
+worker() ->
+    spawn(fun worker_loop/0).
+
+worker_loop() ->
+    receive
+        {run, Fun, From, Ref} ->
+            erlang:garbage_collect(),
+            From ! {Ref, run(Fun)},
+            worker_loop()
+    end.
+
+on_worker(Worker, Fun) ->
+    Ref = erlang:monitor(process, Worker),
+    Worker ! {run, Fun, self(), Ref},
+    receive
+        {Ref, {result, Result}} ->
+            erlang:demonitor(Ref, [flush]),
+            Result;
+        {Ref, {failed, Class, Reason, Stack}} ->
+            erlang:demonitor(Ref, [flush]),
+            erlang:raise(Class, Reason, Stack);
+        {'DOWN', Ref, process, Worker, Why} ->
+            error({bench_worker_down, Why})
+    end.
 
 %% Each run in a fresh process: no garbage from the previous run is collected on its time.
 isolated(Fun) ->
@@ -575,6 +677,7 @@ ratio_text(R) -> io_lib:format("~.2fx", [R]).
 to_s(Native) ->
     erlang:convert_time_unit(Native, native, nanosecond) / 1.0e9.
 
+-spec median([number(), ...]) -> number().
 median(Values) ->
     Sorted = lists:sort(Values),
     N = length(Sorted),
@@ -583,6 +686,7 @@ median(Values) ->
         0 -> (lists:nth(N div 2, Sorted) + lists:nth(N div 2 + 1, Sorted)) / 2
     end.
 
+-spec size_name(non_neg_integer()) -> string().
 size_name(B) when B >= ?MIB, B rem ?MIB =:= 0 -> integer_to_list(B div ?MIB) ++ " MiB";
 size_name(B) when B >= ?KIB, B rem ?KIB =:= 0 -> integer_to_list(B div ?KIB) ++ " KiB";
 size_name(B) -> integer_to_list(B) ++ " B".

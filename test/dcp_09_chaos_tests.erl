@@ -148,7 +148,7 @@ stuck_producer_socket_does_not_hold_the_deadline_test_() ->
 %% two reads' worth of events wait, and the replication's processes stay under the README's bound.
 stream_end_flood_is_bounded_test_() ->
     with_nodes("the producer floods stream ends",
-        #{rep => #{setup_timeout => 20000}},
+        #{rep => #{setup_timeout => 20000, recbuf => 256 * 1024}},
         fun(#{rep := Rep, producer := Producer, consumer := Consumer}) ->
                 ok = kv_sim:set_fault(Producer, 5, {flood_stream_ends, 300000, 1000}),
                 {Reply, Memory, Queue} =
@@ -163,7 +163,7 @@ stream_end_flood_is_bounded_test_() ->
                                          R
                                  end),
                 ?assertEqual(ok, Reply),
-                Bound = dcp_proxy:memory_bound(#{}),
+                Bound = dcp_proxy:memory_bound(#{recbuf => 256 * 1024}),
                 ?debugFmt("stream end flood: max footprint ~b bytes (bound ~b), longest mailbox ~b",
                           [Memory, Bound, Queue]),
                 ?assert(Memory < Bound),

@@ -1,31 +1,16 @@
-//! The one atom table of the NIF: the fixed atoms (created once by rustler) and the atoms of the
-//! protocol's names (`mcbp::names`, and the other static names the codec returns), made from
-//! their strings once and looked up after that.
+//! The one atom table of the NIF: every name mcbp's term shapes use (its names tables, the
+//! magics and `mcbp::term::ATOMS`), made once at load and only looked up after that; plus the
+//! fixed atoms setup.rs builds its terms from (rustler makes those at load too).
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::OnceLock;
 
-use mcbp::Kind;
-use rustler::types::tuple::get_tuple;
-use rustler::{Atom, Encoder, Env, Term};
+use mcbp::{Kind, Sink};
+use rustler::{Atom, Env, Term};
 
 rustler::atoms! {
-    ok, error, more, continue_ = "continue", unknown, undefined, consumer, producer,
-    // name tables
-    opcode, server_opcode, status, stream_end_reason, vbucket_state, hello_feature,
-    // events
-    stream_end, add_stream_response, close_stream_response, stream_req, set_vbucket_state,
-    set_vbucket_state_response,
-    // frame map keys
-    magic, opcode_name, datatype, vbucket, opaque, cas, framing_extras, extras, key, value,
-    // errors
-    bad_magic, frame_too_large, reported_frame_too_large, bad_lengths, bad_framing_extras, bad_extras, bad_value, framing,
-    body, missing_field, bad_field, field_not_allowed, key_too_long, extras_too_long,
-    framing_extras_not_allowed, framing_extras_too_long, frame_info_id_too_large,
-    frame_info_too_long, body_too_large,
-    // stats
-    frames, bytes, forwarded_frames, blocked_frames, reported_frames, largest_frame, held_bytes,
-    forward_remaining, by_opcode,
+    ok, error, more, continue_ = "continue", unknown, undefined, vbucket, opaque, stream_end,
     // setup machine
     setup_streams, takeover, maybe_close_stream, shut_connection, shut, deadline, connection_lost, send, reply, noreply,
     stop, errors, mcbp_status, setup_timeout, busy, bad_vbucket, already_active, add_stream,
@@ -34,96 +19,70 @@ rustler::atoms! {
     requested_state, add_acked, absorbed,
 }
 
-/// Both ways: name -> atom, and atom (its term word) -> name.
+/// FNV-1a: the keys are short names and term words, looked up per reported frame.
 #[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let step = |h: u64, b: &u8| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        self.0 = bytes.iter().fold(self.0 ^ 0xcbf2_9ce4_8422_2325, step);
+    }
+}
+
+type Fast = BuildHasherDefault<Fnv>;
+
+/// Both ways: name -> atom, and atom (its term word) -> name.
 struct Names {
-    atoms: HashMap<&'static str, Atom>,
-    names: HashMap<rustler::sys::ErlNifTerm, &'static str>,
+    atoms: HashMap<&'static str, Atom, Fast>,
+    names: HashMap<rustler::sys::ErlNifTerm, &'static str, Fast>,
 }
 
-impl Names {
-    fn insert(&mut self, name: &'static str, atom: Atom) {
-        self.atoms.insert(name, atom);
-        self.names.insert(atom.as_c_arg(), name);
-    }
-}
+static NAMES: OnceLock<Names> = OnceLock::new();
 
-static NAMES: OnceLock<RwLock<Names>> = OnceLock::new();
-
-/// Makes the atoms of every name table; called once, when the library is loaded.
+/// Makes the table; called once, when the library is loaded. Loaded again (after a purge) the
+/// table is already there, with the same atoms: atoms are never freed.
 pub fn load(env: Env<'_>) -> bool {
-    let mut table = Names::default();
     let magics = mcbp::Magic::ALL.iter().map(|m| m.name());
-    let names = Kind::ALL
-        .iter()
-        .flat_map(|k| mcbp::names::table(*k).iter().map(|(_, n)| *n));
-    for name in magics.chain(names) {
-        match Atom::from_str(env, name) {
-            Ok(a) => table.insert(name, a),
-            Err(_) => return false,
+    let tables = Kind::ALL.iter().flat_map(|k| mcbp::names::table(*k));
+    let all = magics
+        .chain(tables.map(|(_, n)| *n))
+        .chain(mcbp::term::ATOMS.iter().copied());
+    let mut table = Names {
+        atoms: HashMap::default(),
+        names: HashMap::default(),
+    };
+    for name in all {
+        let Ok(atom) = Atom::from_str(env, name) else {
+            return false;
         };
+        table.atoms.insert(name, atom);
+        table.names.insert(atom.as_c_arg(), name);
     }
-    // Loaded again (after a purge) the table is already there, with the same atoms: atoms are
-    // never freed.
-    let _ = NAMES.set(RwLock::new(table));
+    let _ = NAMES.set(table);
     true
 }
 
-/// The atom of a static name. The name tables' atoms exist from load; another static name (a
-/// field key) is made the first time it is asked for, then looked up.
-pub fn name_atom(env: Env<'_>, name: &'static str) -> Atom {
-    let table = NAMES.get_or_init(Default::default);
-    if let Some(a) = table.read().ok().and_then(|t| t.atoms.get(name).copied()) {
-        return a;
-    }
-    // Plain ASCII names: making the atom cannot fail.
-    let a = Atom::from_str(env, name).unwrap_or_else(|_| unknown());
-    if let Ok(mut t) = table.write() {
-        t.insert(name, a);
-    }
-    a
+/// The atom of a name (mcbp's tests check that every name its shapes use is in the table; any
+/// other is made, not kept).
+pub fn name_atom(env: Env<'_>, name: &str) -> Atom {
+    known_atom(name).unwrap_or_else(|| Atom::from_str(env, name).unwrap_or_else(|_| unknown()))
 }
 
-/// The static name of an atom the table knows.
+/// The table's atom of a name.
+pub fn known_atom(name: &str) -> Option<Atom> {
+    NAMES.get()?.atoms.get(name).copied()
+}
+
+/// The name of an atom the table has.
 pub fn atom_name(atom: Atom) -> Option<&'static str> {
-    let table = NAMES.get()?.read().ok()?;
-    table.names.get(&atom.as_c_arg()).copied()
+    NAMES.get()?.names.get(&atom.as_c_arg()).copied()
 }
 
 /// A name table's atom for a code, `{unknown, Code}` when it has none.
 pub fn code_term(env: Env<'_>, kind: Kind, code: u32) -> Term<'_> {
-    match mcbp::names::name(kind, code) {
-        Some(n) => name_atom(env, n).encode(env),
-        None => (unknown(), code).encode(env),
-    }
-}
-
-/// The code of a term `code_term` gives: a name of the table, or `{unknown, Code}` for a code
-/// without one (so every accepted term encodes back unchanged).
-pub fn term_code(kind: Kind, term: Term<'_>) -> Option<u32> {
-    if let Ok(atom) = term.decode::<Atom>() {
-        return mcbp::names::code(kind, atom_name(atom)?);
-    }
-    match get_tuple(term).ok()?.as_slice() {
-        [tag, code] if tag.decode::<Atom>().ok()? == unknown() => {
-            let code: u32 = code.decode().ok()?;
-            mcbp::names::name(kind, code).is_none().then_some(code)
-        }
-        _ => None,
-    }
-}
-
-/// The table a kind atom names.
-pub fn kind_of(atom: Atom) -> Option<Kind> {
-    [
-        (opcode(), Kind::Opcode),
-        (server_opcode(), Kind::ServerOpcode),
-        (status(), Kind::Status),
-        (stream_end_reason(), Kind::StreamEndReason),
-        (vbucket_state(), Kind::VbState),
-        (hello_feature(), Kind::HelloFeature),
-    ]
-    .into_iter()
-    .find(|(a, _)| *a == atom)
-    .map(|(_, k)| k)
+    crate::codec::Out::new(env).name(kind, code)
 }

@@ -7,6 +7,7 @@ pub mod frame;
 pub mod header;
 pub mod names;
 pub mod splitter;
+pub mod term;
 
 pub use dcp::{fields, Field};
 pub use error::{EncodeError, Error};
@@ -14,3 +15,4 @@ pub use frame::{decode, Decoded, Frame, FrameInfo};
 pub use header::{Header, Magic, DEFAULT_MAX_FRAME_SIZE, HEADER_LEN, MAX_FRAME_SIZE_RANGE};
 pub use names::{Kind, StreamEndReason, VbState};
 pub use splitter::{event, Event, FeedOutput, FeedStatus, Piece, Side, Splitter, Stats};
+pub use term::{Sink, ToTerm, Value};
