@@ -13,8 +13,9 @@
 -type error() :: {bad_option, atom() | term(), term()} | {missing_option, atom()}
                | {bad_options, not_a_map}.
 
-%% The defaults the connection processes apply when a key is absent (README, "Options").
--define(DEFAULT_BUF, 256 * 1024).
+%% The defaults the connection processes apply when a key is absent (README, "Options"); the buffers
+%% as dcp_proxy's, chosen by the end-to-end benchmark.
+-define(DEFAULT_BUF, 1024 * 1024).
 -define(DEFAULTS, #{features => [], ssl => false, setup_timeout => 60000, shut_timeout => 10000,
                     connect_timeout => 30000, send_timeout => 60000,
                     max_frame_size => 30 * 1024 * 1024 + 24, splitter => nif,
