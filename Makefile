@@ -32,7 +32,7 @@ demo: compile
 	erl -noshell -name rebalance_demo_$$$$@127.0.0.1 $(EBIN) -eval 'dcp_rebalance_demo:main(#{vbuckets => $(REB_VBUCKETS), docs => $(REB_DOCS), value_size => $(REB_VALUE_SIZE), connections => $(REB_CONNECTIONS), faults => $(REB_FAULTS)})' -s init stop
 
 demo-pair: compile
-	erl -noshell $(EBIN) -eval 'dcp_demo:main(#{vbuckets => $(VBUCKETS), docs => $(DOCS), value_size => $(VALUE_SIZE)})' -s init stop
+	erl -noshell $(EBIN) -run dcp_demo cli '$(VBUCKETS)' '$(DOCS)' '$(VALUE_SIZE)'
 
 lint: bootstrap
 	cargo fmt --all -- --check
