@@ -49,9 +49,13 @@ producer_socket_closed_while_closing_streams_gives_connection_lost_test_() ->
         fun(#{rep := Rep, producer := Producer, keeper := Keeper}) ->
                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [1, 2])),
                 ok = kv_sim:set_fault(Producer, 1, {close_socket_on, dcp_close_stream}),
-                ?assertEqual(
-                   {errors, [{{connection_lost, {socket_closed, producer}}, {vbucket, 1}}]},
-                   dcp_replicator:setup_replication(Rep, [2])),
+                %% vbucket 1 was being closed when the socket went; vbucket 2, whose stream went
+                %% with the connection, may be named too when the loss reaches the consumer conn
+                %% before the setup has settled (scheduling decides)
+                {errors, Errors} = dcp_replicator:setup_replication(Rep, [2]),
+                Lost = {connection_lost, {socket_closed, producer}},
+                ?assert(lists:member({Lost, {vbucket, 1}}, Errors)),
+                ?assertEqual([], Errors -- [{Lost, {vbucket, 1}}, {Lost, {vbucket, 2}}]),
                 ?assertEqual({socket_closed, producer}, wait_exit(Keeper))
         end).
 
