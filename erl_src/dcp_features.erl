@@ -6,7 +6,8 @@
 %% any socket is opened.
 -module(dcp_features).
 
--export([parse/1, hello_key/2, consumer_name_value/1, plan/3, handshake_frames/2, check_hello/2]).
+-export([parse/1, hello_key/2, consumer_name_value/1, plan/3, handshake_frames/2, check_hello/2,
+         consumer_of/1]).
 
 -export_type([feature/0, features/0, parsed/0, plan/0]).
 
@@ -107,16 +108,18 @@ json_char($\\) -> <<"\\\\">>;
 json_char(C) when C < 16#20 -> iolist_to_binary(io_lib:format("\\u~4.16.0b", [C]));
 json_char(C) -> <<C>>.
 
-%% @doc The handshake of one side's socket from its proxy options: `features' (either form),
-%% `connection_name', and for the consumer's `consumer_name' value, `consumer_name' (a node name;
-%% defaults to this node's name, as ns_server's consumer sends its own node).
+%% @doc The handshake of one side's socket from its proxy options: `features' (either form) and,
+%% for the consumer's `consumer_name' value, `consumer_node' (a node name). ns_server's consumer sends
+%% its own node, which is the consumer of `replication:<producer>-><consumer>:<bucket>': without the
+%% option that part of the connection name is used, and this node's name when the name has no such
+%% part (a cut long name).
 -spec plan(consumer | producer, iodata(), map()) ->
           {ok, plan()} | {error, {bad_option, features, term()}}.
 plan(Side, ConnectionName, Opts) ->
     case parse(maps:get(features, Opts, [])) of
         {ok, #{hello := Hello, open_flags := Flags, consumer_name := WantName}} ->
             Value = case Side =:= consumer andalso WantName of
-                        true -> consumer_name_value(maps:get(consumer_name, Opts, node()));
+                        true -> consumer_name_value(consumer_node(ConnectionName, Opts));
                         false -> none
                     end,
             {ok, #{side => Side, connection_name => iolist_to_binary(ConnectionName),
@@ -125,6 +128,29 @@ plan(Side, ConnectionName, Opts) ->
         {error, _} = Error ->
             Error
     end.
+
+consumer_node(ConnectionName, Opts) ->
+    case maps:find(consumer_node, Opts) of
+        {ok, Node} -> Node;
+        error -> consumer_of(iolist_to_binary(ConnectionName))
+    end.
+
+%% @doc The consumer node of a connection name `replication:<producer>-><consumer>:<bucket>[/N]';
+%% this node's name when the name has no such part.
+-spec consumer_of(binary()) -> binary().
+consumer_of(<<"replication:", Rest/binary>>) ->
+    case binary:split(Rest, <<"->">>) of
+        [_Producer, ConsumerAndBucket] ->
+            %% the bucket cannot hold a colon, a node (an IPv6 host) can
+            case string:split(ConsumerAndBucket, <<":">>, trailing) of
+                [Consumer, _Bucket] when Consumer =/= <<>> -> iolist_to_binary(Consumer);
+                _ -> atom_to_binary(node())
+            end;
+        _ ->
+            atom_to_binary(node())
+    end;
+consumer_of(_) ->
+    atom_to_binary(node()).
 
 %% @doc The frames after SELECT_BUCKET, each named by its step: HELLO only when a feature is asked
 %% for, then DCP_OPEN. Opaques count up from `FirstOpaque'.

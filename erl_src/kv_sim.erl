@@ -45,7 +45,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
-         vbucket_state/2, docs/3, doc/3]).
+         vbucket_state/2, docs/3, doc/3, connections/1]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -89,7 +89,7 @@
 -define(SOCKET_BUFFER, 256 * 1024).
 
 -define(DEFAULT_FEATURES, [tcp_nodelay, mutation_seqno, xattr, xerror, select_bucket, snappy, json,
-                           duplex, alt_request_support]).
+                           duplex, alt_request_support, collections]).
 
 %% ---- API ----
 
@@ -105,6 +105,14 @@ start(Opts) ->
 -spec stop(pid()) -> ok.
 stop(Node) ->
     gen_server:stop(Node).
+
+%% @doc What each accepted connection sent in its handshake, oldest connection first (closed ones
+%% too): `hello_key', `hello_features' (the names asked, in order) and `hello_value' (the raw
+%% codes) once it sent HELLO; `open_name', `open_flags' (the flags word), `open_value' and
+%% `open_datatype' once it sent DCP_OPEN.
+-spec connections(pid()) -> [#{atom() => term()}].
+connections(Node) ->
+    gen_server:call(Node, connections).
 
 -spec port(pid()) -> inet:port_number().
 port(Node) ->
@@ -233,7 +241,7 @@ listen(Opts, Config) ->
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
             {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}}};
+                   acceptor => Acceptor, connections => #{}, records => []}};
         {error, Reason} ->
             {stop, {listen_failed, Port, Reason}}
     end.
@@ -282,6 +290,8 @@ accept(ssl, LSock) -> ssl:transport_accept(LSock).
 controlling_process(gen_tcp, Sock, Pid) -> gen_tcp:controlling_process(Sock, Pid);
 controlling_process(ssl, Sock, Pid) -> ssl:controlling_process(Sock, Pid).
 
+handle_call(connections, _From, #{records := Records} = State) ->
+    {reply, [R || {_Pid, R} <- lists:reverse(Records)], State};
 handle_call(port, _From, #{port := Port} = State) ->
     {reply, Port, State};
 handle_call(config, _From, #{config := Config} = State) ->
@@ -303,6 +313,13 @@ handle_call(Request, _From, State) ->
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
+handle_info({kv_sim_record, Pid, Fields}, #{records := Records} = State) ->
+    %% newest connection first
+    Updated = case lists:keyfind(Pid, 1, Records) of
+                  {Pid, Old} -> lists:keyreplace(Pid, 1, Records, {Pid, maps:merge(Old, Fields)});
+                  false -> [{Pid, Fields} | Records]
+              end,
+    {noreply, State#{records := Updated}};
 handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
     {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
 handle_info({'DOWN', _Ref, process, Pid, _Reason}, #{connections := Conns} = State) ->

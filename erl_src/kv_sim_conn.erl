@@ -227,9 +227,16 @@ stage(_Op, _C) -> engine.
 
 %% ---- handshake ----
 
-handshake(?HELLO, #{opaque := Opaque, vbucket := VB, value := Value}, C) ->
+%% What the client sent in its handshake, for `kv_sim:connections/1'.
+record(Fields, #conn{config = #{node := Node}}) ->
+    Node ! {kv_sim_record, self(), Fields},
+    ok.
+
+handshake(?HELLO, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
     Supported = maps:get(hello_features, C#conn.config),
-    Granted = [F || F <- dcp_commands:hello_features(Value), lists:member(F, Supported)],
+    Asked = dcp_commands:hello_features(Value),
+    record(#{hello_key => Key, hello_features => Asked, hello_value => Value}, C),
+    Granted = [F || F <- Asked, lists:member(F, Supported)],
     answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted), C);
 handshake(?SASL_LIST_MECHS, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?SASL_LIST_MECHS, VB,
@@ -259,6 +266,10 @@ handshake(?SELECT_BUCKET, #{opaque := Opaque, vbucket := VB, key := Bucket}, C) 
 handshake(?NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?NOOP, VB, dcp_commands:response(?NOOP, ?SUCCESS, Opaque), C);
 handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = false} = C) ->
+    <<_:32, Flags:32>> = maps:get(extras, Frame, <<0:64>>),
+    record(#{open_name => maps:get(key, Frame, <<>>), open_flags => Flags,
+             open_value => maps:get(value, Frame, <<>>),
+             open_datatype => maps:get(datatype, Frame, 0)}, C),
     Type = case mcbp:dcp_fields(Frame) of
                #{producer := true} -> producer;
                #{producer := false} -> consumer

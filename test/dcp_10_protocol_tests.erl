@@ -1,0 +1,188 @@
+%% @doc The handshake as ns_server speaks it (issue 12): the features in either form, exactly the
+%% HELLO asked for, the HELLO key, the consumer's DCP_OPEN `consumer_name' value, TLS per endpoint.
+%% kv_sim records what each accepted connection sent; the tests compare it byte for byte.
+-module(dcp_10_protocol_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+-import(dcp_test_lib, [with_nodes/3, rep_opts/1, connection_name/0]).
+
+-define(NAME_BIN, <<"replication:p_1@127.0.0.1->c_0@127.0.0.1:default">>).
+-define(ALL_ATOMS, [xattr, del_times, snappy, json, collections, set_consumer_name]).
+-define(ALL_PROPLIST, [{xattr, true}, {collections, true}, {snappy, true}, {json, true},
+                       {del_times, true}, {del_user_xattr, false}, {set_consumer_name, true},
+                       {ssl, false}]).
+
+%% ---- what the peers receive ----
+
+%% xattr 0x06, snappy 0x0a, json 0x0b, collections 0x12; producer flag 0x01, xattr 0x04,
+%% del_times 0x20.
+expected(Side) ->
+    Flags = case Side of
+                producer -> 16#01 bor 16#04 bor 16#20;
+                consumer -> 16#04 bor 16#20
+            end,
+    {Value, Datatype} = case Side of
+                            producer -> {<<>>, 0};
+                            consumer -> {<<"{\"consumer_name\":\"c_0@127.0.0.1\"}">>, 1}
+                        end,
+    #{hello_key => <<"ns_server:proxy-", (atom_to_binary(Side))/binary, "/", ?NAME_BIN/binary>>,
+      hello_value => <<16#06:16, 16#0a:16, 16#0b:16, 16#12:16>>,
+      hello_features => [xattr, snappy, json, collections],
+      open_name => ?NAME_BIN, open_flags => Flags, open_value => Value, open_datatype => Datatype}.
+
+connections(Node) ->
+    %% the replicator is connected once both answered DCP_OPEN: the records are in
+    kv_sim:connections(Node).
+
+atom_list_test_() ->
+    with_nodes("the atom list: HELLO key, features and DCP_OPEN as ns_server's",
+               #{rep => #{features => ?ALL_ATOMS}},
+               fun(#{producer := P, consumer := C}) ->
+                       ?assertEqual([expected(producer)], connections(P)),
+                       ?assertEqual([expected(consumer)], connections(C))
+               end).
+
+proplist_test_() ->
+    with_nodes("ns_server's proplist negotiates the same as the atom list",
+               #{rep => #{features => ?ALL_PROPLIST}},
+               fun(#{producer := P, consumer := C}) ->
+                       ?assertEqual([expected(producer)], connections(P)),
+                       ?assertEqual([expected(consumer)], connections(C))
+               end).
+
+consumer_node_option_test_() ->
+    with_nodes("consumer_node names the consumer in DCP_OPEN's value",
+               #{rep => #{features => [json, set_consumer_name], consumer_node => 'n_9@10.0.0.9'}},
+               fun(#{producer := P, consumer := C}) ->
+                       [#{open_value := <<>>, open_datatype := 0,
+                          hello_value := <<16#0b:16>>}] = connections(P),
+                       [#{open_value := V, open_datatype := 1}] = connections(C),
+                       ?assertEqual(<<"{\"consumer_name\":\"n_9@10.0.0.9\"}">>, V)
+               end).
+
+json_without_consumer_name_test_() ->
+    with_nodes("json alone: no consumer_name value",
+               #{rep => #{features => [{json, true}, {set_consumer_name, false}]}},
+               fun(#{consumer := C}) ->
+                       ?assertMatch([#{open_value := <<>>, open_datatype := 0,
+                                       hello_value := <<16#0b:16>>}], connections(C))
+               end).
+
+no_features_no_hello_test_() ->
+    with_nodes("nothing asked: no HELLO at all",
+               #{rep => #{features => []}},
+               fun(#{producer := P, consumer := C}) ->
+                       [RP] = connections(P),
+                       [RC] = connections(C),
+                       ?assertNot(maps:is_key(hello_key, RP)),
+                       ?assertNot(maps:is_key(hello_key, RC)),
+                       ?assertEqual(16#01, maps:get(open_flags, RP)),
+                       ?assertEqual(0, maps:get(open_flags, RC))
+               end).
+
+refused_snappy_tolerated_test_() ->
+    with_nodes("a node that refuses snappy still replicates",
+               #{producer => #{hello_features => [xattr, json, collections]},
+                 rep => #{features => [xattr, snappy, json]}},
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1])),
+                       dcp_test_lib:assert_replicated(P, C, [0, 1])
+               end).
+
+refused_collections_test_() ->
+    with_nodes("a refused collections is a named error",
+               #{producer => #{hello_features => [xattr, snappy, json]}, rep => none},
+               fun(Env) ->
+                       Opts = (rep_opts(Env))#{features => [xattr, collections]},
+                       ?assertEqual({producer, {hello, {features_refused, [collections]}}},
+                                    dcp_test_lib:start_failure(Opts))
+               end).
+
+unknown_feature_test_() ->
+    with_nodes("an unknown feature is an error before connecting",
+               #{rep => none},
+               fun(#{producer := P, consumer := C} = Env) ->
+                       Base = rep_opts(Env),
+                       ?assertEqual({error, {bad_option, features, bogus}},
+                                    dcp_replicator:start_link(Base#{features => [xattr, bogus]})),
+                       ?assertEqual({error, {bad_option, features, {json, yes}}},
+                                    dcp_replicator:start_link(Base#{features => [{json, yes}]})),
+                       ?assertEqual({error, {bad_option, features, json}},
+                                    dcp_replicator:start_link(Base#{features => json})),
+                       timer:sleep(50),
+                       ?assertEqual([], kv_sim:connections(P)),
+                       ?assertEqual([], kv_sim:connections(C))
+               end).
+
+%% ---- TLS per endpoint ----
+
+tls_producer_local_consumer_test_() ->
+    {Server, Client} = dcp_test_lib:tls_configs(),
+    with_nodes("TLS to the remote producer, plain TCP to the local consumer",
+               #{producer => #{ssl => Server}, rep => none},
+               fun(#{producer := P, consumer := C} = Env) ->
+                       Base = rep_opts(Env),
+                       {PHost, PPort} = maps:get(producer, Base),
+                       {CHost, CPort} = maps:get(consumer, Base),
+                       %% the global ssl would apply to both; the local consumer overrides it
+                       Opts = Base#{producer => #{host => PHost, port => PPort},
+                                    consumer => #{host => CHost, port => CPort, local => true},
+                                    ssl => Client},
+                       {ok, {_, Rep} = Keeper} = dcp_test_lib:start_replicator(Opts),
+                       try
+                           dcp_test_lib:wait_connected(Rep),
+                           ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1])),
+                           dcp_test_lib:assert_replicated(P, C, [0, 1])
+                       after
+                           dcp_test_lib:stop_replicator(Keeper)
+                       end
+               end).
+
+tls_per_endpoint_option_test_() ->
+    {Server, Client} = dcp_test_lib:tls_configs(),
+    with_nodes("an endpoint's own ssl, without a global one",
+               #{producer => #{ssl => Server}, rep => none},
+               fun(#{producer := P, consumer := C} = Env) ->
+                       Base = rep_opts(Env),
+                       {PHost, PPort} = maps:get(producer, Base),
+                       Opts = Base#{producer => #{host => PHost, port => PPort, ssl => Client}},
+                       {ok, {_, Rep} = Keeper} = dcp_test_lib:start_replicator(Opts),
+                       try
+                           dcp_test_lib:wait_connected(Rep),
+                           ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [2])),
+                           dcp_test_lib:assert_replicated(P, C, [2])
+                       after
+                           dcp_test_lib:stop_replicator(Keeper)
+                       end
+               end).
+
+%% ---- pure parts ----
+
+hello_key_cut_at_250_test() ->
+    Long = lists:duplicate(300, $x),
+    Key = dcp_features:hello_key(consumer, Long),
+    ?assertEqual(250, byte_size(Key)),
+    ?assertEqual(<<"ns_server:proxy-consumer/xxx">>, binary:part(Key, 0, 28)),
+    ?assertEqual(<<"ns_server:proxy-producer/", ?NAME_BIN/binary>>,
+                 dcp_features:hello_key(producer, connection_name())).
+
+consumer_of_test() ->
+    ?assertEqual(<<"c_0@127.0.0.1">>, dcp_features:consumer_of(?NAME_BIN)),
+    ?assertEqual(<<"n_1@::1">>,
+                 dcp_features:consumer_of(<<"replication:n_0@::1->n_1@::1:default/2">>)),
+    ?assertEqual(atom_to_binary(node()), dcp_features:consumer_of(<<"other">>)).
+
+consumer_name_value_escapes_test() ->
+    ?assertEqual(<<"{\"consumer_name\":\"a\\\"b\\\\c\"}">>,
+                 dcp_features:consumer_name_value(<<"a\"b\\c">>)).
+
+parse_test() ->
+    {ok, A} = dcp_features:parse(?ALL_ATOMS),
+    {ok, B} = dcp_features:parse(?ALL_PROPLIST),
+    ?assertEqual(maps:without([features, ssl], A), maps:without([features, ssl], B)),
+    ?assertMatch({ok, #{hello := [], consumer_name := false}}, dcp_features:parse([])),
+    %% the first value of a name given twice, as proplists:get_value/2
+    ?assertMatch({ok, #{hello := []}}, dcp_features:parse([{json, false}, {json, true}])),
+    ?assertEqual({error, {bad_option, features, {nope, true}}},
+                 dcp_features:parse([{nope, true}])).
