@@ -148,7 +148,10 @@ snapshot_marker(VBucket, Opaque, Start, End, Type) ->
                         expiry => non_neg_integer(), lock_time => non_neg_integer(),
                         delete_time => non_neg_integer(), cas => non_neg_integer(),
                         datatype => non_neg_integer(), framing_extras => [{byte(), binary()}],
-                        magic => req | alt_req}.
+                        magic => req | alt_req,
+                        %% DCP_PREPARE only: 1 majority, 2 majority and persist on the active,
+                        %% 3 persist to majority
+                        durability_level => 1..3}.
 
 %% @doc DCP_MUTATION; `framing_extras' (with `magic => alt_req') sends it in the flexible format.
 -spec mutation(vbucket(), opaque(), doc_params()) -> iodata().

@@ -186,3 +186,45 @@ parse_test() ->
     ?assertMatch({ok, #{hello := []}}, dcp_features:parse([{json, false}, {json, true}])),
     ?assertEqual({error, {bad_option, features, {nope, true}}},
                  dcp_features:parse([{nope, true}])).
+
+%% ---- the collection and sync-write frames (layouts of kv_engine's docs/dcp/commands) ----
+
+decode(IoData) ->
+    {ok, Frame, <<>>} = mcbp:decode(iolist_to_binary(IoData)),
+    Frame.
+
+leb128_test() ->
+    ?assertEqual(<<0>>, dcp_commands:leb128(0)),
+    ?assertEqual(<<16#7f>>, dcp_commands:leb128(127)),
+    ?assertEqual(<<16#80, 16#01>>, dcp_commands:leb128(128)),
+    ?assertEqual(<<16#ff, 16#ff, 16#ff, 16#ff, 16#0f>>, dcp_commands:leb128(16#ffffffff)),
+    ?assertEqual(<<8, "k1">>, dcp_commands:collection_key(8, <<"k1">>)),
+    ?assertEqual({ok, 300, <<"doc">>},
+                 dcp_commands:split_collection_key(dcp_commands:collection_key(300, <<"doc">>))),
+    %% no key after the prefix, an unfinished prefix, a prefix over 32 bits
+    ?assertEqual(error, dcp_commands:split_collection_key(<<8>>)),
+    ?assertEqual(error, dcp_commands:split_collection_key(<<16#80>>)),
+    ?assertEqual(error, dcp_commands:split_collection_key(<<16#ff, 16#ff, 16#ff, 16#ff, 16#1f, $k>>)).
+
+dcp_open_json_test() ->
+    F = decode(dcp_commands:dcp_open_json(<<"n">>, consumer, [xattr], <<"{\"a\":1}">>, 4)),
+    ?assertMatch(#{opcode := 16#50, datatype := 1, key := <<"n">>, value := <<"{\"a\":1}">>,
+                   extras := <<0:32, 16#04:32>>, opaque := 4}, F).
+
+system_event_test() ->
+    F = decode(dcp_commands:create_collection_event(3, 7, 11, 9, <<"c9">>)),
+    ?assertMatch(#{opcode := 16#5f, vbucket := 3, opaque := 7, key := <<"c9">>,
+                   extras := <<11:64, 0:32, 0:8>>, value := <<9:64, 0:32, 9:32>>}, F).
+
+sync_write_frames_test() ->
+    P = decode(dcp_commands:prepare(1, 2, #{key => <<"k">>, by_seqno => 5, value => <<"v">>})),
+    ?assertMatch(#{opcode := 16#60, key := <<"k">>, value := <<"v">>,
+                   extras := <<5:64, 1:64, 0:32, 0:32, 0:32, 0:8, 0:8, 1:8>>}, P),
+    C = decode(dcp_commands:commit(1, 2, #{key => <<"k">>, prepared_seqno => 5,
+                                           commit_seqno => 6})),
+    ?assertMatch(#{opcode := 16#62, key := <<"k">>, extras := <<5:64, 6:64>>}, C),
+    A = decode(dcp_commands:abort(1, 2, #{key => <<"k">>, prepared_seqno => 5,
+                                          abort_seqno => 7})),
+    ?assertMatch(#{opcode := 16#63, key := <<"k">>, extras := <<5:64, 7:64>>}, A),
+    S = decode(dcp_commands:seqno_acknowledged(1, 2, 5)),
+    ?assertMatch(#{opcode := 16#61, vbucket := 1, extras := <<5:64>>, key := <<>>}, S).
