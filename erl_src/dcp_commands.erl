@@ -413,6 +413,9 @@ stream_req_takeover(#{flags := Flags}) ->
 
 %% ---- handshake frames as ns_server sends them ----
 
+%% The datatype bit of a JSON value (mcbp.hrl holds only what the codec's tables check).
+-define(DATATYPE_JSON, 16#01).
+
 %% DCP_SYSTEM_EVENT event codes.
 -define(EVENT_CREATE_COLLECTION, 0).
 

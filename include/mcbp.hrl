@@ -67,11 +67,6 @@
 -define(OPEN_DEL_TIMES, 16#20).
 -define(OPEN_DEL_USER_XATTR, 16#100).
 
-%% Datatype bits
--define(DATATYPE_JSON, 16#01).
--define(DATATYPE_SNAPPY, 16#02).
--define(DATATYPE_XATTR, 16#04).
-
 -define(MAX_SEQNO, 16#ffffffffffffffff).
 
 -endif.
