@@ -21,7 +21,7 @@ compile: bootstrap
 	rebar3 compile
 
 demo: compile
-	erl -noshell $(EBIN) -eval 'dcp_demo:main(#{vbuckets => $(VBUCKETS), docs => $(DOCS), value_size => $(VALUE_SIZE)})' -s init stop
+	erl -noshell $(EBIN) -run dcp_demo cli '$(VBUCKETS)' '$(DOCS)' '$(VALUE_SIZE)'
 
 lint: bootstrap
 	cargo fmt --all -- --check

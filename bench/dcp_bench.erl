@@ -407,13 +407,14 @@ setup_once(VBuckets) ->
     Setup = dcp_nif:setup_new(),
     {send, Actions} = dcp_nif:setup_request(Setup, {setup_streams, VBuckets}),
     true = length(Actions) =:= length(VBuckets),
-    answer_adds(Setup, VBuckets).
+    %% each answer carries the opaque its request was sent with (it names the request)
+    answer_adds(Setup, [Opaque || {add_stream, _VB, Opaque, _Flags} <- Actions]).
 
-answer_adds(Setup, [VB]) ->
-    {reply, ok} = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, VB, 0, VB}}),
+answer_adds(Setup, [Opaque]) ->
+    {reply, ok} = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, Opaque, 0, Opaque}}),
     ok;
-answer_adds(Setup, [VB | Rest]) ->
-    noreply = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, VB, 0, VB}}),
+answer_adds(Setup, [Opaque | Rest]) ->
+    noreply = dcp_nif:setup_event(Setup, {consumer, {add_stream_response, Opaque, 0, Opaque}}),
     answer_adds(Setup, Rest).
 
 %% ---- end to end ----

@@ -33,7 +33,9 @@
                    waiting = [] :: [{request(), gen_server:from()}],
                    %% requests held until the machine is free (it runs one at a time)
                    queued = queue:new() :: queue:queue({request(), gen_server:from()}),
-                   deadline :: undefined | reference()}).
+                   deadline :: undefined | reference(),
+                   %% when the machine began the request it works on (for its duration)
+                   begun_at :: undefined | integer()}).
 
 %% ---- API ----
 
@@ -53,12 +55,16 @@ setup_streams(Pid, VBuckets) when is_list(VBuckets) ->
 maybe_close_stream(Pid, VBucket) ->
     gen_server:call(Pid, {maybe_close_stream, VBucket}, infinity).
 
-%% @doc Adds `VBucket' with the takeover flag; answers when the consumer took it over.
+%% @doc Adds `VBucket' with the takeover flag, closing (on both sides, in the same step) a stream
+%% it may have, so no other request runs in between; answers when the consumer took it over, or at
+%% once with `{stream_end, Reason}' when the takeover stream ends before the switch to active. A
+%% completed takeover is not in `get_partitions/1' (the consumer owns the vbucket).
 -spec takeover(pid(), vbucket()) -> setup_reply() | {error, term()}.
 takeover(Pid, VBucket) ->
     gen_server:call(Pid, {takeover, VBucket}, infinity).
 
-%% @doc Closes every stream; from then on nothing the consumer sends is forwarded.
+%% @doc Closes every stream; from then on nothing the consumer sends is forwarded. A setup or
+%% takeover in progress is ended: its caller and this one get the same reply.
 -spec shut_connection(pid(), timeout()) -> setup_reply() | {error, term()}.
 shut_connection(Pid, Timeout) ->
     gen_server:call(Pid, shut_connection, Timeout).
@@ -122,7 +128,11 @@ start_request(Request, From, #consumer{setup = Setup} = St, Conn) ->
             ok = send_actions(Actions, Conn),
             St1 = maybe_discard(Request, Conn, St),
             Waiting = St1#consumer.waiting ++ [{Request, From}],
-            {noreply, arm_deadline(St1#consumer{waiting = Waiting})};
+            BegunAt = case St1#consumer.begun_at of
+                          undefined -> erlang:monotonic_time(microsecond);
+                          Earlier -> Earlier
+                      end,
+            {noreply, arm_deadline(St1#consumer{waiting = Waiting, begun_at = BegunAt})};
         {reply, Reply} ->
             St1 = maybe_discard(Request, Conn, St),
             {reply, Reply, St1};
@@ -174,15 +184,17 @@ disarm_deadline(#consumer{deadline = Ref} = St) ->
 %% CLOSE_STREAM (reported, not forwarded), and for a takeover its STREAM_REQ and its answer to the
 %% switch to active (forwarded and reported). The machine decides what each means.
 handle_event(Event, St, Conn) ->
+    dcp_log:debug(consumer_answer, (dcp_log:who(Conn))#{event => Event}),
     outcome(dcp_nif:setup_event(St#consumer.setup, {consumer, Event}), St, Conn).
 
 handle_info({'$dcp_producer_event', Event}, St, Conn) ->
     log_producer_event(Event, Conn),
     to_noreply(outcome(dcp_nif:setup_event(St#consumer.setup, {producer, Event}), St, Conn));
 handle_info({timeout, Ref, setup_deadline}, #consumer{deadline = Ref} = St, Conn) ->
-    ?LOG_WARNING("~s: setup deadline passed: ~0p", [maps:get(name, Conn),
-                                                    dcp_nif:setup_info(St#consumer.setup)],
-                 ?LOG_META),
+    #{pending_adds := Adds} = Info = dcp_nif:setup_info(St#consumer.setup),
+    dcp_log:warning(setup_deadline_passed,
+                    (dcp_log:who(Conn))#{state => maps:get(state, Info),
+                                         pending_adds => dcp_log:vbuckets(Adds)}),
     to_noreply(outcome(dcp_nif:setup_event(St#consumer.setup, deadline),
                        St#consumer{deadline = undefined}, Conn));
 handle_info({timeout, _StaleRef, setup_deadline}, St, _Conn) ->
@@ -193,8 +205,9 @@ handle_info(Info, St, #{name := Name}) ->
 
 %% The stream end is matched to a pending add by its vbucket in the machine (its opaque is the
 %% consumer's own stream opaque, MB-53445); a takeover's state change is worth a log line.
-log_producer_event({set_vbucket_state, VB, _Opaque, State}, #{name := Name}) ->
-    ?LOG_INFO("~s: takeover: producer sets vbucket ~p ~p", [Name, VB, State], ?LOG_META);
+log_producer_event({set_vbucket_state, VB, _Opaque, State}, Conn) ->
+    dcp_log:info(takeover_vbucket_state, (dcp_log:who(Conn))#{vbucket => VB, state => State}),
+    dcp_events:emit(Conn, takeover, #{vbucket => VB, state => State});
 log_producer_event(_Event, _Conn) ->
     ok.
 
@@ -202,16 +215,21 @@ log_producer_event(_Event, _Conn) ->
 %% that matches nothing is a protocol violation; terminate/3 answers the caller first).
 outcome(noreply, St, _Conn) ->
     {ok, St};
-outcome({reply, Reply}, #consumer{waiting = []} = St, #{name := Name}) ->
-    ?LOG_INFO("~s: setup settled with nobody waiting: ~0p", [Name, Reply], ?LOG_META),
+outcome({noreply, absorbed}, St, Conn) ->
+    %% a late answer (after the deadline, a shut or a stream end) or one to a superseded request:
+    %% the machine applied it to what it knows of the consumer; counted in setup_info's `absorbed'
+    dcp_log:info(late_setup_answer_absorbed, dcp_log:who(Conn)),
     {ok, St};
-outcome({reply, Reply}, #consumer{waiting = Waiting} = St, Conn) ->
+outcome({reply, Reply}, #consumer{waiting = []} = St, Conn) ->
+    dcp_log:info(setup_settled_with_nobody_waiting, (dcp_log:who(Conn))#{result => result(Reply)}),
+    {ok, St};
+outcome({reply, Reply}, #consumer{waiting = Waiting, begun_at = BegunAt} = St, Conn) ->
     %% a shut asked for during a setup joins that setup: its caller is answered with it
     [begin
-         ?LOG_INFO("~s: ~0p settled: ~0p", [maps:get(name, Conn), Request, Reply], ?LOG_META),
+         log_settled(Request, Reply, BegunAt, Conn),
          gen_server:reply(From, Reply)
      end || {Request, From} <- Waiting],
-    {ok, next_request(disarm_deadline(St#consumer{waiting = []}), Conn)};
+    {ok, next_request(disarm_deadline(St#consumer{waiting = [], begun_at = undefined}), Conn)};
 outcome({stop, Reason}, St, _Conn) ->
     {stop, Reason, St}.
 
@@ -239,20 +257,62 @@ next_request(#consumer{waiting = [], queued = Queued} = St, Conn) ->
 next_request(St, _Conn) ->
     St.
 
-log_begun(Request, Actions, #{name := Name}) ->
-    Adds = length([A || {add_stream, _, _, _} = A <- Actions]),
-    ?LOG_INFO("~s: ~0p begun: ~b adds, ~b closes",
-              [Name, Request, Adds, length(Actions) - Adds], ?LOG_META).
+%% One line per request begun and settled (vbucket lists as summaries), a debug line per step sent,
+%% and the event handler's setup_begun / setup_settled.
+log_begun(Request, Actions, Conn) ->
+    Adds = [VB || {add_stream, VB, _, _} <- Actions],
+    CloseC = [VB || {close_stream, consumer, VB, _} <- Actions],
+    CloseP = [VB || {close_stream, producer, VB, _} <- Actions],
+    Summary = #{request => request_kind(Request),
+                vbuckets => dcp_log:vbuckets(request_vbuckets(Request)),
+                adds => length(Adds), closes => length(CloseC) + length(CloseP)},
+    dcp_log:info(setup_begun, maps:merge(dcp_log:who(Conn), Summary)),
+    [dcp_log:debug(Step, (dcp_log:who(Conn))#{vbuckets => dcp_log:vbuckets(VBs)})
+     || {Step, VBs} <- [{add_stream_sent, Adds}, {close_stream_sent_consumer, CloseC},
+                        {close_stream_sent_producer, CloseP}], VBs =/= []],
+    dcp_events:emit(Conn, setup_begun, Summary).
+
+log_settled(Request, Reply, BegunAt, Conn) ->
+    DurationUs = case BegunAt of
+                     undefined -> 0;
+                     _ -> erlang:monotonic_time(microsecond) - BegunAt
+                 end,
+    Errors = case Reply of
+                 {errors, E} -> E;
+                 _ -> []
+             end,
+    Fields = (dcp_log:who(Conn))#{request => request_kind(Request),
+                                  vbuckets => dcp_log:vbuckets(request_vbuckets(Request)),
+                                  result => result(Reply), duration_ms => DurationUs div 1000},
+    case Errors of
+        [] -> dcp_log:info(setup_settled, Fields);
+        _ -> dcp_log:notice(setup_settled, Fields#{errors => dcp_log:errors(Errors)})
+    end,
+    dcp_events:emit(Conn, setup_settled,
+                    #{request => request_kind(Request), duration_us => DurationUs,
+                      result => result(Reply),
+                      reasons => [{VB, Why} || {Why, {vbucket, VB}} <- Errors]}).
+
+request_kind({Kind, _}) -> Kind;
+request_kind(shut_connection) -> shut_connection.
+
+request_vbuckets({setup_streams, VBs}) -> VBs;
+request_vbuckets({_, VB}) when is_integer(VB) -> [VB];
+request_vbuckets(shut_connection) -> [].
+
+result(ok) -> ok;
+result({errors, _}) -> errors.
 
 %% ---- stop: every caller is answered before the process goes ----
 
-terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued}, #{name := Name}) ->
+terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued,
+                            begun_at = BegunAt}, Conn) ->
+    ok = dcp_events:connection_lost(Conn, Reason),
     Lost = lost_reason(Reason),
     Answered = case dcp_nif:setup_event(Setup, {connection_lost, Lost}) of
                    {reply, Reply} ->
                        [begin
-                            ?LOG_INFO("~s: ~0p settled by connection loss: ~0p",
-                                      [Name, Request, Reply], ?LOG_META),
+                            log_settled(Request, Reply, BegunAt, Conn),
                             gen_server:reply(From, Reply)
                         end || {Request, From} <- Waiting],
                        Waiting;
@@ -264,7 +324,8 @@ terminate(Reason, #consumer{setup = Setup, waiting = Waiting, queued = Queued}, 
     ok.
 
 %% The partner's reason is the one that says what was lost.
-lost_reason({partner_down, Reason}) -> Reason;
+lost_reason({shutdown, Reason}) -> lost_reason(Reason);
+lost_reason({partner_down, Reason}) -> lost_reason(Reason);
 lost_reason(Reason) -> Reason.
 
 lost_reply({setup_streams, VBuckets}, Lost) ->

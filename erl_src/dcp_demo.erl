@@ -2,7 +2,7 @@
 %% them; replicates seeded vbuckets, verifies every digest, then replays MB-53445 and shows the reply.
 -module(dcp_demo).
 
--export([main/0, main/1, run/1]).
+-export([main/0, main/1, cli/1, run/1, check_opts/1]).
 
 -define(USER, "Administrator").
 -define(PASSWORD, "password").
@@ -17,10 +17,45 @@
 main() ->
     main(#{}).
 
-%% @doc Runs the demo and halts the VM with status 1 if a check failed (for `make demo').
+%% @doc `make demo': `erl -run dcp_demo cli VBUCKETS DOCS VALUE_SIZE'. A value that is not a number
+%% in its range is refused at once (exit status 2).
+-spec cli([string()]) -> no_return().
+cli(Args) ->
+    Keys = [vbuckets, docs, value_size],
+    Opts = maps:from_list([{K, parse_int(V)} || {K, V} <- lists:zip(Keys, lists:sublist(Args, 3))]),
+    main(Opts),
+    erlang:halt(0).
+
+parse_int(S) ->
+    case string:to_integer(S) of
+        {N, ""} -> N;
+        _ -> S
+    end.
+
+%% @doc Refuses options the demo cannot run: vbuckets 1..1024, docs 1..10000000 per vbucket,
+%% value_size 1..20 MiB.
+-spec check_opts(map()) -> ok | {error, string()}.
+check_opts(Opts) ->
+    Bad = [io_lib:format("~s must be an integer in ~b..~b, not ~tp", [Name, Min, Max, V])
+           || {Key, Name, Min, Max} <- [{vbuckets, "VBUCKETS", 1, 1024},
+                                        {docs, "DOCS", 1, 10000000},
+                                        {value_size, "VALUE_SIZE", 1, 20 * 1024 * 1024}],
+              V <- [maps:get(Key, Opts, Min)],
+              not (is_integer(V) andalso V >= Min andalso V =< Max)],
+    case Bad of
+        [] -> ok;
+        _ -> {error, lists:flatten(lists:join("; ", Bad))}
+    end.
+
+%% @doc Runs the demo and halts the VM with status 1 if a check failed (for `make demo'), 2 if an
+%% option is refused.
 -spec main(opts()) -> ok.
 main(Opts) ->
     ok = logger:set_primary_config(level, warning),
+    case check_opts(Opts) of
+        ok -> ok;
+        {error, Why} -> io:format("demo refused: ~s~n", [Why]), erlang:halt(2)
+    end,
     case catch run(Opts) of
         #{ok := true} ->
             ok;
@@ -36,22 +71,28 @@ run(Opts) ->
     Docs = maps:get(docs, Opts, 10000),
     ValueSize = maps:get(value_size, Opts, 256),
     Splitter = maps:get(splitter, Opts, nif),
-    VBuckets = lists:seq(0, NumVBs - 1),
-    %% One more vbucket than we replicate: the MB-53445 replay uses the last one.
-    FaultVB = NumVBs,
+    %% The MB-53445 replay needs a vbucket that is not replicated yet: the one after the last, or,
+    %% with all 1024, the last one (then 1023 are replicated).
+    {VBuckets, FaultVB} = case NumVBs of
+                              1024 -> {lists:seq(0, 1022), 1023};
+                              _ -> {lists:seq(0, NumVBs - 1), NumVBs}
+                          end,
     NodeOpts = #{bucket => ?BUCKET, user => ?USER, password => ?PASSWORD,
-                 vbuckets => NumVBs + 1, docs_per_vbucket => Docs, value_size => ValueSize},
-    {ok, Producer} = kv_sim:start(NodeOpts#{role => producer}),
-    {ok, Consumer} = kv_sim:start(NodeOpts#{role => consumer}),
+                 vbuckets => FaultVB + 1, docs_per_vbucket => Docs, value_size => ValueSize},
+    %% the simulated nodes run in a peer VM: this VM's CPU is the proxy's alone
+    Peer = start_peer(),
+    {ok, P} = node_call(Peer, start, [NodeOpts#{role => producer}]),
+    {ok, C} = node_call(Peer, start, [NodeOpts#{role => consumer}]),
+    {Producer, Consumer} = {{Peer, P}, {Peer, C}},
     Name = dcp_replicator:get_connection_name('consumer@127.0.0.1', 'producer@127.0.0.1',
                                                ?BUCKET, 0),
     io:format("dcp_proxy demo: ~b vbuckets x ~b documents of ~b bytes~n"
               "  producer kv_sim on 127.0.0.1:~b, consumer kv_sim on 127.0.0.1:~b~n"
               "  connection ~s~n~n",
-              [NumVBs, Docs, ValueSize, kv_sim:port(Producer), kv_sim:port(Consumer), Name]),
+              [NumVBs, Docs, ValueSize, kv(port, Producer, []), kv(port, Consumer, []), Name]),
     {ok, Rep} = dcp_replicator:start_link(
-                  #{consumer => {"127.0.0.1", kv_sim:port(Consumer)},
-                    producer => {"127.0.0.1", kv_sim:port(Producer)},
+                  #{consumer => {"127.0.0.1", kv(port, Consumer, [])},
+                    producer => {"127.0.0.1", kv(port, Producer, [])},
                     bucket => ?BUCKET, connection_name => Name,
                     user => ?USER, password => ?PASSWORD,
                     features => [xattr, snappy, del_times, json],
@@ -61,48 +102,52 @@ run(Opts) ->
         replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB)
     after
         exit(Rep, shutdown),
-        kv_sim:stop(Consumer),
-        kv_sim:stop(Producer)
+        kv(stop, Consumer, []),
+        kv(stop, Producer, []),
+        peer:stop(Peer)
     end.
 
 replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB) ->
     CpuStart = cpu_ms(),
+    PeerCpuStart = peer_cpu_ms(Producer),
     T0 = erlang:monotonic_time(microsecond),
     SetupReply = dcp_replicator:setup_replication(Rep, VBuckets),
     SetupUs = erlang:monotonic_time(microsecond) - T0,
     io:format("setup_replication(~b vbuckets) -> ~p in ~.1f ms~n",
               [length(VBuckets), SetupReply, SetupUs / 1000]),
     Total = length(VBuckets) * Docs,
-    StreamUs = wait_for_mutations(Rep, Total, T0, erlang:monotonic_time(millisecond) + 120000),
+    StreamUs = wait_for_mutations(Rep, Total, T0, erlang:monotonic_time(millisecond) + 120000,
+                                  is_terminal(), T0),
     CpuMs = cpu_ms() - CpuStart,
+    PeerCpuMs = peer_cpu_ms(Producer) - PeerCpuStart,
     Mismatches = verify_digests(Producer, Consumer, VBuckets, erlang:monotonic_time(millisecond) + 10000),
     io:format("digests: ~b of ~b vbuckets identical on both nodes~n",
               [length(VBuckets) - length(Mismatches), length(VBuckets)]),
     Stats = dcp_replicator:stats(Rep),
     Mb53445 = replay_mb53445(Rep, Producer, Consumer, VBuckets, FaultVB),
     Bytes = splitter_stat(Stats, producer, bytes),
-    Summary = [{"vbuckets", integer_to_list(length(VBuckets))},
-               {"documents", integer_to_list(Total)},
-               {"value size", integer_to_list(ValueSize) ++ " B"},
-               {"bytes proxied producer->consumer", integer_to_list(Bytes)},
-               {"throughput", io_lib:format("~.1f MB/s", [Bytes / max(StreamUs, 1)])},
-               {"VM CPU during replication", io_lib:format("~b ms", [CpuMs])},
-               {"frames proxied (producer side)",
-                integer_to_list(splitter_stat(Stats, producer, frames))},
-               {"frames proxied (consumer side)",
-                integer_to_list(splitter_stat(Stats, consumer, frames))},
-               {"setup latency", io_lib:format("~.1f ms", [SetupUs / 1000])},
+    Summary = [{"vbuckets replicated", integer_to_list(length(VBuckets))},
+               {"documents", count(Total)},
+               {"value size", bytes(ValueSize)},
+               {"bytes proxied producer->consumer", bytes(Bytes)},
+               {"throughput", io_lib:format("~.1f MiB/s",
+                                            [Bytes / (1 bsl 20) / max(StreamUs / 1.0e6, 1.0e-6)])},
+               {"proxy CPU (this VM) during replication", ms(CpuMs)},
+               {"simulated nodes' CPU (peer VM)", ms(PeerCpuMs)},
+               {"frames proxied (producer side)", count(splitter_stat(Stats, producer, frames))},
+               {"frames proxied (consumer side)", count(splitter_stat(Stats, consumer, frames))},
+               {"setup latency", ms(SetupUs / 1000)},
                {"MB-53445 setup reply", io_lib:format("~p", [maps:get(reply, Mb53445)])},
-               {"MB-53445 answered in", io_lib:format("~.1f ms", [maps:get(ms, Mb53445)])}],
+               {"MB-53445 answered in", ms(maps:get(ms, Mb53445))}],
     io:format("~n~s~n", [table(Summary)]),
     Ok = SetupReply =:= ok andalso Mismatches =:= [] andalso StreamUs =/= timeout
         andalso maps:get(expected, Mb53445),
     #{ok => Ok, setup_reply => SetupReply, mismatches => Mismatches, bytes => Bytes,
-      stream_us => StreamUs, cpu_ms => CpuMs, mb53445 => Mb53445}.
+      stream_us => StreamUs, cpu_ms => CpuMs, peer_cpu_ms => PeerCpuMs, mb53445 => Mb53445}.
 
 %% The proxy has seen every mutation; the consumer node may still be applying the last ones.
 verify_digests(Producer, Consumer, VBuckets, Deadline) ->
-    Mismatches = [VB || VB <- VBuckets, kv_sim:digest(Producer, VB) =/= kv_sim:digest(Consumer, VB)],
+    Mismatches = [VB || VB <- VBuckets, kv(digest, Producer, [VB]) =/= kv(digest, Consumer, [VB])],
     case Mismatches =/= [] andalso erlang:monotonic_time(millisecond) < Deadline of
         true ->
             timer:sleep(50),
@@ -112,20 +157,32 @@ verify_digests(Producer, Consumer, VBuckets, Deadline) ->
     end.
 
 %% Progress comes from the proxy's own counters: mutations seen on the producer side.
-wait_for_mutations(Rep, Total, T0, Deadline) ->
+wait_for_mutations(Rep, Total, T0, Deadline, Terminal, LastLine) ->
     Seen = mutations(dcp_replicator:stats(Rep)),
     Now = erlang:monotonic_time(microsecond),
-    io:format("\r  streaming: ~b / ~b mutations (~.1f s)   ", [Seen, Total, (Now - T0) / 1.0e6]),
+    Line = io_lib:format("  streaming: ~s / ~s mutations (~.1f s)",
+                         [count(Seen), count(Total), (Now - T0) / 1.0e6]),
+    Done = Seen >= Total,
+    LastLine1 = case Terminal of
+                    true ->
+                        io:format("\r~s   ", [Line]),
+                        Now;
+                    false when Done; Now - LastLine >= 1000000 ->
+                        io:format("~s~n", [Line]),
+                        Now;
+                    false ->
+                        LastLine
+                end,
     if
-        Seen >= Total ->
-            io:format("~n"),
+        Done ->
+            Terminal andalso io:format("~n"),
             Now - T0;
         Now div 1000 > Deadline ->
             io:format("~n  gave up waiting for mutations~n"),
             timeout;
         true ->
             timer:sleep(100),
-            wait_for_mutations(Rep, Total, T0, Deadline)
+            wait_for_mutations(Rep, Total, T0, Deadline, Terminal, LastLine1)
     end.
 
 mutations(Stats) ->
@@ -135,8 +192,8 @@ mutations(Stats) ->
 %% MB-53445: the producer ends the new stream with state_changed as soon as it accepts it, and the
 %% consumer then never answers the ADD_STREAM (kv_engine's error path). ns_server waited forever here.
 replay_mb53445(Rep, Producer, Consumer, VBuckets, FaultVB) ->
-    ok = kv_sim:set_fault(Producer, FaultVB, {stream_end_on_accept, state_changed}),
-    ok = kv_sim:set_fault(Consumer, FaultVB, no_add_stream_answer_after_stream_end),
+    ok = kv(set_fault, Producer, [FaultVB, {stream_end_on_accept, state_changed}]),
+    ok = kv(set_fault, Consumer, [FaultVB, no_add_stream_answer_after_stream_end]),
     io:format("~nMB-53445 replay: vbucket ~b ends with state_changed before its ADD_STREAM is "
               "answered,~n  and the consumer never answers it.~n", [FaultVB]),
     T0 = erlang:monotonic_time(microsecond),
@@ -162,3 +219,44 @@ table(Rows) ->
     [Line, "\n",
      [io_lib:format("~-*s  ~s~n", [Width, K, V]) || {K, V} <- Rows],
      Line].
+
+%% ---- the simulated nodes' VM ----
+
+start_peer() ->
+    Paths = lists:usort([filename:dirname(code:which(M)) || M <- [kv_sim, dcp_nif, ?MODULE]]),
+    %% no busy-waiting schedulers on the peer: they would take CPU from the proxy
+    NoSpin = ["+sbwt", "none", "+sbwtdcpu", "none", "+sbwtdio", "none"],
+    {ok, Peer, _} = peer:start_link(#{connection => standard_io,
+                                      args => NoSpin ++ lists:append([["-pa", P] || P <- Paths])}),
+    Peer.
+
+node_call(Peer, Fun, Args) ->
+    peer:call(Peer, kv_sim, Fun, Args, 60000).
+
+kv(Fun, {Peer, Node}, Args) ->
+    node_call(Peer, Fun, [Node | Args]).
+
+peer_cpu_ms({Peer, _}) ->
+    {Total, _} = peer:call(Peer, erlang, statistics, [runtime]),
+    Total.
+
+%% ---- human units ----
+
+bytes(B) when B >= 1 bsl 30 -> io_lib:format("~.2f GiB", [B / (1 bsl 30)]);
+bytes(B) when B >= 1 bsl 20 -> io_lib:format("~.1f MiB", [B / (1 bsl 20)]);
+bytes(B) when B >= 1 bsl 10 -> io_lib:format("~.1f KiB", [B / (1 bsl 10)]);
+bytes(B) -> io_lib:format("~b B", [B]).
+
+count(N) when N >= 1000000 -> io_lib:format("~.2f M", [N / 1.0e6]);
+count(N) when N >= 10000 -> io_lib:format("~.1f k", [N / 1.0e3]);
+count(N) -> integer_to_list(N).
+
+ms(Ms) when Ms >= 1000 -> io_lib:format("~.2f s", [Ms / 1000]);
+ms(Ms) -> io_lib:format("~.1f ms", [Ms / 1]).
+
+%% A terminal gets one progress line rewritten in place; a pipe or a file a line per second.
+is_terminal() ->
+    case io:columns() of
+        {ok, _} -> true;
+        {error, _} -> false
+    end.

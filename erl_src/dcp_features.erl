@@ -38,8 +38,9 @@
                 set_consumer_name, ssl]).
 
 %% @doc Reads the features. A name with `false' is as if absent; a name given twice takes its first
-%% value, as `proplists:get_value/2' does in ns_server. The error names the first bad entry (an
-%% unknown name, a value that is not a boolean, or a term that is not a list at all).
+%% value, as `proplists:get_value/2' does in ns_server. The error holds the whole value (as every
+%% `dcp_options' error does) when an entry is an unknown name or has a value that is not a boolean,
+%% or the list is improper, or the term is not a list at all.
 -spec parse(term()) -> {ok, parsed()} | {error, {bad_option, features, term()}}.
 parse(Features) when is_list(Features) ->
     case entries(Features, []) of
@@ -50,14 +51,14 @@ parse(Features) when is_list(Features) ->
                        lists:member(set_consumer_name, On),
                    ssl => lists:member(ssl, On),
                    features => [F || F <- ?KNOWN, lists:member(F, On)]}};
-        {error, Bad} ->
-            {error, {bad_option, features, Bad}}
+        error ->
+            {error, {bad_option, features, Features}}
     end;
 parse(Other) ->
     {error, {bad_option, features, Other}}.
 
 entries([], Acc) ->
-    {ok, lists:reverse(Acc)};
+    {ok, [Name || Name <- lists:reverse(Acc), is_atom(Name)]};
 entries([Entry | Rest], Acc) ->
     case entry(Entry) of
         {ok, Name, Value} ->
@@ -68,8 +69,10 @@ entries([Entry | Rest], Acc) ->
                 {false, false} -> entries(Rest, [{off, Name} | Acc])
             end;
         error ->
-            {error, Entry}
-    end.
+            error
+    end;
+entries(_Improper, _Acc) ->
+    error.
 
 entry({Name, Value}) when is_boolean(Value) ->
     known(Name, Value);

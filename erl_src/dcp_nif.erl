@@ -60,10 +60,13 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
 -type why() :: {mcbp_status, non_neg_integer()} | {stream_end, mcbp:stream_end_reason()}
              | setup_timeout | {connection_lost, term()}.
 -type setup_reply() :: ok | {errors, [{why(), {vbucket, vbucket()}}]}.
--type setup_outcome() :: noreply | {reply, setup_reply()}
+%% `{noreply, absorbed}': an answer to a request no caller waits for any more (late or
+%% superseded); the machine applied it, nobody is to be answered.
+-type setup_outcome() :: noreply | {noreply, absorbed} | {reply, setup_reply()}
                        | {stop, {unexpected_response, add_stream | {close_stream, side()},
                                  non_neg_integer()}}.
-%% What to send, with the opaque (and ADD_STREAM flags word) to send it with.
+%% What to send, with the opaque (and ADD_STREAM flags word) to send it with. The opaque names
+%% the request (a generation in the high 22 bits, the vbucket in the low 10): send it as given.
 -type setup_action() :: {add_stream, vbucket(), Opaque :: non_neg_integer(),
                          Flags :: non_neg_integer()}
                       | {close_stream, side(), vbucket(), Opaque :: non_neg_integer()}.
@@ -78,7 +81,7 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
 -spec setup_new() -> setup().
 setup_new() -> ?NOT_LOADED.
 -spec setup_request(setup(), setup_request()) ->
-          setup_start() | {error, busy | shut | already_active | {bad_vbucket, term()}}.
+          setup_start() | {error, busy | shut | {bad_vbucket, term()}}.
 setup_request(_Setup, _Request) -> ?NOT_LOADED.
 -spec setup_event(setup(), setup_event()) -> setup_outcome().
 setup_event(_Setup, _Event) -> ?NOT_LOADED.
@@ -88,9 +91,10 @@ setup_partitions(_Setup) -> ?NOT_LOADED.
                                active := [vbucket()],
                                pending_adds := [vbucket()],
                                pending_closes_consumer := [vbucket()],
-                               pending_closes_producer := [vbucket()] | ignore,
+                               pending_closes_producer := [vbucket()],
                                errors := [{why(), {vbucket, vbucket()}}],
                                next_state := idle | shut | undefined,
                                takeover := undefined | map(),
+                               owed := non_neg_integer(),
                                absorbed := non_neg_integer()}.
 setup_info(_Setup) -> ?NOT_LOADED.

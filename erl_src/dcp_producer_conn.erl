@@ -36,9 +36,10 @@ init(_Args, _Conn) ->
 
 %% ---- stream ----
 
-handle_event({stream_end, VB, Opaque, Reason} = Event, St, #{name := Name} = Conn) ->
-    ?LOG_INFO("~s: producer ended stream for vbucket ~b (opaque ~b): ~p",
-              [Name, VB, Opaque, Reason], ?LOG_META),
+handle_event({stream_end, VB, Opaque, Reason} = Event, St, Conn) ->
+    dcp_log:info(stream_end, (dcp_log:who(Conn))#{vbucket => VB, opaque => Opaque,
+                                                  reason => Reason}),
+    ok = dcp_events:emit(Conn, stream_end, #{vbucket => VB, reason => Reason}),
     ok = to_consumer(Event, Conn),
     {ok, St};
 %% set_vbucket_state and close_stream_response: the consumer conn's machine decides.
@@ -62,5 +63,5 @@ handle_info(Info, St, #{name := Name}) ->
 
 %% ---- stop ----
 
-terminate(_Reason, _St, _Conn) ->
-    ok.
+terminate(Reason, _St, Conn) ->
+    dcp_events:connection_lost(Conn, Reason).

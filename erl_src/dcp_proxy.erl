@@ -53,6 +53,7 @@
                   splitter => splitter_opt(),
                   max_frame_size => pos_integer(),
                   traffic_monitor => pid() | undefined,
+                  event_handler => dcp_events:handler(),
                   connect_timeout => timeout(),
                   send_timeout => timeout(),
                   recbuf => pos_integer(),
@@ -63,7 +64,10 @@
 -type conn() :: #{side := side(),
                   name := binary(),
                   socket := socket(),
-                  partner := undefined | {pid(), socket()}}.
+                  partner := undefined | {pid(), socket()},
+                  %% for logs and events (dcp_log, dcp_events)
+                  bucket => binary(),
+                  handlers => dcp_events:handlers()}.
 %% A side module: the protocol half of a connection process.
 -callback init(Args :: term(), conn()) -> {ok, State :: term()}.
 -callback handle_event(Event :: term(), State :: term(), conn()) ->
@@ -124,8 +128,10 @@
                 unacked_bytes = 0 :: non_neg_integer(),
                 unacked_batches = 0 :: non_neg_integer(),
                 armed = false :: boolean(),
-                traffic_monitor :: undefined | pid(),
-                last_traffic :: undefined | integer(),
+                %% event handlers (dcp_events), the traffic counts since the last traffic event
+                handlers = [] :: dcp_events:handlers(),
+                traffic = dcp_events:traffic_new() :: dcp_events:traffic(),
+                frames_reported = 0 :: non_neg_integer(),
                 chunks = 0 :: non_neg_integer(),
                 bytes_in = 0 :: non_neg_integer(),
                 injected = 0 :: non_neg_integer()}).
@@ -218,6 +224,7 @@ terminate_and_wait(Pids, Reason, Timeout) ->
 init({Module, #{side := Side, connection_name := Name} = Opts, Args}) ->
     %% trap exits so that terminate/2 runs and a waiting setup caller is always answered
     process_flag(trap_exit, true),
+    dcp_log:set_process_metadata(dcp_log:ctx(Name, Side, maps:get(bucket, Opts, <<>>))),
     Timeout = maps:get(connect_timeout, Opts, ?DEFAULT_CONNECT_TIMEOUT),
     Self = self(),
     Deadline = case Timeout of
@@ -231,8 +238,7 @@ init({Module, #{side := Side, connection_name := Name} = Opts, Args}) ->
             end,
     {ok, #state{module = Module, side = Side, name = iolist_to_binary(Name), args = Args,
                 opts = maps:without([password], Opts), connector = Connector,
-                connect_timer = Timer,
-                traffic_monitor = maps:get(traffic_monitor, Opts, undefined)}}.
+                connect_timer = Timer, handlers = dcp_events:handlers(Opts)}}.
 
 %% Connects and handshakes, then hands the socket to the connection process; or reports why not.
 connector(Owner, Opts, Deadline) ->
@@ -384,7 +390,9 @@ connected(Sock, #state{module = Module, side = Side, name = Name, args = Args, o
     case new_splitter(Side, Opts) of
         {ok, Splitter} ->
             Writer = dcp_proxy_writer:start_link(Sock, Side),
-            Conn = #{side => Side, name => Name, socket => Sock, partner => undefined},
+            Conn = #{side => Side, name => Name, socket => Sock, partner => undefined,
+                     bucket => iolist_to_binary(maps:get(bucket, Opts, <<>>)),
+                     handlers => State#state.handlers},
             {ok, ModState} = Module:init(Args, Conn),
             State1 = State0#state{status = connected, conn = Conn, splitter = Splitter,
                                   writer = Writer, mod_state = ModState, deferred = []},
@@ -414,8 +422,7 @@ replay([{Request, From} | Rest], State) ->
             {stop, Reason, State1#state{deferred = Rest}}
     end.
 
-connect_failed(Reason, #state{side = Side, name = Name} = State) ->
-    ?LOG_ERROR("~s: ~p connect failed: ~0p", [Name, Side, Reason], ?LOG_META),
+connect_failed(Reason, #state{side = Side} = State) ->
     {stop, {Side, Reason}, cancel_connect_timer(State#state{connector = undefined})}.
 
 %% ---- calls: the pair, stats, then the side module's own ----
@@ -453,72 +460,80 @@ handle_cast(Msg, #state{name = Name} = State) ->
 
 %% ---- streaming: the hot path ----
 
-handle_info({Tag, S, Chunk}, #state{conn = #{socket := {_, S}}} = State)
+%% An expected failure (a peer closed, a refused connect or login, a protocol violation) ends the
+%% process with `{shutdown, Reason}': one log line (terminate/2), no crash report (dcp_log).
+handle_info(Info, State) ->
+    case info(Info, State) of
+        {stop, Reason, State1} -> {stop, dcp_log:exit_reason(Reason), State1};
+        Other -> Other
+    end.
+
+info({Tag, S, Chunk}, #state{conn = #{socket := {_, S}}} = State)
   when Tag =:= tcp; Tag =:= ssl ->
     case process_chunk(Chunk, State#state{armed = false}) of
         {ok, State1} -> activate_or_stop(State1);
         {stop, Reason, State1} -> {stop, Reason, State1}
     end;
-handle_info({Tag, S}, #state{conn = #{socket := {_, S}}, side = Side} = State)
+info({Tag, S}, #state{conn = #{socket := {_, S}}, side = Side} = State)
   when Tag =:= tcp_closed; Tag =:= ssl_closed ->
     {stop, {socket_closed, Side}, State};
-handle_info({Tag, S, Reason}, #state{conn = #{socket := {_, S}}} = State)
+info({Tag, S, Reason}, #state{conn = #{socket := {_, S}}} = State)
   when Tag =:= tcp_error; Tag =:= ssl_error ->
     {stop, socket_stop_reason(State, Reason), State};
-handle_info({'$dcp_written', W, Size}, #state{partner_writer = W, unacked_bytes = U} = State) ->
+info({'$dcp_written', W, Size}, #state{partner_writer = W, unacked_bytes = U} = State) ->
     activate_or_stop(State#state{unacked_bytes = max(0, U - Size)});
-handle_info({'$dcp_written', _OwnWriter, _Size}, State) ->
+info({'$dcp_written', _OwnWriter, _Size}, State) ->
     %% our own frames written to our own socket before the pair was connected
     {noreply, State};
-handle_info({'$dcp_sync', From}, State) ->
+info({'$dcp_sync', From}, State) ->
     %% every event the partner sent before this is handled
     From ! '$dcp_synced',
     {noreply, State};
-handle_info('$dcp_synced', #state{unacked_batches = B} = State) ->
+info('$dcp_synced', #state{unacked_batches = B} = State) ->
     activate_or_stop(State#state{unacked_batches = max(0, B - 1)});
-handle_info({'$dcp_write_own', Frames}, #state{conn = #{partner := undefined},
+info({'$dcp_write_own', Frames}, #state{conn = #{partner := undefined},
                                                writer = W} = State) ->
     ok = dcp_proxy_writer:write(W, Frames, 0),
     {noreply, State#state{injected = State#state.injected + 1}};
-handle_info({'$dcp_write_own', Frames}, #state{conn = #{partner := {Pid, _}}} = State) ->
+info({'$dcp_write_own', Frames}, #state{conn = #{partner := {Pid, _}}} = State) ->
     %% paired meanwhile: the partner forwards into our socket now
     Pid ! {'$dcp_inject', Frames},
     {noreply, State};
-handle_info({'$dcp_inject', Frames}, #state{inject = Inject} = State) ->
+info({'$dcp_inject', Frames}, #state{inject = Inject} = State) ->
     flush_after_callback(State#state{inject = [Frames | Inject]});
-handle_info('$dcp_discard', #state{discard = false} = State) ->
+info('$dcp_discard', #state{discard = false} = State) ->
     Discard = case State#state.forward_remaining of
                   0 -> active;
                   _ -> pending
               end,
     flush_after_callback(State#state{discard = Discard});
-handle_info('$dcp_discard', State) ->
+info('$dcp_discard', State) ->
     {noreply, State};
-handle_info({'$dcp_connected', Pid, Sock}, #state{connector = Pid} = State) ->
+info({'$dcp_connected', Pid, Sock}, #state{connector = Pid} = State) ->
     connected(Sock, State);
-handle_info({'$dcp_connect_failed', Pid, Reason}, #state{connector = Pid} = State) ->
+info({'$dcp_connect_failed', Pid, Reason}, #state{connector = Pid} = State) ->
     connect_failed(Reason, State);
-handle_info({timeout, Ref, connect_deadline}, #state{connect_timer = Ref,
+info({timeout, Ref, connect_deadline}, #state{connect_timer = Ref,
                                                      connector = Pid} = State) ->
     %% the connector missed its own deadline (a send stuck in the handshake): it goes
     exit(Pid, kill),
     connect_failed(connect_timeout, State#state{connect_timer = undefined});
-handle_info({timeout, _Stale, connect_deadline}, State) ->
+info({timeout, _Stale, connect_deadline}, State) ->
     {noreply, State};
-handle_info({'DOWN', Ref, process, _Pid, Reason}, #state{partner_ref = Ref} = State) ->
-    {stop, {partner_down, Reason}, State};
-handle_info({'EXIT', _PortOrPid, normal}, State) ->
+info({'DOWN', Ref, process, _Pid, Reason}, #state{partner_ref = Ref} = State) ->
+    {stop, {partner_down, dcp_log:cause(Reason)}, State};
+info({'EXIT', _PortOrPid, normal}, State) ->
     %% our socket's port, or the connector that handed over the socket
     {noreply, State};
-handle_info({'EXIT', Pid, Reason}, #state{connector = Pid} = State) when is_pid(Pid) ->
+info({'EXIT', Pid, Reason}, #state{connector = Pid} = State) when is_pid(Pid) ->
     connect_failed({connector_down, Reason}, State);
-handle_info({'EXIT', _PortOrPid, Reason}, State) ->
+info({'EXIT', _PortOrPid, Reason}, State) ->
     %% our writer (a send failed: `{send_failed, Side, Why}') or our parent
     {stop, Reason, State};
-handle_info(Info, #state{status = connecting, name = Name} = State) ->
+info(Info, #state{status = connecting, name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected message while connecting ~0p", [Name, Info], ?LOG_META),
     {noreply, State};
-handle_info(Info, #state{module = Module, mod_state = ModState, conn = Conn} = State) ->
+info(Info, #state{module = Module, mod_state = ModState, conn = Conn} = State) ->
     case Module:handle_info(Info, ModState, Conn) of
         {noreply, ModState1} ->
             flush_after_callback(State#state{mod_state = ModState1});
@@ -609,7 +624,7 @@ handle_frames(Forward, Size, Events, State) ->
     case dispatch(Events, State) of
         {ok, State1} ->
             State2 = sync_partner(Events, State1),
-            flush_inject(note_traffic(forward(Forward, Size, State2)));
+            flush_inject(note_traffic(Size, forward(Forward, Size, State2)));
         {stop, _, _} = Stop ->
             Stop
     end.
@@ -676,17 +691,19 @@ flush_after_callback(State) ->
     {ok, State1} = flush_inject(State),
     {noreply, State1}.
 
-note_traffic(#state{traffic_monitor = undefined} = State) ->
+%% The `traffic' event (dcp_events; the traffic monitor is one of its handlers) at most every
+%% 100 ms while frames flow: bytes read since the last one, and the frames the splitter counted.
+note_traffic(_Size, #state{handlers = []} = State) ->
     State;
-note_traffic(#state{traffic_monitor = Pid, last_traffic = Last, name = Name,
-                    side = Side} = State) ->
-    Now = erlang:monotonic_time(millisecond),
-    case Last =:= undefined orelse Now - Last >= ?TRAFFIC_INTERVAL_MS of
-        true ->
-            Pid ! {dcp_traffic, Name, Side, Now},
-            State#state{last_traffic = Now};
-        false ->
-            State
+note_traffic(Size, #state{traffic = T, conn = Conn} = State) ->
+    case dcp_events:traffic_note(T, Size, 0, erlang:monotonic_time(millisecond)) of
+        {wait, T1} ->
+            State#state{traffic = T1};
+        {report, Counts, T1} ->
+            Frames = maps:get(frames, dcp_splitter:stats(State#state.splitter), 0),
+            ok = dcp_events:emit(Conn, traffic,
+                                 Counts#{frames => max(0, Frames - State#state.frames_reported)}),
+            State#state{traffic = T1, frames_reported = Frames}
     end.
 
 activate(#state{conn = #{socket := {gen_tcp, S}}}) ->
@@ -714,23 +731,28 @@ stats_map(#state{splitter = Splitter, chunks = Chunks, bytes_in = BytesIn, injec
 terminate(Reason, #state{status = connecting, side = Side, deferred = Deferred,
                          connector = Connector}) ->
     _ = is_pid(Connector) andalso exit(Connector, kill),
+    log_stopped(Reason),
     [gen_server:reply(From, {error, {connection_lost, lost_reason(Side, Reason)}})
      || {_Request, From} <- Deferred],
     ok;
 terminate(Reason, #state{module = Module, mod_state = ModState, conn = Conn, writer = Writer,
-                         deferred = Deferred, side = Side}) ->
-    #{name := Name, socket := Sock} = Conn,
+                         deferred = Deferred}) ->
+    #{socket := Sock} = Conn,
     Module:terminate(Reason, ModState, Conn),
     [gen_server:reply(From, {error, {connection_lost, Reason}}) || {_Request, From} <- Deferred],
-    case Reason of
-        normal -> ok;
-        _ -> ?LOG_NOTICE("~s: ~p connection stopped: ~0p", [Name, Side, Reason], ?LOG_META)
-    end,
+    log_stopped(Reason),
     %% the writer may be stuck in a send: it goes first, then the socket
     unlink(Writer),
     exit(Writer, kill),
     socket_close(Sock).
 
+%% Only a stop on its own is worth a notice: a partner's is the partner's line.
+log_stopped({shutdown, {partner_down, _}} = Reason) ->
+    dcp_log:info(connection_stopped, #{reason => Reason});
+log_stopped(Reason) ->
+    dcp_log:stopped(connection_stopped, Reason).
+
+lost_reason(Side, {shutdown, Reason}) -> lost_reason(Side, Reason);
 lost_reason(_Side, {_, _} = Reason) -> Reason;
 lost_reason(Side, Reason) -> {Side, Reason}.
 

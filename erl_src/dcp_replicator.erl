@@ -9,6 +9,9 @@
 -export([start_link/1, setup_replication/2, takeover/2, get_partitions/1, stats/1,
          get_connection_name/4, check_vbuckets/1, real_cause/1]).
 
+%% embedding: a child spec for the user's supervisor, an orderly stop
+-export([child_spec/1, stop/1]).
+
 %% gen_server callbacks
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -74,16 +77,46 @@
 %% the pair (within its `setup_timeout'). A side that cannot connect or handshake ends the
 %% replicator with exit reason `{consumer | producer, Why}' (e.g. `{consumer, {sasl_auth,
 %% {mcbp_status, auth_error}}}', `{producer, {connect_failed, econnrefused}}'); the setups that were
-%% waiting are answered `{errors, [{{connection_lost, {Side, Why}}, {vbucket, V}}, ...]}'. Returns
-%% an error at once only for a connection name without the `replication:' prefix and for features
-%% that are not ns_server's (`{error, {bad_option, features, V}}', `dcp_features:parse/1').
+%% waiting are answered `{errors, [{{connection_lost, {Side, Why}}, {vbucket, V}}, ...]}'.
+%% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}'
+%% returned at once, and nothing connects (features not ns_server's: `{error, {bad_option,
+%% features, V}}', `dcp_features:parse/1').
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
-start_link(#{connection_name := Name} = Opts) ->
+start_link(Opts) ->
+    case dcp_options:replicator(Opts) of
+        {ok, Checked} -> start_checked(Checked);
+        {error, _} = Error -> Error
+    end.
+
+%% @doc A child spec for `start_link(Opts)' (id `{dcp_replicator, ConnectionName}'); its start
+%% arguments hold the password wrapped (`dcp_secret'), so no supervisor report can show it. Raises
+%% `error({bad_option, Key, Value})' for options `start_link/1' would refuse.
+-spec child_spec(opts()) -> supervisor:child_spec().
+child_spec(Opts) ->
+    case dcp_options:replicator(Opts) of
+        {ok, #{connection_name := Name} = Checked} ->
+            #{id => {?MODULE, Name},
+              start => {?MODULE, start_link, [Checked]},
+              %% an expected failure ends a replicator with {shutdown, Why}: restart it anyway
+              restart => permanent,
+              %% the orderly stop: the consumer shut (shut_timeout), then the pair's own stop
+              shutdown => maps:get(shut_timeout, Checked, ?DEFAULT_SHUT_TIMEOUT) + 4 * ?STOP_TIMEOUT,
+              type => worker,
+              modules => [?MODULE]};
+        {error, Reason} ->
+            erlang:error(Reason)
+    end.
+
+%% @doc Stops the replicator the orderly way (its consumer streams closed within shut_timeout) and
+%% waits until it is gone.
+-spec stop(pid() | atom()) -> ok.
+stop(Rep) ->
+    gen_server:stop(Rep, shutdown, infinity).
+
+start_checked(#{connection_name := Name} = Opts) ->
     %% ep-engine and ns_server depend on this prefix
-    case lists:prefix("replication:", Name) andalso dcp_features:parse(maps:get(features, Opts, [])) of
-        {error, _} = Error ->
-            Error;
-        {ok, _} ->
+    case lists:prefix("replication:", Name) of
+        true ->
             Opts1 = hide_password(Opts),
             case maps:get(name, Opts, undefined) of
                 undefined -> gen_server:start_link(?MODULE, Opts1, []);
@@ -148,7 +181,7 @@ lost(Reason, VBuckets) ->
 -spec real_cause(term()) -> term().
 real_cause({Reason, {gen_server, call, _}}) -> real_cause(Reason);
 real_cause({partner_down, Reason}) -> real_cause(Reason);
-real_cause({shutdown, {Side, _} = Reason}) when Side =:= consumer; Side =:= producer -> Reason;
+real_cause({shutdown, Reason}) when Reason =/= shut -> real_cause(Reason);
 real_cause(Reason) -> Reason.
 
 %% @doc The vbuckets replicated now (`[]' while connecting).
@@ -202,6 +235,7 @@ cut_node_name(Name, Common) ->
 
 init(#{connection_name := Name} = Opts) ->
     process_flag(trap_exit, true),
+    dcp_log:set_process_metadata(dcp_log:ctx(Name, replicator, maps:get(bucket, Opts))),
     SetupTimeout = maps:get(setup_timeout, Opts, dcp_consumer_conn:default_setup_timeout()),
     %% both return at once; each connects in its own connector process
     {ok, Consumer} = dcp_consumer_conn:start_link(proxy_opts(consumer, Opts), SetupTimeout),
@@ -211,8 +245,8 @@ init(#{connection_name := Name} = Opts) ->
                                 ok = dcp_proxy:connect_proxies(Consumer, Producer, infinity),
                                 Self ! {paired, self()}
                         end),
-    ?LOG_INFO("~s: connecting ~p -> ~p",
-              [Name, maps:get(producer, Opts), maps:get(consumer, Opts)], ?LOG_META),
+    dcp_log:info(connecting, #{connection => Name, producer => maps:get(producer, Opts),
+                               consumer => maps:get(consumer, Opts)}),
     {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
                 pairer = Pairer, setup_timeout = setup_timeout(SetupTimeout),
                 shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
@@ -226,8 +260,8 @@ proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
     Base = #{side => Side, host => Host, port => Port, bucket => Bucket, ssl => Ssl,
              connection_name => Name, user => User, password => Password},
     maps:merge(Base, maps:with([features, consumer_node, splitter, max_frame_size,
-                                traffic_monitor, connect_timeout, send_timeout, recbuf, sndbuf],
-                               Opts)).
+                                traffic_monitor, event_handler, connect_timeout, send_timeout,
+                                recbuf, sndbuf], Opts)).
 
 %% An endpoint's host, port and TLS: its own `ssl', else plain when `local', else the global one.
 endpoint({Host, Port}, Ssl) ->
@@ -346,7 +380,7 @@ handle_cast(Msg, #state{connection_name = Name} = State) ->
 
 handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
                                   connection_name = Name} = State) ->
-    ?LOG_INFO("~s: replicating", [Name], ?LOG_META),
+    dcp_log:notice(replicating, #{connection => Name}),
     _ = [H ! paired || {H, connecting} <- maps:values(Helpers)],
     {noreply, State#state{status = connected,
                           helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
@@ -354,7 +388,8 @@ handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
     {noreply, State#state{pairer = undefined}};
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
   when Pid =:= C; Pid =:= P; Pid =:= Pairer ->
-    {stop, real_cause(Reason), State};
+    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report
+    {stop, dcp_log:exit_reason(real_cause(Reason)), State};
 handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
   when is_map_key(Ref, Helpers) ->
     {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
@@ -383,7 +418,7 @@ terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, sta
     %% the consumer conn answered its callers before it went; let those answers reach them
     %% before our own exit does (a caller seeing our exit first would get the fallback reply)
     wait_helpers(maps:keys(Helpers), erlang:monotonic_time(millisecond) + ?STOP_TIMEOUT),
-    ?LOG_INFO("~s: replicator stopped: ~0p", [Name, Reason], ?LOG_META).
+    dcp_log:stopped(replicator_stopped, Reason).
 
 wait_helpers([], _Deadline) ->
     ok;

@@ -6,6 +6,9 @@
 
 -export([start_link/1, setup_replication/2, replicators/1, connection_for_vbucket/2]).
 
+%% embedding: a child spec for the user's supervisor, an orderly stop
+-export([child_spec/1, stop/1]).
+
 %% supervisor callback
 -export([init/1]).
 
@@ -19,9 +22,36 @@
                   atom() => term()}.
 
 %% @doc Starts one replicator per connection.
+%% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}'.
+%% `name => Atom' registers the supervisor locally.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
-    supervisor:start_link(?MODULE, Opts).
+    case dcp_options:sup(Opts) of
+        {ok, #{name := Name} = Checked} -> supervisor:start_link({local, Name}, ?MODULE, Checked);
+        {ok, Checked} -> supervisor:start_link(?MODULE, Checked);
+        {error, _} = Error -> Error
+    end.
+
+%% @doc A child spec (a supervisor child) for `start_link(Opts)', id `{dcp_sup, ProducerNode,
+%% Bucket}'. Raises `error({bad_option, Key, Value})' for options `start_link/1' would refuse.
+-spec child_spec(opts()) -> supervisor:child_spec().
+child_spec(Opts) ->
+    case dcp_options:sup(Opts) of
+        {ok, #{producer_node := Producer, bucket := Bucket} = Checked} ->
+            #{id => {?MODULE, Producer, Bucket},
+              start => {?MODULE, start_link, [Checked]},
+              restart => permanent,
+              shutdown => infinity,
+              type => supervisor,
+              modules => [?MODULE]};
+        {error, Reason} ->
+            erlang:error(Reason)
+    end.
+
+%% @doc Stops the supervisor and its replicators (each the orderly way).
+-spec stop(pid() | atom()) -> ok.
+stop(Sup) ->
+    gen_server:stop(Sup, shutdown, infinity).
 
 %% @doc Connection `V rem N' replicates vbucket V. Every connection gets its full list (an empty one
 %% closes what it had), and the answers are merged: `ok', or every error from every connection.
@@ -99,7 +129,8 @@ init(#{consumer_node := ConsumerNode, producer_node := ProducerNode, bucket := B
                             [RepOpts#{connection_name =>
                                           dcp_replicator:get_connection_name(
                                             ConsumerNode, ProducerNode, Bucket, ConnNum)}]},
-                  restart => transient,
+                  %% permanent: an expected failure ends a replicator with {shutdown, Why}
+                  restart => permanent,
                   %% the replicator's own stop: the consumer shut, then at most 15 s more
                   shutdown => maps:get(shut_timeout, Opts, 10000) + 20000,
                   type => worker,

@@ -84,7 +84,7 @@ every_truncated_name_fits_in_200_characters_test() ->
     ?assertEqual([], [L || L <- Lengths, L > 200]).
 
 names_without_the_replication_prefix_are_refused_test() ->
-    ?assertEqual({error, {bad_connection_name, "ns_server:x"}},
+    ?assertEqual({error, {bad_option, connection_name, "ns_server:x"}},
                  dcp_replicator:start_link(#{connection_name => "ns_server:x",
                                              consumer => {"127.0.0.1", 1},
                                              producer => {"127.0.0.1", 2},

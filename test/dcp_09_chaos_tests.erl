@@ -305,7 +305,9 @@ setup_while_connecting_is_answered_when_the_connect_fails_test() ->
                                {{connection_lost, {_, {sasl_auth, connect_timeout}}},
                                 {vbucket, 2}}]}, Reply),
         ?assert(SetupMs < 500 + ?SLACK_MS),
-        receive {'EXIT', Rep, Why} -> ?assertMatch({_, {sasl_auth, connect_timeout}}, Why) end
+        receive {'EXIT', Rep, Why} ->
+                ?assertMatch({shutdown, {_, {sasl_auth, connect_timeout}}}, Why)
+        end
     after
         gen_tcp:close(L),
         dcp_test_lib:flush_exits()

@@ -104,9 +104,9 @@ unknown_feature_test_() ->
                #{rep => none},
                fun(#{producer := P, consumer := C} = Env) ->
                        Base = rep_opts(Env),
-                       ?assertEqual({error, {bad_option, features, bogus}},
+                       ?assertEqual({error, {bad_option, features, [xattr, bogus]}},
                                     dcp_replicator:start_link(Base#{features => [xattr, bogus]})),
-                       ?assertEqual({error, {bad_option, features, {json, yes}}},
+                       ?assertEqual({error, {bad_option, features, [{json, yes}]}},
                                     dcp_replicator:start_link(Base#{features => [{json, yes}]})),
                        ?assertEqual({error, {bad_option, features, json}},
                                     dcp_replicator:start_link(Base#{features => json})),
@@ -184,7 +184,7 @@ parse_test() ->
     ?assertMatch({ok, #{hello := [], consumer_name := false}}, dcp_features:parse([])),
     %% the first value of a name given twice, as proplists:get_value/2
     ?assertMatch({ok, #{hello := []}}, dcp_features:parse([{json, false}, {json, true}])),
-    ?assertEqual({error, {bad_option, features, {nope, true}}},
+    ?assertEqual({error, {bad_option, features, [{nope, true}]}},
                  dcp_features:parse([{nope, true}])).
 
 %% ---- the collection and sync-write frames (layouts of kv_engine's docs/dcp/commands) ----

@@ -8,35 +8,59 @@
 -include_lib("eunit/include/eunit.hrl").
 
 ev(S, Side, Event) -> dcp_nif:setup_event(S, {Side, Event}).
-add_answer(S, VB, Status) -> ev(S, consumer, {add_stream_response, VB, Status, undefined}).
-close_answer(S, Side, VB, Status) -> ev(S, Side, {close_stream_response, VB, Status}).
+add_answer(S, Opaque, Status) -> ev(S, consumer, {add_stream_response, Opaque, Status, undefined}).
+close_answer(S, Side, Opaque, Status) -> ev(S, Side, {close_stream_response, Opaque, Status}).
 stream_end(S, VB, Opaque, Reason) -> ev(S, producer, {stream_end, VB, Opaque, Reason}).
+
+%% Sends a request; its actions, with the opaques by {add | consumer | producer, VB}.
+send(S, Request) ->
+    {send, Actions} = dcp_nif:setup_request(S, Request),
+    {Actions, maps:from_list([{key(A), op(A)} || A <- Actions])}.
+
+key({add_stream, VB, _Opaque, _Flags}) -> {add, VB};
+key({close_stream, Side, VB, _Opaque}) -> {Side, VB}.
+
+op(A) -> opaque(A).
+
+%% The opaque names the request: its vbucket in the low 10 bits, a generation above them.
+opaque_names_its_vbucket(Actions) ->
+    [?assertEqual(vb(A), opaque(A) band 16#3ff) || A <- Actions],
+    [?assert(opaque(A) > 16#3ff) || A <- Actions],
+    ?assertEqual(length(Actions), length(lists:usort([opaque(A) || A <- Actions]))).
+
+vb(A) -> element(case element(1, A) of add_stream -> 2; close_stream -> 3 end, A).
+opaque(A) -> element(case element(1, A) of add_stream -> 3; close_stream -> 4 end, A).
 
 %% A machine with VBs active (set up and answered).
 with_active(VBs) ->
     S = dcp_nif:setup_new(),
-    {send, _} = dcp_nif:setup_request(S, {setup_streams, VBs}),
-    [noreply = add_answer(S, VB, 0) || VB <- lists:droplast(VBs)],
-    {reply, ok} = add_answer(S, lists:last(VBs), 0),
+    {_, Op} = send(S, {setup_streams, VBs}),
+    [noreply = add_answer(S, maps:get({add, VB}, Op), 0) || VB <- lists:droplast(VBs)],
+    {reply, ok} = add_answer(S, maps:get({add, lists:last(VBs)}, Op), 0),
     S.
 
 %% ---- actions carry their opaque and flags ----
 
 actions_carry_the_machines_opaque_and_flags_test() ->
     S = with_active([0]),
-    ?assertEqual({send, [{add_stream, 1, 1, 0}, {add_stream, 2, 2, 0},
-                         {close_stream, consumer, 0, 0}, {close_stream, producer, 0, 0}]},
-                 dcp_nif:setup_request(S, {setup_streams, [1, 2]})),
-    ?assertEqual(noreply, close_answer(S, consumer, 0, 1)),
-    ?assertEqual(noreply, close_answer(S, producer, 0, 0)),
-    ?assertEqual(noreply, ev(S, consumer, {add_stream_response, 2, 16#07, undefined})),
+    {Actions, Op} = send(S, {setup_streams, [1, 2]}),
+    ?assertMatch([{add_stream, 1, _, 0}, {add_stream, 2, _, 0},
+                  {close_stream, consumer, 0, _}, {close_stream, producer, 0, _}], Actions),
+    opaque_names_its_vbucket(Actions),
+    ?assertEqual(noreply, close_answer(S, consumer, maps:get({consumer, 0}, Op), 1)),
+    ?assertEqual(noreply, close_answer(S, producer, maps:get({producer, 0}, Op), 0)),
+    %% an answer with the vbucket as its opaque answers no request (and changes nothing)
+    ?assertEqual({stop, {unexpected_response, add_stream, 2}}, add_answer(S, 2, 0)),
+    ?assertEqual(noreply, ev(S, consumer, {add_stream_response, maps:get({add, 2}, Op), 16#07,
+                                           undefined})),
     ?assertEqual({reply, {errors, [{{mcbp_status, 16#07}, {vbucket, 2}}]}},
-                 ev(S, consumer, {add_stream_response, 1, 0, 16#10001})),
+                 ev(S, consumer, {add_stream_response, maps:get({add, 1}, Op), 0, 16#10001})),
     ?assertEqual([1], dcp_nif:setup_partitions(S)),
-    ?assertEqual({send, [{close_stream, consumer, 1, 1}, {close_stream, producer, 1, 1}]},
-                 dcp_nif:setup_request(S, {maybe_close_stream, 1})),
-    ?assertEqual(noreply, close_answer(S, consumer, 1, 0)),
-    ?assertEqual({reply, ok}, close_answer(S, producer, 1, 0)),
+    {Closes, Op2} = send(S, {maybe_close_stream, 1}),
+    ?assertMatch([{close_stream, consumer, 1, _}, {close_stream, producer, 1, _}], Closes),
+    opaque_names_its_vbucket(Closes),
+    ?assertEqual(noreply, close_answer(S, consumer, maps:get({consumer, 1}, Op2), 0)),
+    ?assertEqual({reply, ok}, close_answer(S, producer, maps:get({producer, 1}, Op2), 0)),
     ?assertEqual({reply, ok}, dcp_nif:setup_request(S, {maybe_close_stream, 1})).
 
 %% ---- reply terms ----
@@ -76,32 +100,59 @@ unknown_opaque_stops_and_connection_lost_answers_with_its_reason_test() ->
 deadline_gives_setup_timeout_and_info_counts_absorbed_answers_test() ->
     S = dcp_nif:setup_new(),
     ?assertEqual(noreply, dcp_nif:setup_event(S, deadline)),
-    {send, _} = dcp_nif:setup_request(S, {setup_streams, [0, 1]}),
-    noreply = add_answer(S, 1, 0),
+    {_, Op} = send(S, {setup_streams, [0, 1]}),
+    noreply = add_answer(S, maps:get({add, 1}, Op), 0),
     ?assertEqual({reply, {errors, [{setup_timeout, {vbucket, 0}}]}},
                  dcp_nif:setup_event(S, deadline)),
-    ?assertEqual(noreply, add_answer(S, 0, 0)),
-    ?assertMatch(#{state := idle, active := [1], absorbed := 1, errors := [],
-                   next_state := undefined, takeover := undefined}, dcp_nif:setup_info(S)).
+    ?assertMatch(#{owed := 1}, dcp_nif:setup_info(S)),
+    %% the late success is applied: the consumer holds the stream, so it is active
+    ?assertEqual({noreply, absorbed}, add_answer(S, maps:get({add, 0}, Op), 0)),
+    ?assertMatch(#{state := idle, active := [0, 1], absorbed := 1, errors := [], owed := 0,
+                   next_state := undefined, takeover := undefined}, dcp_nif:setup_info(S)),
+    ?assertEqual({reply, ok}, dcp_nif:setup_request(S, {setup_streams, [0, 1]})).
 
 %% ---- takeover and shut: the event and info terms ----
 
 takeover_terms_test() ->
     S = dcp_nif:setup_new(),
-    ?assertEqual({send, [{add_stream, 6, 6, 1}]}, dcp_nif:setup_request(S, {takeover, 6})),
+    {[{add_stream, 6, Add, 1}] = Actions, _} = send(S, {takeover, 6}),
+    opaque_names_its_vbucket(Actions),
     ?assertEqual({error, busy}, dcp_nif:setup_request(S, {setup_streams, [1]})),
     ?assertEqual(noreply, ev(S, consumer, {stream_req, 6, 16#5000})),
     ?assertEqual(noreply, ev(S, producer, {set_vbucket_state, 6, 16#5000, pending})),
     ?assertEqual(noreply, ev(S, consumer, {set_vbucket_state_response, 16#5000, 0})),
-    ?assertEqual(noreply, add_answer(S, 6, 0)),
+    ?assertEqual(noreply, add_answer(S, Add, 0)),
     ?assertEqual(noreply, ev(S, producer, {set_vbucket_state, 6, 16#5000, active})),
     ?assertMatch(#{state := takeover,
                    takeover := #{vbucket := 6, stage := opaque_known, opaque := 16#5000,
                                  requested_state := active, add_acked := true}},
                  dcp_nif:setup_info(S)),
     ?assertEqual({reply, ok}, ev(S, consumer, {set_vbucket_state_response, 16#5000, 0})),
-    ?assertEqual([6], dcp_nif:setup_partitions(S)),
-    ?assertEqual({error, already_active}, dcp_nif:setup_request(S, {takeover, 6})).
+    %% the consumer owns the vbucket now: no replica stream on this connection
+    ?assertEqual([], dcp_nif:setup_partitions(S)).
+
+takeover_stream_end_before_the_switch_answers_at_once_test() ->
+    S = dcp_nif:setup_new(),
+    {_, _} = send(S, {takeover, 3}),
+    noreply = ev(S, consumer, {stream_req, 3, 16#77}),
+    ?assertEqual({reply, {errors, [{{stream_end, ok}, {vbucket, 3}}]}},
+                 stream_end(S, 3, 16#77, ok)),
+    ?assertMatch(#{state := idle, owed := 1}, dcp_nif:setup_info(S)).
+
+takeover_of_an_active_vbucket_closes_it_in_the_same_step_test() ->
+    S = with_active([4]),
+    {Actions, _} = send(S, {takeover, 4}),
+    ?assertMatch([{close_stream, consumer, 4, _}, {close_stream, producer, 4, _},
+                  {add_stream, 4, _, 1}], Actions),
+    opaque_names_its_vbucket(Actions).
+
+shut_ends_a_takeover_and_answers_its_caller_test() ->
+    S = dcp_nif:setup_new(),
+    {_, _} = send(S, {takeover, 2}),
+    {[{close_stream, consumer, 2, Close}], _} = send(S, shut_connection),
+    ?assertEqual({reply, {errors, [{{stream_end, closed}, {vbucket, 2}}]}},
+                 close_answer(S, consumer, Close, 1)),
+    ?assertMatch(#{state := shut}, dcp_nif:setup_info(S)).
 
 unknown_vbucket_state_term_round_trips_test() ->
     S = dcp_nif:setup_new(),
@@ -112,18 +163,18 @@ unknown_vbucket_state_term_round_trips_test() ->
 
 shut_terms_test() ->
     S = dcp_nif:setup_new(),
-    {send, _} = dcp_nif:setup_request(S, {setup_streams, [0, 1]}),
-    ?assertEqual({send, [{close_stream, consumer, 0, 0}, {close_stream, consumer, 1, 1}]},
-                 dcp_nif:setup_request(S, shut_connection)),
-    ?assertMatch(#{state := setting_up, next_state := shut, pending_closes_producer := ignore,
+    {_, Op} = send(S, {setup_streams, [0, 1]}),
+    {Closes, Cl} = send(S, shut_connection),
+    ?assertMatch([{close_stream, consumer, 0, _}, {close_stream, consumer, 1, _}], Closes),
+    ?assertMatch(#{state := setting_up, next_state := shut, pending_closes_producer := [],
                    pending_adds := [0, 1], pending_closes_consumer := [0, 1]},
                  dcp_nif:setup_info(S)),
     noreply = stream_end(S, 0, 0, state_changed),
-    noreply = add_answer(S, 1, 4),
-    noreply = close_answer(S, consumer, 0, 0),
+    noreply = add_answer(S, maps:get({add, 1}, Op), 4),
+    noreply = close_answer(S, consumer, maps:get({consumer, 0}, Cl), 0),
     ?assertEqual({reply, {errors, [{{stream_end, state_changed}, {vbucket, 0}},
                                    {{mcbp_status, 4}, {vbucket, 1}}]}},
-                 close_answer(S, consumer, 1, 1)),
+                 close_answer(S, consumer, maps:get({consumer, 1}, Cl), 1)),
     ?assertMatch(#{state := shut}, dcp_nif:setup_info(S)),
     ?assertEqual({reply, ok}, dcp_nif:setup_request(S, shut_connection)),
     ?assertEqual({error, shut}, dcp_nif:setup_request(S, {takeover, 1})).

@@ -13,8 +13,8 @@ rustler::atoms! {
     ok, error, more, continue_ = "continue", unknown, undefined, vbucket, opaque, stream_end,
     // setup machine
     setup_streams, takeover, maybe_close_stream, shut_connection, shut, deadline, connection_lost, send, reply, noreply,
-    stop, errors, mcbp_status, setup_timeout, busy, bad_vbucket, already_active, add_stream,
-    close_stream, unexpected_response, idle, setting_up, requested, opaque_known, active, ignore,
+    stop, errors, mcbp_status, setup_timeout, busy, bad_vbucket, owed, add_stream,
+    close_stream, unexpected_response, idle, setting_up, requested, opaque_known, active,
     state, pending_adds, pending_closes_consumer, pending_closes_producer, next_state, stage,
     requested_state, add_acked, absorbed,
 }

@@ -145,8 +145,7 @@ fn setup_info(env: Env<'_>, setup: ResourceArc<SetupResource>) -> NifResult<Term
             ),
             (
                 pending_closes_producer(),
-                info.pending_closes_producer
-                    .map_or(ignore().encode(env), |p| p.encode(env)),
+                info.pending_closes_producer.encode(env),
             ),
             (errors(), errors_term.encode(env)),
             (
@@ -154,6 +153,7 @@ fn setup_info(env: Env<'_>, setup: ResourceArc<SetupResource>) -> NifResult<Term
                 info.next.map_or(undefined(), encode_phase).encode(env),
             ),
             (takeover(), takeover_term),
+            (owed(), info.owed.len().encode(env)),
             (absorbed(), info.absorbed.encode(env)),
         ],
     )
@@ -213,7 +213,6 @@ fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
             let why = match refusal {
                 Refusal::Busy => busy().encode(env),
                 Refusal::Shut => shut().encode(env),
-                Refusal::AlreadyActive => already_active().encode(env),
                 Refusal::BadVbucket(vb) => (bad_vbucket(), vb).encode(env),
             };
             (error(), why).encode(env)
@@ -225,6 +224,7 @@ fn encode_start(env: Env<'_>, started: Result<Start, Refusal>) -> Term<'_> {
 fn encode_outcome<'a>(env: Env<'a>, outcome: Outcome, lost: Option<Term<'a>>) -> Term<'a> {
     match outcome {
         Outcome::NoReply => noreply().encode(env),
+        Outcome::Absorbed => (noreply(), absorbed()).encode(env),
         Outcome::Reply(Reply::Ok) => (reply(), ok()).encode(env),
         Outcome::Reply(Reply::Errors(list)) => {
             let list: Vec<Term> = list

@@ -9,7 +9,36 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 mod common;
 
 use common::Drive;
-use dcp_setup::{Outcome, Setup, Side, Start, StreamEndReason};
+use dcp_setup::{Action, Event, Input, Outcome, Request, Setup, Side, Start, StreamEndReason};
+
+/// Starts a setup of `wanted`; the opaque each vbucket's request was sent with, by vbucket.
+fn begin_opaques(machine: &mut Setup, wanted: &[u16]) -> Vec<u32> {
+    let mut opaques = vec![0; 1024];
+    if let Ok(Start::Send(actions)) = machine.request(Request::Begin(wanted)) {
+        for a in actions {
+            match a {
+                Action::AddStream {
+                    vbucket, opaque, ..
+                }
+                | Action::CloseStream {
+                    vbucket, opaque, ..
+                } => opaques[usize::from(vbucket)] = opaque,
+            }
+        }
+    }
+    opaques
+}
+
+fn add_answer(machine: &mut Setup, opaque: u32, status: u16) -> Outcome {
+    machine.event(Input::Frame(
+        Side::Consumer,
+        Event::AddStreamResponse {
+            opaque,
+            status,
+            stream_opaque: None,
+        },
+    ))
+}
 
 /// Answers in an order unlike the request order (a stride walk), as a real consumer might.
 fn answer_order(n: u16) -> Vec<u16> {
@@ -21,29 +50,27 @@ fn answer_order(n: u16) -> Vec<u16> {
 
 /// begin(0..n) and n successful answers; returns the final outcome.
 fn full_setup(machine: &mut Setup, wanted: &[u16], order: &[u16]) -> Outcome {
-    let started = machine.begin(wanted);
-    debug_assert!(matches!(started, Ok(Start::Send(_))));
-    black_box(started).ok();
+    let opaques = black_box(begin_opaques(machine, wanted));
     let mut last = Outcome::NoReply;
     for &vb in order {
-        last = machine.add_stream_response(u32::from(vb), 0);
+        last = add_answer(machine, opaques[usize::from(vb)], 0);
     }
     last
 }
 
 /// Times `iters` events, one per vbucket of fresh 1024-vbucket setups (their begin untimed).
-fn timed_per_vbucket(iters: u64, event: impl Fn(&mut Setup, u16) -> Outcome) -> Duration {
+fn timed_per_vbucket(iters: u64, event: impl Fn(&mut Setup, u16, u32) -> Outcome) -> Duration {
     let wanted: Vec<u16> = (0..1024).collect();
     let order = answer_order(1024);
     let mut total = Duration::ZERO;
     let mut done = 0u64;
     while done < iters {
         let mut machine = Setup::new();
-        black_box(machine.begin(&wanted)).ok();
+        let opaques = begin_opaques(&mut machine, &wanted);
         let batch = (iters - done).min(1024) as usize;
         let start = Instant::now();
         for &vb in &order[..batch] {
-            black_box(event(&mut machine, vb));
+            black_box(event(&mut machine, vb, opaques[usize::from(vb)]));
         }
         total += start.elapsed();
         done += batch as u64;
@@ -58,8 +85,8 @@ fn per_event(c: &mut Criterion) {
     // One add answer inside a 1024-vbucket setup (a fresh setup every 1024 answers, untimed).
     group.bench_function("add_stream_response", |b| {
         b.iter_custom(|iters| {
-            timed_per_vbucket(iters, |machine, vb| {
-                machine.add_stream_response(u32::from(vb), black_box(0))
+            timed_per_vbucket(iters, |machine, _vb, opaque| {
+                add_answer(machine, opaque, black_box(0))
             })
         })
     });
@@ -67,7 +94,7 @@ fn per_event(c: &mut Criterion) {
     // A stream end that fails a pending add (the MB-53445 path).
     group.bench_function("stream_end_failing_pending_add", |b| {
         b.iter_custom(|iters| {
-            timed_per_vbucket(iters, |machine, vb| {
+            timed_per_vbucket(iters, |machine, vb, _opaque| {
                 machine.stream_end(vb, 0xabcd, StreamEndReason::STATE_CHANGED)
             })
         })
@@ -83,13 +110,26 @@ fn per_event(c: &mut Criterion) {
         b.iter_batched_ref(
             || {
                 let mut machine = Setup::new();
-                black_box(machine.begin(&[9])).ok();
-                machine.add_stream_response(9, 0);
-                black_box(machine.maybe_close_stream(9)).ok();
+                let opaques = begin_opaques(&mut machine, &[9]);
+                add_answer(&mut machine, opaques[9], 0);
+                let mut close = 0;
+                if let Ok(Start::Send(actions)) = machine.request(Request::MaybeCloseStream(9)) {
+                    if let Some(Action::CloseStream { opaque, .. }) = actions.first() {
+                        close = *opaque;
+                    }
+                }
                 machine.deadline();
-                machine
+                (machine, close)
             },
-            |machine| black_box(machine.close_stream_response(Side::Consumer, 9, 0)),
+            |(machine, close)| {
+                black_box(machine.event(Input::Frame(
+                    Side::Consumer,
+                    Event::CloseStreamResponse {
+                        opaque: *close,
+                        status: 0,
+                    },
+                )))
+            },
             BatchSize::SmallInput,
         )
     });

@@ -4,11 +4,14 @@
 //! what the connection process must do: reply to the caller waiting for a setup, nothing, or stop
 //! for a protocol violation. It implements the MB-53445 rule that a DCP_STREAM_END failing a stream
 //! still being set up is reported in the setup reply instead of leaving the caller waiting forever.
+//! It never diverges from the consumer: each request carries an opaque naming it, answers that
+//! arrive after their caller was answered still update what it knows (see `machine` for the
+//! rules, late successes and takeover included).
 
 mod machine;
 mod vbset;
 
-pub use machine::{Setup, SetupInfo, TakeoverInfo};
+pub use machine::{OwedInfo, Setup, SetupInfo, TakeoverInfo, MAX_OWED_PER_VBUCKET};
 
 /// Vbuckets are 0..MAX_VBUCKETS.
 pub const MAX_VBUCKETS: usize = 1024;
@@ -72,7 +75,7 @@ pub enum Reply {
     Errors(Vec<(Why, u16)>),
 }
 
-/// Which kind of answer matched nothing outstanding.
+/// A kind of request whose answer the machine waits for (and of an answer that matched nothing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Response {
     AddStream,
@@ -83,6 +86,9 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     NoReply,
+    /// An answer to a request no caller waits for any more (late: after the deadline, a shut, a
+    /// stream end; or superseded): applied to what the machine knows, counted, nothing to reply.
+    Absorbed,
     Reply(Reply),
     /// An answer whose opaque matches nothing outstanding: the peer is not following the protocol.
     UnexpectedResponse {
@@ -108,8 +114,6 @@ pub enum Refusal {
     /// The connection is shut.
     Shut,
     BadVbucket(u16),
-    /// Takeover of a vbucket that already has an active stream is not allowed.
-    AlreadyActive,
 }
 
 /// The phase names `setup_info` reports.

@@ -1,4 +1,4 @@
-//! Fixed-size per-vbucket tables: O(1) membership, no allocation per event.
+//! A fixed-size vbucket set: O(1) membership, no allocation per event.
 
 use crate::MAX_VBUCKETS;
 
@@ -49,14 +49,6 @@ impl VbSet {
         *self = VbSet::new();
     }
 
-    /// Members of `self` that are not in `other`, ascending. Cost is one pass over 16 words
-    /// plus one step per member found.
-    pub(crate) fn difference<'a>(&'a self, other: &'a VbSet) -> impl Iterator<Item = u16> + 'a {
-        (0..WORDS).flat_map(move |i| {
-            Bits(self.words[i] & !other.words[i]).map(move |b| (i * 64 + b) as u16)
-        })
-    }
-
     /// Members of either set.
     pub(crate) fn union(&self, other: &VbSet) -> VbSet {
         let mut u = VbSet::new();
@@ -85,50 +77,5 @@ impl Iterator for Bits {
         let bit = self.0.trailing_zeros() as usize;
         self.0 &= self.0 - 1;
         Some(bit)
-    }
-}
-
-/// Per vbucket, how many answers of each kind are still owed (saturating: hundreds of
-/// abandoned requests for one vbucket would already be a broken peer).
-#[derive(Clone, Debug)]
-pub(crate) struct OwedTable {
-    counts: [[u8; 3]; MAX_VBUCKETS],
-}
-
-impl OwedTable {
-    pub(crate) const fn new() -> Self {
-        OwedTable {
-            counts: [[0; 3]; MAX_VBUCKETS],
-        }
-    }
-
-    /// `kind` is 0, 1 or 2 (the caller maps its request kinds).
-    pub(crate) fn add(&mut self, vb: u16, kind: usize) {
-        if let Some(c) = self
-            .counts
-            .get_mut(usize::from(vb))
-            .and_then(|k| k.get_mut(kind))
-        {
-            *c = c.saturating_add(1);
-        }
-    }
-
-    /// Takes one owed answer; false when none was owed.
-    pub(crate) fn take(&mut self, vb: u16, kind: usize) -> bool {
-        match self
-            .counts
-            .get_mut(usize::from(vb))
-            .and_then(|k| k.get_mut(kind))
-        {
-            Some(c) if *c > 0 => {
-                *c -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.counts = [[0; 3]; MAX_VBUCKETS];
     }
 }
