@@ -11,7 +11,12 @@
 %% `seed' (default 42), `ssl' (`false' or `[ssl:tls_server_option()]'), `hello_features' (the HELLO
 %% features the node accepts; default all the replication ones), `consumer_buffer_size' (consumer: the
 %% flow-control window it asks the producer for with DCP_CONTROL `connection_buffer_size' and acknowledges
-%% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB).
+%% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB), `collections' (producer: the
+%% collection ids of the bucket, default `[0]'; each other collection is created by a system event at
+%% seqnos 1..K of every vbucket, K their number, and the `docs_per_vbucket' documents at seqnos
+%% K+1..K+N go round the collections in order; a connection that negotiated HELLO collections gets
+%% the system events and every document, its key prefixed by the collection id as unsigned LEB128;
+%% one that did not gets only the default collection's documents, keys unprefixed).
 %%
 %% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
 %% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
@@ -45,7 +50,8 @@
 -behaviour(gen_server).
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
-         vbucket_state/2, docs/3, doc/3, connections/1]).
+         vbucket_state/2, docs/3, doc/3, connections/1, collection_counts/2, collection_of/2,
+         high_seqno/1, system_events/2]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -57,7 +63,8 @@
                   docs_per_vbucket => non_neg_integer(), value_size => non_neg_integer(),
                   seed => integer(), ssl => false | [ssl:tls_server_option()],
                   hello_features => [dcp_commands:feature()],
-                  consumer_buffer_size => non_neg_integer()}.
+                  consumer_buffer_size => non_neg_integer(),
+                  collections => [non_neg_integer()]}.
 
 -type opcode() :: atom() | 0..255.
 -type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
@@ -81,6 +88,8 @@
                          seed := integer(), value_block := binary(),
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
+                         collections := [non_neg_integer()],
+                         events := ets:tid(),
                          faults := ets:tid(), store := ets:tid(),
                          vbucket_states := kv_sim_vbuckets:table(),
                          node := pid()}.
@@ -132,11 +141,63 @@ digest(Node, VBucket) ->
     Config = gen_server:call(Node, config),
     case Config of
         #{role := producer} ->
-            digest_of(docs(Config, VBucket, 1));
+            digest_of([{hash_key(collection_of(Config, Seqno), Key), Seqno, Value}
+                       || {Key, Seqno, Value} <- docs(Config, VBucket, 1)]);
         #{role := consumer, store := Store} ->
             Docs = ets:select(Store, [{{{VBucket, '$1'}, '$2', '$3'}, [], [{{'$1', '$2', '$3'}}]}]),
-            digest_of(Docs)
+            digest_of([{hash_key(K), Seqno, Value} || {K, Seqno, Value} <- Docs])
     end.
+
+%% A consumer stores a default-collection document under its key, another under {Cid, Key}; the
+%% digest hashes both as the collection-prefixed key of the wire (the default's unprefixed).
+hash_key({Cid, Key}) -> hash_key(Cid, Key);
+hash_key(Key) -> Key.
+
+hash_key(0, Key) -> Key;
+hash_key(Cid, Key) -> dcp_commands:collection_key(Cid, Key).
+
+%% @doc The live documents of a vbucket per collection id (every collection of the bucket for a
+%% producer; those it holds for a consumer).
+-spec collection_counts(pid(), dcp_commands:vbucket()) -> #{non_neg_integer() => non_neg_integer()}.
+collection_counts(Node, VBucket) ->
+    case gen_server:call(Node, config) of
+        #{role := producer, collections := Cs} = Config ->
+            lists:foldl(fun({_Key, Seqno, _}, Acc) ->
+                                maps:update_with(collection_of(Config, Seqno),
+                                                 fun(N) -> N + 1 end, 1, Acc)
+                        end, maps:from_list([{C, 0} || C <- Cs]), docs(Config, VBucket, 1));
+        #{role := consumer, store := Store} ->
+            Keys = ets:select(Store, [{{{VBucket, '$1'}, '_', '_'}, [], ['$1']}]),
+            lists:foldl(fun({Cid, _}, Acc) -> maps:update_with(Cid, fun(N) -> N + 1 end, 1, Acc);
+                           (_, Acc) -> maps:update_with(0, fun(N) -> N + 1 end, 1, Acc)
+                        end, #{}, Keys)
+    end.
+
+%% @doc A consumer node's system events of a vbucket, as `{Seqno, Event, Key}' in seqno order.
+-spec system_events(pid(), dcp_commands:vbucket()) -> [{non_neg_integer(), non_neg_integer(), binary()}].
+system_events(Node, VBucket) ->
+    #{events := Events} = gen_server:call(Node, config),
+    lists:sort([{Seqno, Event, Key}
+                || {{_, Seqno}, Event, Key} <- ets:match_object(Events, {{VBucket, '_'}, '_', '_'})]).
+
+%% @doc What seqno `Seqno' of a producer's vbucket holds: `{create, Cid}' (a system event) at
+%% seqnos 1..K, else the collection of its document.
+-spec collection_of(node_config(), pos_integer()) -> non_neg_integer() | {create, non_neg_integer()}.
+collection_of(#{collections := Cs}, Seqno) ->
+    Others = [C || C <- Cs, C =/= 0],
+    K = length(Others),
+    case Seqno =< K of
+        true -> {create, lists:nth(Seqno, Others)};
+        false -> lists:nth((Seqno - K - 1) rem length(Cs) + 1, Cs)
+    end.
+
+%% @doc A producer's vbucket high seqno: its system events and its documents.
+-spec high_seqno(node_config()) -> non_neg_integer().
+high_seqno(#{docs_per_vbucket := N} = Config) ->
+    N + events_per_vbucket(Config).
+
+events_per_vbucket(#{collections := Cs}) ->
+    length([C || C <- Cs, C =/= 0]).
 
 %% @doc The node's state of a vbucket: a producer's vbuckets start `active' (`dead' after a takeover),
 %% a consumer's `replica' until a DCP_SET_VBUCKET_STATE changes it.
@@ -147,8 +208,9 @@ vbucket_state(Node, VBucket) ->
 
 %% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
 -spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
-docs(#{docs_per_vbucket := N} = Config, VBucket, From) ->
-    [doc(Config, VBucket, Seqno) || Seqno <- lists:seq(From, N)].
+docs(Config, VBucket, From) ->
+    [doc(Config, VBucket, Seqno)
+     || Seqno <- lists:seq(max(From, events_per_vbucket(Config) + 1), high_seqno(Config))].
 
 %% @doc Document `Seqno' of a vbucket: a zero-padded key (so key order is seqno order) and a value cut
 %% from the node's seeded random block at an offset that depends on the key.
@@ -218,6 +280,8 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer ->
            value_block => Block,
            hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
+           collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
+           events => ets:new(kv_sim_events, [public, set]),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
            vbucket_states => kv_sim_vbuckets:new(VBuckets, InitialState),

@@ -14,7 +14,7 @@
 -export([start/3]).
 
 %% What an engine asks of its connection.
--export([answer/4, out/2, own_opaque/1, fault/3, later/2, log_info/2]).
+-export([answer/4, out/2, own_opaque/1, fault/3, later/2, log_info/2, collections/1]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -32,6 +32,8 @@
                authenticated = false :: boolean(),
                bucket_selected = false :: boolean(),
                opened = false :: boolean(),
+               %% HELLO granted collections: keys carry their collection id
+               collections = false :: boolean(),
                engine_mod :: kv_sim_consumer | kv_sim_producer,
                engine :: engine(),
                out = [] :: [iodata()],              % this turn's writes, newest first
@@ -225,6 +227,11 @@ stage(Op, _C) when Op =:= ?DCP_OPEN; Op =:= ?DCP_CONTROL; Op =:= ?DCP_NOOP -> ha
 stage(_Op, #conn{opened = false}) -> {refuse, ?EINVAL};
 stage(_Op, _C) -> engine.
 
+%% @doc Whether the connection's HELLO negotiated collections (keys are collection-prefixed).
+-spec collections(conn()) -> boolean().
+collections(#conn{collections = Collections}) ->
+    Collections.
+
 %% ---- handshake ----
 
 %% What the client sent in its handshake, for `kv_sim:connections/1'.
@@ -237,7 +244,8 @@ handshake(?HELLO, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}
     Asked = dcp_commands:hello_features(Value),
     record(#{hello_key => Key, hello_features => Asked, hello_value => Value}, C),
     Granted = [F || F <- Asked, lists:member(F, Supported)],
-    answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted), C);
+    answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted),
+           C#conn{collections = lists:member(collections, Granted)});
 handshake(?SASL_LIST_MECHS, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?SASL_LIST_MECHS, VB,
            dcp_commands:response(?SASL_LIST_MECHS, ?SUCCESS, Opaque, #{value => <<"PLAIN">>}), C);

@@ -97,7 +97,7 @@ info(send_noop, P, C) ->
 -spec request(0..255, mcbp:frame(), non_neg_integer(), producer(), conn()) ->
           kv_sim_conn:turn(producer()).
 request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C) ->
-    #producer{config = #{docs_per_vbucket := High}} = P,
+    High = kv_sim:high_seqno(P#producer.config),
     #{start_seqno := Start, end_seqno := End} = Fields = mcbp:dcp_fields(Frame),
     case stream_req_refusal(VB, Start, P, C) of
         none ->
@@ -145,8 +145,8 @@ request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
 
 %% Why a STREAM_REQ is refused (a status, or `rollback'), or `none'.
 stream_req_refusal(VB, Start, P, C) ->
-    #producer{config = #{docs_per_vbucket := High, vbuckets := VBuckets,
-                         vbucket_states := Table}} = P,
+    #producer{config = #{vbuckets := VBuckets, vbucket_states := Table} = Config} = P,
+    High = kv_sim:high_seqno(Config),
     Live = lists:member(VB, VBuckets) andalso kv_sim_vbuckets:state(Table, VB) =/= dead,
     case {Live, maps:is_key(VB, P#producer.streams), kv_sim_conn:fault(C, VB, stream_req_status)} of
         {false, _, _} -> ?NOT_MY_VBUCKET;
@@ -325,7 +325,7 @@ step(VB, #stream{phase = mutations, next = Seqno, last = Last, sent = Sent} = St
                  0 -> unlimited;
                  _ -> Limit - Unacked
              end,
-    {Next, Frames, Bytes} = mutations(VB, Stream, min(Last, Seqno + Run - 1), Window, Faults, P),
+    {Next, Frames, Bytes} = mutations(VB, Stream, min(Last, Seqno + Run - 1), Window, Faults, P, C),
     Count = Next - Seqno,
     P1 = P#producer{tx_unacked = Unacked + Bytes},
     C1 = kv_sim_conn:out(lists:reverse(Frames), C),
@@ -347,20 +347,39 @@ step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
 
 %% The stream's mutations up to `To' (newest first) while the window has room, with the next seqno and
 %% their bytes.
-mutations(VB, #stream{opaque = Opaque, next = From}, To, Window, Faults, #producer{config = Config}) ->
+mutations(VB, #stream{opaque = Opaque, next = From}, To, Window, Faults, #producer{config = Config},
+          C) ->
     Framing = case Faults of
                   #{flexible := true} ->
                       #{framing_extras => dcp_commands:stream_id_framing(?FAULT_STREAM_ID)};
                   _ -> #{}
               end,
-    mutations(VB, Opaque, From, To, Window, Framing, Config, [], 0).
+    mutations(VB, Opaque, From, To, Window, Framing#{collections => kv_sim_conn:collections(C)},
+              Config, [], 0).
 
 mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
   when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
-    {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
-    %% The cas is the seqno: unique per document, as a cas must be.
-    Frame = dcp_commands:mutation(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
-                                                       cas => Seqno}),
+    {Collections, Doc} = maps:take(collections, Framing),
+    %% A connection without HELLO collections is served as a legacy client: the default
+    %% collection's documents only, keys unprefixed.
+    Frame = case {kv_sim:collection_of(Config, Seqno), Collections} of
+                {{create, Cid}, true} ->
+                    dcp_commands:create_collection_event(VB, Opaque, Seqno, Cid,
+                                                         <<"c", (integer_to_binary(Cid))/binary>>);
+                {{create, _}, false} ->
+                    [];
+                {Cid, _} when Collections; Cid =:= 0 ->
+                    {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+                    WireKey = case Collections of
+                                  true -> dcp_commands:collection_key(Cid, Key);
+                                  false -> Key
+                              end,
+                    %% The cas is the seqno: unique per document, as a cas must be.
+                    dcp_commands:mutation(VB, Opaque, Doc#{key => WireKey, by_seqno => Seqno,
+                                                           value => Value, cas => Seqno});
+                {_Other, false} ->
+                    []
+            end,
     mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Config, [Frame | Frames],
               Bytes + iolist_size(Frame));
 mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->

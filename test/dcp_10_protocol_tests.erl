@@ -228,3 +228,36 @@ sync_write_frames_test() ->
     ?assertMatch(#{opcode := 16#63, key := <<"k">>, extras := <<5:64, 7:64>>}, A),
     S = decode(dcp_commands:seqno_acknowledged(1, 2, 5)),
     ?assertMatch(#{opcode := 16#61, vbucket := 1, extras := <<5:64>>, key := <<>>}, S).
+
+%% ---- collections (kv_sim collection-aware) ----
+
+collections_on_test_() ->
+    with_nodes("collections negotiated: every collection replicates, system events first",
+               #{producer => #{collections => [0, 8, 9], vbuckets => 4, docs_per_vbucket => 30},
+                 consumer => #{vbuckets => 4},
+                 rep => #{features => [{xattr, true}, {collections, true}, {json, true}]}},
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1, 2, 3])),
+                       dcp_test_lib:assert_replicated(P, C, [0, 1, 2, 3]),
+                       ?assertEqual(#{0 => 10, 8 => 10, 9 => 10}, kv_sim:collection_counts(P, 0)),
+                       [?assertEqual(kv_sim:collection_counts(P, VB),
+                                     kv_sim:collection_counts(C, VB)) || VB <- [0, 1, 2, 3]],
+                       ?assertEqual([{1, 0, <<"c8">>}, {2, 0, <<"c9">>}],
+                                    kv_sim:system_events(C, 3))
+               end).
+
+collections_off_test_() ->
+    with_nodes("collections not negotiated: only the default collection arrives",
+               #{producer => #{collections => [0, 8, 9], vbuckets => 2, docs_per_vbucket => 30},
+                 consumer => #{vbuckets => 2},
+                 rep => #{features => [xattr, json]}},
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1])),
+                       dcp_test_lib:wait_until(
+                         fun() -> kv_sim:collection_counts(C, 1) =:= #{0 => 10} end),
+                       ?assertEqual(#{0 => 10}, kv_sim:collection_counts(C, 0)),
+                       ?assertEqual([], kv_sim:system_events(C, 0)),
+                       %% the difference is visible in the digests
+                       ?assertMatch({10, _}, kv_sim:digest(C, 0)),
+                       ?assertMatch({30, _}, kv_sim:digest(P, 0))
+               end).
