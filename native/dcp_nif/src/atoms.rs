@@ -1,22 +1,17 @@
 //! The one atom table of the NIF: every name mcbp's term shapes use (its names tables, the
-//! magics and `mcbp::term::ATOMS`), made once at load and only looked up after that; plus the
-//! fixed atoms setup.rs builds its terms from (rustler makes those at load too).
+//! magics and `mcbp::term::ATOMS`) and dcp_setup's (`dcp_setup::term::ATOMS`), made once at load
+//! and only looked up after that; plus the few fixed atoms codec.rs builds (rustler makes those at
+//! load too).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
-use mcbp::{Kind, Sink};
-use rustler::{Atom, Env, Term};
+use mcbp::Kind;
+use rustler::{Atom, Env};
 
 rustler::atoms! {
-    ok, error, more, continue_ = "continue", unknown, undefined, vbucket, opaque, stream_end,
-    // setup machine
-    setup_streams, takeover, maybe_close_stream, shut_connection, shut, deadline, connection_lost, send, reply, noreply,
-    stop, errors, mcbp_status, setup_timeout, busy, bad_vbucket, owed, add_stream,
-    close_stream, unexpected_response, idle, setting_up, requested, opaque_known, active,
-    state, pending_adds, pending_closes_consumer, pending_closes_producer, next_state, stage,
-    requested_state, add_acked, absorbed,
+    ok, error, more, continue_ = "continue", unknown, undefined,
 }
 
 /// FNV-1a: the keys are short names and term words, looked up per reported frame.
@@ -50,7 +45,8 @@ pub fn load(env: Env<'_>) -> bool {
     let tables = Kind::ALL.iter().flat_map(|k| mcbp::names::table(*k));
     let all = magics
         .chain(tables.map(|(_, n)| *n))
-        .chain(mcbp::term::ATOMS.iter().copied());
+        .chain(mcbp::term::ATOMS.iter().copied())
+        .chain(dcp_setup::term::ATOMS.iter().copied());
     let mut table = Names {
         atoms: HashMap::default(),
         names: HashMap::default(),
@@ -80,9 +76,4 @@ pub fn known_atom(name: &str) -> Option<Atom> {
 /// The name of an atom the table has.
 pub fn atom_name(atom: Atom) -> Option<&'static str> {
     NAMES.get()?.names.get(&atom.as_c_arg()).copied()
-}
-
-/// A name table's atom for a code, `{unknown, Code}` when it has none.
-pub fn code_term(env: Env<'_>, kind: Kind, code: u32) -> Term<'_> {
-    crate::codec::Out::new(env).name(kind, code)
 }

@@ -1,8 +1,8 @@
 //! Glue for the mcbp codec and splitter: one generic converter between terms and the term shapes
 //! `mcbp::term` describes, and the splitter resource. Protocol logic and shapes stay in `mcbp`.
 
-use mcbp::splitter::{Event, FeedOutput, FeedStatus, Piece, Side, Splitter};
-use mcbp::term::{kind_from_name, side_from_name, side_name};
+use mcbp::splitter::{FeedOutput, FeedStatus, Piece, Splitter};
+use mcbp::term::kind_from_name;
 use mcbp::{Decoded, Frame, Kind, Sink, ToTerm, Value};
 use parking_lot::Mutex;
 use rustler::types::tuple::{get_tuple, make_tuple};
@@ -103,6 +103,21 @@ pub(crate) fn value(t: Term<'_>, depth: u32) -> Value<'_> {
     read.unwrap_or(Value::Other)
 }
 
+/// The part of `t` at `path` (indices into tuples and proper lists, as `dcp_setup::term` gives
+/// them for a term it read); `t` itself where the path leads nowhere.
+pub(crate) fn part<'a>(t: Term<'a>, path: &[usize]) -> Term<'a> {
+    path.iter().fold(t, |t, &i| {
+        let item = match t.get_type() {
+            TermType::Tuple => get_tuple(t).ok().and_then(|ts| ts.get(i).copied()),
+            TermType::List if t.list_length().is_ok() => {
+                t.into_list_iterator().ok().and_then(|mut l| l.nth(i))
+            }
+            _ => None,
+        };
+        item.unwrap_or(t)
+    })
+}
+
 /// The frame a frame map (or `frame_spec()`) describes, or the `{error, Why}` term.
 fn frame_of<'a>(env: Env<'a>, map: Term<'a>) -> Result<Frame<'a>, Term<'a>> {
     Frame::from_value(&value(map, VALUE_DEPTH)).map_err(|e| error_term(env, &e))
@@ -167,7 +182,7 @@ fn names(env: Env<'_>, kind: Atom) -> NifResult<Term<'_>> {
 /// A code's name in a table, `{unknown, Code}` when it has none.
 #[rustler::nif]
 fn name_of(env: Env<'_>, kind: Atom, code: u32) -> NifResult<Term<'_>> {
-    Ok(code_term(env, kind_of(kind)?, code))
+    Ok(Out::new(env).name(kind_of(kind)?, code))
 }
 
 /// A name's code in a table, `undefined` when it is not there.
@@ -175,19 +190,6 @@ fn name_of(env: Env<'_>, kind: Atom, code: u32) -> NifResult<Term<'_>> {
 fn code_of(env: Env<'_>, kind: Atom, name: Atom) -> NifResult<Term<'_>> {
     let code = atom_name(name).and_then(|n| mcbp::names::code(kind_of(kind).ok()?, n));
     Ok(code.map_or(undefined().encode(env), |c| c.encode(env)))
-}
-
-pub(crate) fn side_of(atom: Atom) -> NifResult<Side> {
-    atom_name(atom).and_then(side_from_name).ok_or(BadArg)
-}
-
-pub(crate) fn side_atom(side: Side) -> Atom {
-    known_atom(side_name(side)).unwrap_or_else(unknown)
-}
-
-/// The event of a tuple `Event::to_term` gives (badarg for any other term).
-pub(crate) fn event_from_term(t: Term<'_>) -> NifResult<Event> {
-    Event::from_value(&value(t, VALUE_DEPTH)).ok_or(BadArg)
 }
 
 /// One splitter per socket direction. The lock is uncontended (one owner process); it only makes

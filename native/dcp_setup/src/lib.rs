@@ -9,6 +9,7 @@
 //! rules, late successes and takeover included).
 
 mod machine;
+pub mod term;
 mod vbset;
 
 pub use machine::{OwedInfo, Setup, SetupInfo, TakeoverInfo, MAX_OWED_PER_VBUCKET};

@@ -354,23 +354,7 @@ impl Setup {
         self.release(vb, Response::CloseStream(Side::Producer));
         self.pending_closes_consumer.clear();
         self.pending_closes_producer.clear();
-        let seq = self.next_seq();
-        let opaque = opaque_of(vb, seq);
-        self.push_owed(
-            vb,
-            Owed {
-                opaque,
-                kind: Response::AddStream,
-                seq,
-                caller: true,
-                takeover: true,
-            },
-        );
-        actions.push(Action::AddStream {
-            vbucket: vb,
-            opaque,
-            flags: ADD_STREAM_FLAG_TAKEOVER,
-        });
+        let seq = self.owe_add(vb, true, &mut actions);
         self.state = State::Takeover(Takeover {
             vbucket: vb,
             stage: TakeoverStage::Requested,
@@ -426,6 +410,13 @@ impl Setup {
     }
 
     fn send_add(&mut self, vb: u16, actions: &mut Vec<Action>) {
+        self.owe_add(vb, false, actions);
+        self.pending_adds.insert(vb);
+    }
+
+    /// Sends an ADD_STREAM (with the takeover flag for a takeover) and owes its answer; returns
+    /// the request's sequence number.
+    fn owe_add(&mut self, vb: u16, takeover: bool, actions: &mut Vec<Action>) -> u64 {
         let seq = self.next_seq();
         let opaque = opaque_of(vb, seq);
         self.push_owed(
@@ -435,15 +426,19 @@ impl Setup {
                 kind: Response::AddStream,
                 seq,
                 caller: true,
-                takeover: false,
+                takeover,
             },
         );
-        self.pending_adds.insert(vb);
         actions.push(Action::AddStream {
             vbucket: vb,
             opaque,
-            flags: 0,
+            flags: if takeover {
+                ADD_STREAM_FLAG_TAKEOVER
+            } else {
+                0
+            },
         });
+        seq
     }
 
     fn send(&mut self, side: Side, vb: u16, actions: &mut Vec<Action>) {
