@@ -273,8 +273,101 @@ handshake(?SELECT_BUCKET, #{opaque := Opaque, vbucket := VB, key := Bucket}, C) 
     end;
 handshake(?NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?NOOP, VB, dcp_commands:response(?NOOP, ?SUCCESS, Opaque), C);
-handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = false} = C) ->
-    <<_:32, Flags:32>> = maps:get(extras, Frame, <<0:64>>),
+handshake(?DCP_OPEN, Frame, #conn{opened = false} = C) ->
+    case check_open(Frame) of
+        ok -> open(Frame, C);
+        {error, Why} -> {close, {invalid_request, dcp_open, Why}, C}
+    end;
+handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
+    answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?EINVAL, Opaque), C);
+handshake(Op, Frame, C) ->
+    handshake_rest(Op, Frame, C).
+
+%% memcached's DCP_OPEN validator: 8 bytes of extras, a name, and a value only as JSON (datatype
+%% JSON, a JSON object; a `consumer_name' in it must be a string). A violation closes the
+%% connection (logged by `log_close/2').
+check_open(#{extras := Extras, key := Key, value := Value, datatype := Datatype}) ->
+    if
+        byte_size(Extras) =/= 8 -> {error, {extras_length, byte_size(Extras)}};
+        Key =:= <<>> -> {error, no_connection_name};
+        Value =:= <<>>, Datatype =/= 0 -> {error, {datatype_without_value, Datatype}};
+        Value =:= <<>> -> ok;
+        Datatype =/= 1 -> {error, {value_not_json_datatype, Datatype}};
+        true ->
+            case flat_json_object(Value) of
+                {ok, Pairs} ->
+                    case lists:keyfind(<<"consumer_name">>, 1, Pairs) of
+                        {_, Name} when is_binary(Name) -> ok;
+                        false -> ok
+                    end;
+                error ->
+                    {error, value_not_a_json_object}
+            end
+    end.
+
+%% A JSON object of string members (what a DCP_OPEN value holds), as `[{Key, Value}]'; `error'
+%% for anything else (kv_sim needs no other JSON).
+flat_json_object(Bin) ->
+    case skip_ws(Bin) of
+        <<"{", Rest/binary>> ->
+            case skip_ws(Rest) of
+                <<"}", End/binary>> -> at_end(End, []);
+                Members -> members(Members, [])
+            end;
+        _ ->
+            error
+    end.
+
+members(Bin, Acc) ->
+    case json_string(skip_ws(Bin)) of
+        {ok, Key, AfterKey} ->
+            case skip_ws(AfterKey) of
+                <<":", AfterColon/binary>> ->
+                    case json_string(skip_ws(AfterColon)) of
+                        {ok, Value, Rest} ->
+                            case skip_ws(Rest) of
+                                <<",", More/binary>> -> members(More, [{Key, Value} | Acc]);
+                                <<"}", End/binary>> -> at_end(End, [{Key, Value} | Acc]);
+                                _ -> error
+                            end;
+                        error ->
+                            error
+                    end;
+                _ ->
+                    error
+            end;
+        error ->
+            error
+    end.
+
+at_end(Bin, Acc) ->
+    case skip_ws(Bin) of
+        <<>> -> {ok, lists:reverse(Acc)};
+        _ -> error
+    end.
+
+json_string(<<"\"", Rest/binary>>) -> json_chars(Rest, <<>>);
+json_string(_) -> error.
+
+json_chars(<<"\"", Rest/binary>>, Acc) -> {ok, Acc, Rest};
+json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $"; C =:= $\\; C =:= $/ ->
+    json_chars(Rest, <<Acc/binary, C>>);
+json_chars(<<"\\u", Hex:4/binary, Rest/binary>>, Acc) ->
+    try binary_to_integer(Hex, 16) of
+        Code -> json_chars(Rest, <<Acc/binary, Code/utf8>>)
+    catch error:_ -> error
+    end;
+json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $b; C =:= $f; C =:= $n; C =:= $r; C =:= $t ->
+    json_chars(Rest, <<Acc/binary, $\\, C>>);
+json_chars(<<C, _/binary>>, _Acc) when C < 16#20; C =:= $\\ -> error;
+json_chars(<<C, Rest/binary>>, Acc) -> json_chars(Rest, <<Acc/binary, C>>);
+json_chars(<<>>, _Acc) -> error.
+
+skip_ws(<<C, Rest/binary>>) when C =:= $\s; C =:= $\t; C =:= $\n; C =:= $\r -> skip_ws(Rest);
+skip_ws(Bin) -> Bin.
+
+open(#{opaque := Opaque, vbucket := VB} = Frame, C) ->
+    <<_:32, Flags:32>> = maps:get(extras, Frame),
     record(#{open_name => maps:get(key, Frame, <<>>), open_flags => Flags,
              open_value => maps:get(value, Frame, <<>>),
              open_datatype => maps:get(datatype, Frame, 0)}, C),
@@ -291,10 +384,9 @@ handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = 
                    C#conn{opened = true, engine = Mod:open(E)});
         false ->
             answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?NOT_SUPPORTED, Opaque), C)
-    end;
-handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
-    answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?EINVAL, Opaque), C);
-handshake(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
+    end.
+
+handshake_rest(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
     case control(Key, Value) of
         {ok, Control} ->
             #conn{engine_mod = Mod, engine = E} = C,
@@ -304,7 +396,7 @@ handshake(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := 
         einval ->
             answer(?DCP_CONTROL, VB, dcp_commands:response(?DCP_CONTROL, ?EINVAL, Opaque), C)
     end;
-handshake(?DCP_NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
+handshake_rest(?DCP_NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?DCP_NOOP, VB, dcp_commands:noop_response(Opaque), C).
 
 %% Every control is accepted (as kv_engine accepts the ones ns_server sends); the ones a producer acts

@@ -261,3 +261,43 @@ collections_off_test_() ->
                        ?assertMatch({10, _}, kv_sim:digest(C, 0)),
                        ?assertMatch({30, _}, kv_sim:digest(P, 0))
                end).
+
+%% ---- kv_sim checks DCP_OPEN as memcached's validator does ----
+
+open_answer(Node, Frame) ->
+    Conn = {gen_tcp, Sock} = kv_sim_test_client:connect(Node),
+    ?assertEqual(0, kv_sim_test_client:status(
+                      kv_sim_test_client:call(Conn, dcp_commands:sasl_auth_plain("admin", "pw", 1)))),
+    ?assertEqual(0, kv_sim_test_client:status(
+                      kv_sim_test_client:call(Conn, dcp_commands:select_bucket("default", 2)))),
+    kv_sim_test_client:send(Conn, Frame),
+    Answer = case gen_tcp:recv(Sock, 24, 5000) of
+                 {ok, _} -> answered;
+                 {error, closed} -> closed
+             end,
+    gen_tcp:close(Sock),
+    Answer.
+
+dcp_open_validation_test() ->
+    Node = kv_sim_test_client:sim(consumer),
+    try
+        Good = dcp_features:consumer_name_value(<<"c_0@127.0.0.1">>),
+        ?assertEqual(answered, open_answer(Node, dcp_commands:dcp_open_json(
+                                                   <<"n">>, consumer, [], Good, 4))),
+        ?assertEqual(answered, open_answer(Node, dcp_commands:dcp_open(<<"n">>, consumer, [], 4))),
+        %% a value without datatype JSON, a value that is not a JSON object, a non-string name,
+        %% no name, extras of the wrong size
+        ?assertEqual(closed, open_answer(Node, dcp_commands:request(
+                                                 16#50, #{extras => <<0:64>>, key => <<"n">>,
+                                                          value => Good}))),
+        ?assertEqual(closed, open_answer(Node, dcp_commands:dcp_open_json(
+                                                 <<"n">>, consumer, [], <<"[1]">>, 4))),
+        ?assertEqual(closed, open_answer(Node, dcp_commands:dcp_open_json(
+                                                 <<"n">>, consumer, [], <<"{\"consumer_name\":1}">>, 4))),
+        ?assertEqual(closed, open_answer(Node, dcp_commands:request(
+                                                 16#50, #{extras => <<0:64>>, key => <<>>}))),
+        ?assertEqual(closed, open_answer(Node, dcp_commands:request(
+                                                 16#50, #{extras => <<0:32>>, key => <<"n">>})))
+    after
+        kv_sim:stop(Node)
+    end.
