@@ -10,6 +10,11 @@
 -export([hello_response/2, stream_req_rollback/2, failover_log_response/2, node_stream_req/4,
          stream_id_framing/1, stream_req_takeover/1]).
 
+%% Handshake frames as ns_server sends them, and the collection / sync-write frames (the section at
+%% the very end of this file)
+-export([dcp_open_json/5, system_event/3, create_collection_event/5, prepare/3, commit/3, abort/3,
+         seqno_acknowledged/3, collection_key/2, split_collection_key/1, leb128/1]).
+
 %% Handshake and stream setup (what a connection to memcached sends)
 -export([sasl_auth_plain/3, select_bucket/2, hello/3, dcp_open/4,
          add_stream/3, close_stream/2, stream_req/3, control/3, buffer_ack/2,
@@ -143,7 +148,10 @@ snapshot_marker(VBucket, Opaque, Start, End, Type) ->
                         expiry => non_neg_integer(), lock_time => non_neg_integer(),
                         delete_time => non_neg_integer(), cas => non_neg_integer(),
                         datatype => non_neg_integer(), framing_extras => [{byte(), binary()}],
-                        magic => req | alt_req}.
+                        magic => req | alt_req,
+                        %% DCP_PREPARE only: 1 majority, 2 majority and persist on the active,
+                        %% 3 persist to majority
+                        durability_level => 1..3}.
 
 %% @doc DCP_MUTATION; `framing_extras' (with `magic => alt_req') sends it in the flexible format.
 -spec mutation(vbucket(), opaque(), doc_params()) -> iodata().
@@ -402,3 +410,95 @@ stream_id_framing(StreamId) ->
 -spec stream_req_takeover(#{flags := non_neg_integer(), atom() => term()}) -> boolean().
 stream_req_takeover(#{flags := Flags}) ->
     Flags band ?STREAM_FLAG_TAKEOVER =/= 0.
+
+%% ---- handshake frames as ns_server sends them ----
+
+%% The datatype bit of a JSON value (mcbp.hrl holds only what the codec's tables check).
+-define(DATATYPE_JSON, 16#01).
+
+%% DCP_SYSTEM_EVENT event codes.
+-define(EVENT_CREATE_COLLECTION, 0).
+
+%% @doc DCP_OPEN whose value is a JSON document (datatype JSON): ns_server's consumer sends
+%% `{"consumer_name":"<node>"}' this way when json and set_consumer_name are on.
+-spec dcp_open_json(iodata(), consumer | producer, [open_flag()], iodata(), opaque()) -> iodata().
+dcp_open_json(Name, Type, Flags, Json, Opaque) ->
+    Extras = <<0:32, (open_flags(Type, Flags)):32>>,
+    request(?DCP_OPEN, #{opaque => Opaque, extras => Extras, key => iolist_to_binary(Name),
+                         value => iolist_to_binary(Json), datatype => ?DATATYPE_JSON}).
+
+%% @doc DCP_SYSTEM_EVENT: extras by_seqno u64, event u32, version u8; the key names what changed.
+-spec system_event(vbucket(), opaque(), #{by_seqno := non_neg_integer(), event := non_neg_integer(),
+                                          version => 0..255, key := iodata(), value => iodata()})
+                  -> iodata().
+system_event(VBucket, Opaque, #{by_seqno := Seqno, event := Event, key := Key} = Params) ->
+    request(?DCP_SYSTEM_EVENT,
+            #{vbucket => VBucket, opaque => Opaque,
+              extras => <<Seqno:64, Event:32, (maps:get(version, Params, 0)):8>>,
+              key => iolist_to_binary(Key), value => iolist_to_binary(maps:get(value, Params, <<>>))}).
+
+%% @doc The system event that creates collection `Cid' (named `Name', in the default scope): the
+%% value is the manifest uid, the scope id and the collection id.
+-spec create_collection_event(vbucket(), opaque(), non_neg_integer(), non_neg_integer(), iodata())
+                             -> iodata().
+create_collection_event(VBucket, Opaque, Seqno, Cid, Name) ->
+    system_event(VBucket, Opaque, #{by_seqno => Seqno, event => ?EVENT_CREATE_COLLECTION,
+                                    key => Name, value => <<Cid:64, 0:32, Cid:32>>}).
+
+%% @doc DCP_PREPARE: a durable write pending its commit or abort; extras as a mutation's, ending with
+%% nru u8, deleted u8, durability level u8 (1 majority, the default here).
+-spec prepare(vbucket(), opaque(), doc_params()) -> iodata().
+prepare(VBucket, Opaque, #{key := Key, by_seqno := BySeqno} = Doc) ->
+    Extras = <<BySeqno:64, (maps:get(rev_seqno, Doc, 1)):64, (maps:get(flags, Doc, 0)):32,
+               (maps:get(expiry, Doc, 0)):32, (maps:get(lock_time, Doc, 0)):32, 0:8, 0:8,
+               (maps:get(durability_level, Doc, 1)):8>>,
+    request(?DCP_PREPARE, doc_frame(VBucket, Opaque, Key, Extras, maps:remove(durability_level, Doc))).
+
+%% @doc DCP_COMMIT of the prepare at `prepared_seqno', committed at `commit_seqno'.
+-spec commit(vbucket(), opaque(), #{key := binary(), prepared_seqno := non_neg_integer(),
+                                    commit_seqno := non_neg_integer()}) -> iodata().
+commit(VBucket, Opaque, #{key := Key, prepared_seqno := Prepared, commit_seqno := Commit}) ->
+    request(?DCP_COMMIT, #{vbucket => VBucket, opaque => Opaque, key => Key,
+                           extras => <<Prepared:64, Commit:64>>}).
+
+%% @doc DCP_ABORT of the prepare at `prepared_seqno', aborted at `abort_seqno'.
+-spec abort(vbucket(), opaque(), #{key := binary(), prepared_seqno := non_neg_integer(),
+                                   abort_seqno := non_neg_integer()}) -> iodata().
+abort(VBucket, Opaque, #{key := Key, prepared_seqno := Prepared, abort_seqno := Abort}) ->
+    request(?DCP_ABORT, #{vbucket => VBucket, opaque => Opaque, key => Key,
+                          extras => <<Prepared:64, Abort:64>>}).
+
+%% @doc DCP_SEQNO_ACKNOWLEDGED: the consumer has the prepares of `VBucket' up to `PreparedSeqno'.
+-spec seqno_acknowledged(vbucket(), opaque(), non_neg_integer()) -> iodata().
+seqno_acknowledged(VBucket, Opaque, PreparedSeqno) ->
+    request(?DCP_SEQNO_ACKNOWLEDGED, #{vbucket => VBucket, opaque => Opaque,
+                                       extras => <<PreparedSeqno:64>>}).
+
+%% @doc A document key on a collections-aware connection: the collection id (unsigned LEB128), then
+%% the key.
+-spec collection_key(non_neg_integer(), binary()) -> binary().
+collection_key(Cid, Key) ->
+    <<(leb128(Cid))/binary, Key/binary>>.
+
+%% @doc The collection id and key of a collections-aware key; `error' when the prefix is not a
+%% complete LEB128 of at most 32 bits or no key follows it (memcached refuses such a key).
+-spec split_collection_key(binary()) -> {ok, non_neg_integer(), binary()} | error.
+split_collection_key(Bin) ->
+    split_leb128(Bin, 0, 0).
+
+split_leb128(<<1:1, Low:7, Rest/binary>>, Shift, Acc) when Shift < 28 ->
+    split_leb128(Rest, Shift + 7, Acc bor (Low bsl Shift));
+split_leb128(<<0:1, Low:7, Key/binary>>, Shift, Acc) when byte_size(Key) > 0 ->
+    case Acc bor (Low bsl Shift) of
+        Cid when Cid =< 16#ffffffff -> {ok, Cid, Key};
+        _ -> error
+    end;
+split_leb128(_, _, _) ->
+    error.
+
+%% @doc Unsigned LEB128: 7 bits a byte, least significant first, the high bit set on all but the last.
+-spec leb128(non_neg_integer()) -> binary().
+leb128(N) when N < 16#80 ->
+    <<N>>;
+leb128(N) ->
+    <<1:1, (N band 16#7f):7, (leb128(N bsr 7))/binary>>.

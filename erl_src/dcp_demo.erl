@@ -4,6 +4,7 @@
 
 -export([main/0, main/1, cli/1, run/1, check_opts/1]).
 
+-define(COLLECTIONS, [0, 8, 9]).
 -define(USER, "Administrator").
 -define(PASSWORD, "password").
 -define(BUCKET, "default").
@@ -78,7 +79,9 @@ run(Opts) ->
                               _ -> {lists:seq(0, NumVBs - 1), NumVBs}
                           end,
     NodeOpts = #{bucket => ?BUCKET, user => ?USER, password => ?PASSWORD,
-                 vbuckets => FaultVB + 1, docs_per_vbucket => Docs, value_size => ValueSize},
+                 vbuckets => FaultVB + 1, docs_per_vbucket => Docs, value_size => ValueSize,
+                 %% the default collection and two more (issue 12)
+                 collections => ?COLLECTIONS},
     %% the simulated nodes run in a peer VM: this VM's CPU is the proxy's alone
     Peer = start_peer(),
     {ok, P} = node_call(Peer, start, [NodeOpts#{role => producer}]),
@@ -95,7 +98,7 @@ run(Opts) ->
                     producer => {"127.0.0.1", kv(port, Producer, [])},
                     bucket => ?BUCKET, connection_name => Name,
                     user => ?USER, password => ?PASSWORD,
-                    features => [xattr, snappy, del_times, json],
+                    features => [xattr, snappy, del_times, json, collections],
                     setup_timeout => 30000, splitter => Splitter}),
     unlink(Rep),
     try
@@ -123,6 +126,7 @@ replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB
     Mismatches = verify_digests(Producer, Consumer, VBuckets, erlang:monotonic_time(millisecond) + 10000),
     io:format("digests: ~b of ~b vbuckets identical on both nodes~n",
               [length(VBuckets) - length(Mismatches), length(VBuckets)]),
+    print_collection_counts(Producer, Consumer, VBuckets),
     Stats = dcp_replicator:stats(Rep),
     Mb53445 = replay_mb53445(Rep, Producer, Consumer, VBuckets, FaultVB),
     Bytes = splitter_stat(Stats, producer, bytes),
@@ -146,6 +150,21 @@ replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB
       stream_us => StreamUs, cpu_ms => CpuMs, peer_cpu_ms => PeerCpuMs, mb53445 => Mb53445}.
 
 %% The proxy has seen every mutation; the consumer node may still be applying the last ones.
+%% Documents per collection over the replicated vbuckets, on each node.
+print_collection_counts(Producer, Consumer, VBuckets) ->
+    Sum = fun(Node) ->
+                  lists:foldl(fun(VB, Acc) ->
+                                      maps:merge_with(fun(_, A, B) -> A + B end, Acc,
+                                                      kv(collection_counts, Node, [VB]))
+                              end, #{}, VBuckets)
+          end,
+    {PCounts, CCounts} = {Sum(Producer), Sum(Consumer)},
+    io:format("documents per collection (producer / consumer):~n"),
+    [io:format("  collection ~b: ~b / ~b~n",
+               [Cid, maps:get(Cid, PCounts, 0), maps:get(Cid, CCounts, 0)])
+     || Cid <- ?COLLECTIONS],
+    ok.
+
 verify_digests(Producer, Consumer, VBuckets, Deadline) ->
     Mismatches = [VB || VB <- VBuckets, kv(digest, Producer, [VB]) =/= kv(digest, Consumer, [VB])],
     case Mismatches =/= [] andalso erlang:monotonic_time(millisecond) < Deadline of

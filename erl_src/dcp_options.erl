@@ -29,9 +29,6 @@
 -define(MAX_BUF, 64 * 1024 * 1024).
 -define(MAX_BUCKET_NAME, 100).
 -define(MAX_CONNECTIONS, 1024).
-%% ns_server's replication features (DESIGN.md, "Features and handshake").
--define(FEATURES, [xattr, collections, snappy, json, del_times, del_user_xattr,
-                   set_consumer_name, ssl]).
 
 %% ---- API ----
 
@@ -84,7 +81,9 @@ shown(_, Value) -> Value.
 %% Which keys each start function takes: required or optional.
 specs(replicator) ->
     maps:merge(common(), #{consumer => required, producer => required,
-                           connection_name => required, name => optional});
+                           connection_name => required, name => optional,
+                           %% the consumer's DCP_OPEN names it (dcp_features:plan/3)
+                           consumer_node => optional});
 specs(sup) ->
     maps:merge(common(), #{consumer => required, producer => required,
                            consumer_node => required, producer_node => required,
@@ -218,28 +217,13 @@ utf8(S) when is_list(S), S =/= [] ->
 utf8(_) ->
     error.
 
-%% ns_server's proplist (`[{xattr, true}, {snappy, false}]') or a list of names, as a list of the
-%% names that are on.
-%% MERGE: dcp_features:parse/1 (proto12) replaces this local check of the known names.
-features(Features) when is_list(Features) ->
-    try
-        On = lists:filtermap(fun({F, B}) when is_atom(F), is_boolean(B) ->
-                                     known_feature(F) andalso B andalso {true, F};
-                                (F) when is_atom(F) ->
-                                     known_feature(F);
-                                (_) ->
-                                     throw(bad)
-                             end, Features),
-        {ok, lists:usort(On)}
-    catch
-        throw:bad -> error;
-        error:_ -> error
-    end;
-features(_) ->
-    error.
-
-known_feature(F) ->
-    lists:member(F, ?FEATURES) orelse throw(bad).
+%% ns_server's proplist (`[{xattr, true}, {snappy, false}]') or a list of names, as a sorted list
+%% of the names that are on (`dcp_features:parse/1' reads both forms).
+features(Features) ->
+    case dcp_features:parse(Features) of
+        {ok, #{features := On}} -> {ok, lists:usort(On)};
+        {error, _} -> error
+    end.
 
 exports(Module, Fun, Arity) ->
     case code:ensure_loaded(Module) of

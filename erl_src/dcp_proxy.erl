@@ -35,7 +35,7 @@
 -export_type([opts/0, conn/0, side/0, splitter_opt/0, socket/0, feature/0]).
 
 -type side() :: consumer | producer.
--type feature() :: xattr | snappy | del_times | del_user_xattr | json.
+-type feature() :: dcp_features:feature().
 -type splitter_opt() :: dcp_splitter:option().
 %% The password travels wrapped in a fun so that no crash report or log line can print it.
 -type secret() :: fun(() -> iodata()).
@@ -47,7 +47,8 @@
                   connection_name := string() | binary(),
                   user := string() | binary(),
                   password := secret(),
-                  features => [feature()],
+                  features => dcp_features:features(),
+                  consumer_node => atom() | string() | binary(),
                   ssl => false | [ssl:tls_client_option()],
                   splitter => splitter_opt(),
                   max_frame_size => pos_integer(),
@@ -95,7 +96,6 @@
 -define(MAX_REPORTED_FRAME, 64 * 1024).
 %% Calls between the replication's own processes (answered by processes that never block).
 -define(CALL_TIMEOUT, 5000).
--define(AGENT, <<"dcp_proxy">>).
 -define(LOG_META, #{domain => [dcp_proxy]}).
 
 -record(state, {module :: module(),
@@ -306,31 +306,33 @@ connect(#{host := Host, port := Port} = Opts, Deadline) ->
             end
     end.
 
-%% SASL PLAIN, SELECT_BUCKET, HELLO, DCP_OPEN: each step's failure names the step.
+%% SASL PLAIN, SELECT_BUCKET, HELLO (only when a feature is asked for), DCP_OPEN: each step's
+%% failure names the step. What HELLO and DCP_OPEN carry is `dcp_features:plan/3''s.
 handshake(Sock, #{side := Side, user := User, password := Password, bucket := Bucket,
                   connection_name := Name} = Opts, Deadline) ->
-    Features = maps:get(features, Opts, []),
-    HelloFeatures = [F || F <- [xattr, snappy, json], lists:member(F, Features)],
-    OpenFlags = [F || F <- [xattr, del_times, del_user_xattr], lists:member(F, Features)],
-    Steps = [{sasl_auth, fun() -> dcp_commands:sasl_auth_plain(User, Password(), 1) end},
-             {select_bucket, fun() -> dcp_commands:select_bucket(Bucket, 2) end},
-             {hello, fun() -> dcp_commands:hello(?AGENT, HelloFeatures, 3) end},
-             {dcp_open, fun() -> dcp_commands:dcp_open(Name, Side, OpenFlags, 4) end}],
-    run_handshake(Steps, Sock, HelloFeatures, Deadline).
+    case dcp_features:plan(Side, Name, Opts) of
+        {ok, Plan} ->
+            Steps = [{sasl_auth, dcp_commands:sasl_auth_plain(User, Password(), 1)},
+                     {select_bucket, dcp_commands:select_bucket(Bucket, 2)}
+                     | dcp_features:handshake_frames(Plan, 3)],
+            run_handshake(Steps, Sock, Plan, Deadline);
+        {error, _} = Error ->
+            Error
+    end.
 
-run_handshake([], _Sock, _HelloFeatures, _Deadline) ->
+run_handshake([], _Sock, _Plan, _Deadline) ->
     ok;
-run_handshake([{Step, Build} | Rest], Sock, HelloFeatures, Deadline) ->
-    Request = iolist_to_binary(Build()),
+run_handshake([{Step, Frame} | Rest], Sock, Plan, Deadline) ->
+    Request = iolist_to_binary(Frame),
     %% the answer must be a response to this very request: same opcode, same opaque
     {ok, #{opcode := Opcode, opaque := Opaque}, <<>>} = mcbp:decode(Request),
     case socket_send(Sock, Request) of
         ok ->
             case recv_frame(Sock, <<>>, Deadline) of
-                {ok, #{magic := Magic, opcode := Opcode, opaque := Opaque, status := 0} = Frame}
+                {ok, #{magic := Magic, opcode := Opcode, opaque := Opaque, status := 0} = Answer}
                   when Magic =:= res; Magic =:= alt_res ->
-                    case check_step(Step, Frame, HelloFeatures) of
-                        ok -> run_handshake(Rest, Sock, HelloFeatures, Deadline);
+                    case check_step(Step, Answer, Plan) of
+                        ok -> run_handshake(Rest, Sock, Plan, Deadline);
                         {error, _} = Error -> Error
                     end;
                 {ok, #{magic := Magic, opcode := Opcode, opaque := Opaque, status := Status}}
@@ -352,13 +354,9 @@ run_handshake([{Step, Build} | Rest], Sock, HelloFeatures, Deadline) ->
 
 %% A node that refuses snappy still replicates (uncompressed); any other refused feature would
 %% change what the consumer receives, so it is an error.
-check_step(hello, #{value := Value}, Wanted) ->
-    Granted = dcp_commands:hello_features(Value),
-    case [F || F <- Wanted, F =/= snappy, not lists:member(F, Granted)] of
-        [] -> ok;
-        Refused -> {error, {hello, {features_refused, Refused}}}
-    end;
-check_step(_Step, _Frame, _Wanted) ->
+check_step(hello, #{value := Value}, Plan) ->
+    dcp_features:check_hello(Plan, Value);
+check_step(_Step, _Frame, _Plan) ->
     ok.
 
 %% Every receive is bounded by what is left of the one deadline.

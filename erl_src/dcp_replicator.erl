@@ -24,14 +24,22 @@
 -define(DEFAULT_SHUT_TIMEOUT, 10000).
 -define(STOP_TIMEOUT, 5000).
 
--type endpoint() :: {inet:socket_address() | inet:hostname(), inet:port_number()}.
+%% A node to connect to: `{Host, Port}' (TLS as the replicator's `ssl' option says), or a map whose
+%% `ssl' sets TLS for this node alone; `local => true' (the replicator's own node's memcached, on
+%% localhost as ns_server talks to it) is plain TCP whatever the `ssl' option.
+-type endpoint() :: {inet:socket_address() | inet:hostname(), inet:port_number()}
+                  | #{host := inet:socket_address() | inet:hostname(),
+                      port := inet:port_number(),
+                      ssl => false | [ssl:tls_client_option()],
+                      local => boolean()}.
 -type opts() :: #{consumer := endpoint(),
                   producer := endpoint(),
                   bucket := string(),
                   connection_name := string(),
                   user := string(),
                   password := string() | fun(() -> iodata()),
-                  features => [dcp_proxy:feature()],
+                  features => dcp_features:features(),
+                  consumer_node => atom() | string() | binary(),
                   ssl => false | [ssl:tls_client_option()],
                   setup_timeout => timeout(),
                   shut_timeout => timeout(),
@@ -71,7 +79,8 @@
 %% {mcbp_status, auth_error}}}', `{producer, {connect_failed, econnrefused}}'); the setups that were
 %% waiting are answered `{errors, [{{connection_lost, {Side, Why}}, {vbucket, V}}, ...]}'.
 %% Options are checked first (`dcp_options'): a bad one is `{error, {bad_option, Key, Value}}'
-%% returned at once, and nothing connects.
+%% returned at once, and nothing connects (features not ns_server's: `{error, {bad_option,
+%% features, V}}', `dcp_features:parse/1').
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
     case dcp_options:replicator(Opts) of
@@ -247,11 +256,22 @@ setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->
-    {Host, Port} = maps:get(Side, Opts),
-    Base = #{side => Side, host => Host, port => Port, bucket => Bucket,
+    {Host, Port, Ssl} = endpoint(maps:get(Side, Opts), maps:get(ssl, Opts, false)),
+    Base = #{side => Side, host => Host, port => Port, bucket => Bucket, ssl => Ssl,
              connection_name => Name, user => User, password => Password},
-    maps:merge(Base, maps:with([features, ssl, splitter, max_frame_size, traffic_monitor, event_handler,
-                                connect_timeout, send_timeout, recbuf, sndbuf], Opts)).
+    maps:merge(Base, maps:with([features, consumer_node, splitter, max_frame_size,
+                                traffic_monitor, event_handler, connect_timeout, send_timeout,
+                                recbuf, sndbuf], Opts)).
+
+%% An endpoint's host, port and TLS: its own `ssl', else plain when `local', else the global one.
+endpoint({Host, Port}, Ssl) ->
+    {Host, Port, Ssl};
+endpoint(#{host := Host, port := Port} = Endpoint, Ssl) ->
+    case Endpoint of
+        #{ssl := Own} -> {Host, Port, Own};
+        #{local := true} -> {Host, Port, false};
+        _ -> {Host, Port, Ssl}
+    end.
 
 hide_password(#{password := P} = Opts) when is_function(P, 0) ->
     Opts;

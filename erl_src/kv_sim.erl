@@ -11,7 +11,12 @@
 %% `seed' (default 42), `ssl' (`false' or `[ssl:tls_server_option()]'), `hello_features' (the HELLO
 %% features the node accepts; default all the replication ones), `consumer_buffer_size' (consumer: the
 %% flow-control window it asks the producer for with DCP_CONTROL `connection_buffer_size' and acknowledges
-%% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB).
+%% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB), `collections' (producer: the
+%% collection ids of the bucket, default `[0]'; each other collection is created by a system event at
+%% seqnos 1..K of every vbucket, K their number, and the `docs_per_vbucket' documents at seqnos
+%% K+1..K+N go round the collections in order; a connection that negotiated HELLO collections gets
+%% the system events and every document, its key prefixed by the collection id as unsigned LEB128;
+%% one that did not gets only the default collection's documents, keys unprefixed).
 %%
 %% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
 %% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
@@ -52,7 +57,8 @@
 -behaviour(gen_server).
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
-         vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2]).
+         vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
+         handshakes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -66,7 +72,8 @@
                   docs_per_vbucket => non_neg_integer(), value_size => non_neg_integer(),
                   seed => integer(), ssl => false | [ssl:tls_server_option()],
                   hello_features => [dcp_commands:feature()],
-                  consumer_buffer_size => non_neg_integer()}.
+                  consumer_buffer_size => non_neg_integer(),
+                  collections => [non_neg_integer()]}.
 
 -type opcode() :: atom() | 0..255.
 -type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
@@ -90,6 +97,8 @@
                          seed := integer(), value_block := binary(),
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
+                         collections := [non_neg_integer()],
+                         events := ets:tid(),
                          faults := ets:tid(), store := ets:tid(),
                          vbucket_states := kv_sim_vbuckets:table(),
                          node := pid()}.
@@ -98,7 +107,7 @@
 -define(SOCKET_BUFFER, 256 * 1024).
 
 -define(DEFAULT_FEATURES, [tcp_nodelay, mutation_seqno, xattr, xerror, select_bucket, snappy, json,
-                           duplex, alt_request_support]).
+                           duplex, alt_request_support, collections]).
 
 %% ---- API ----
 
@@ -114,6 +123,14 @@ start(Opts) ->
 -spec stop(pid()) -> ok.
 stop(Node) ->
     gen_server:stop(Node).
+
+%% @doc What each accepted connection sent in its handshake, oldest connection first (closed ones
+%% too): `hello_key', `hello_features' (the names asked, in order) and `hello_value' (the raw
+%% codes) once it sent HELLO; `open_name', `open_flags' (the flags word), `open_value' and
+%% `open_datatype' once it sent DCP_OPEN.
+-spec handshakes(pid()) -> [#{atom() => term()}].
+handshakes(Node) ->
+    gen_server:call(Node, handshakes).
 
 -spec port(pid()) -> inet:port_number().
 port(Node) ->
@@ -133,11 +150,63 @@ digest(Node, VBucket) ->
     Config = gen_server:call(Node, config),
     case Config of
         #{role := producer} ->
-            digest_of(docs(Config, VBucket, 1));
+            digest_of([{hash_key(collection_of(Config, Seqno), Key), Seqno, Value}
+                       || {Key, Seqno, Value} <- docs(Config, VBucket, 1)]);
         #{role := Role, store := Store} when Role =:= consumer; Role =:= node ->
             Docs = ets:select(Store, [{{{VBucket, '$1'}, '$2', '$3'}, [], [{{'$1', '$2', '$3'}}]}]),
-            digest_of(Docs)
+            digest_of([{hash_key(K), Seqno, Value} || {K, Seqno, Value} <- Docs])
     end.
+
+%% A consumer stores a default-collection document under its key, another under {Cid, Key}; the
+%% digest hashes both as the collection-prefixed key of the wire (the default's unprefixed).
+hash_key({Cid, Key}) -> hash_key(Cid, Key);
+hash_key(Key) -> Key.
+
+hash_key(0, Key) -> Key;
+hash_key(Cid, Key) -> dcp_commands:collection_key(Cid, Key).
+
+%% @doc The live documents of a vbucket per collection id (every collection of the bucket for a
+%% producer; those it holds for a consumer).
+-spec collection_counts(pid(), dcp_commands:vbucket()) -> #{non_neg_integer() => non_neg_integer()}.
+collection_counts(Node, VBucket) ->
+    case gen_server:call(Node, config) of
+        #{role := producer, collections := Cs} = Config ->
+            lists:foldl(fun({_Key, Seqno, _}, Acc) ->
+                                maps:update_with(collection_of(Config, Seqno),
+                                                 fun(N) -> N + 1 end, 1, Acc)
+                        end, maps:from_list([{C, 0} || C <- Cs]), docs(Config, VBucket, 1));
+        #{role := Role, store := Store} when Role =:= consumer; Role =:= node ->
+            Keys = ets:select(Store, [{{{VBucket, '$1'}, '_', '_'}, [], ['$1']}]),
+            lists:foldl(fun({Cid, _}, Acc) -> maps:update_with(Cid, fun(N) -> N + 1 end, 1, Acc);
+                           (_, Acc) -> maps:update_with(0, fun(N) -> N + 1 end, 1, Acc)
+                        end, #{}, Keys)
+    end.
+
+%% @doc A consumer node's system events of a vbucket, as `{Seqno, Event, Key}' in seqno order.
+-spec system_events(pid(), dcp_commands:vbucket()) -> [{non_neg_integer(), non_neg_integer(), binary()}].
+system_events(Node, VBucket) ->
+    #{events := Events} = gen_server:call(Node, config),
+    lists:sort([{Seqno, Event, Key}
+                || {{_, Seqno}, Event, Key} <- ets:match_object(Events, {{VBucket, '_'}, '_', '_'})]).
+
+%% @doc What seqno `Seqno' of a producer's vbucket holds: `{create, Cid}' (a system event) at
+%% seqnos 1..K, else the collection of its document.
+-spec collection_of(node_config(), pos_integer()) -> non_neg_integer() | {create, non_neg_integer()}.
+collection_of(#{collections := Cs}, Seqno) ->
+    Others = [C || C <- Cs, C =/= 0],
+    K = length(Others),
+    case Seqno =< K of
+        true -> {create, lists:nth(Seqno, Others)};
+        false -> lists:nth((Seqno - K - 1) rem length(Cs) + 1, Cs)
+    end.
+
+%% @doc A producer's vbucket high seqno: its system events and its documents.
+-spec high_seqno(node_config()) -> non_neg_integer().
+high_seqno(#{docs_per_vbucket := N} = Config) ->
+    N + events_per_vbucket(Config).
+
+events_per_vbucket(#{collections := Cs}) ->
+    length([C || C <- Cs, C =/= 0]).
 
 %% @doc The node's state of a vbucket: a producer's vbuckets start `active' (`dead' after a takeover),
 %% a consumer's `replica' until a DCP_SET_VBUCKET_STATE changes it.
@@ -167,8 +236,9 @@ delete_vbucket(Node, VBucket) ->
 
 %% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
 -spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
-docs(#{docs_per_vbucket := N} = Config, VBucket, From) ->
-    [doc(Config, VBucket, Seqno) || Seqno <- lists:seq(From, N)].
+docs(Config, VBucket, From) ->
+    [doc(Config, VBucket, Seqno)
+     || Seqno <- lists:seq(max(From, events_per_vbucket(Config) + 1), high_seqno(Config))].
 
 %% @doc Document `Seqno' of a vbucket: a zero-padded key (so key order is seqno order) and a value cut
 %% from the node's seeded random block at an offset that depends on the key.
@@ -239,6 +309,8 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
            value_block => Block,
            hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
+           collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
+           events => ets:new(kv_sim_events, [public, set]),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
            vbucket_states => kv_sim_vbuckets:new(VBuckets, InitialState),
@@ -278,7 +350,7 @@ listen(Opts, Config) ->
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
             {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}, dcp_names => #{}}};
+                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => []}};
         {error, Reason} ->
             {stop, {listen_failed, Port, Reason}}
     end.
@@ -327,6 +399,8 @@ accept(ssl, LSock) -> ssl:transport_accept(LSock).
 controlling_process(gen_tcp, Sock, Pid) -> gen_tcp:controlling_process(Sock, Pid);
 controlling_process(ssl, Sock, Pid) -> ssl:controlling_process(Sock, Pid).
 
+handle_call(handshakes, _From, #{records := Records} = State) ->
+    {reply, [R || {_Pid, R} <- lists:reverse(Records)], State};
 handle_call(port, _From, #{port := Port} = State) ->
     {reply, Port, State};
 handle_call(config, _From, #{config := Config} = State) ->
@@ -352,6 +426,13 @@ handle_call(Request, _From, State) ->
 handle_cast(_Msg, State) ->
     {noreply, State}.
 
+handle_info({kv_sim_record, Pid, Fields}, #{records := Records} = State) ->
+    %% newest connection first
+    Updated = case lists:keyfind(Pid, 1, Records) of
+                  {Pid, Old} -> lists:keyreplace(Pid, 1, Records, {Pid, maps:merge(Old, Fields)});
+                  false -> [{Pid, Fields} | Records]
+              end,
+    {noreply, State#{records := Updated}};
 handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
     {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
 handle_info({kv_sim_dcp_open, Pid, Type, Name}, #{dcp_names := Names} = State) ->

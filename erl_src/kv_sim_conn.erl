@@ -14,7 +14,7 @@
 -export([start/3]).
 
 %% What an engine asks of its connection.
--export([answer/4, out/2, own_opaque/1, fault/3, later/2, log_info/2]).
+-export([answer/4, out/2, own_opaque/1, fault/3, later/2, log_info/2, collections/1]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -36,6 +36,8 @@
                authenticated = false :: boolean(),
                bucket_selected = false :: boolean(),
                opened = false :: boolean(),
+               %% HELLO granted collections: keys carry their collection id
+               collections = false :: boolean(),
                engine_mod :: kv_sim_consumer | kv_sim_producer,
                engine :: engine(),
                out = [] :: [iodata()],              % this turn's writes, newest first
@@ -236,12 +238,25 @@ stage(Op, _C) when Op =:= ?DCP_OPEN; Op =:= ?DCP_CONTROL; Op =:= ?DCP_NOOP -> ha
 stage(_Op, #conn{opened = false}) -> {refuse, ?EINVAL};
 stage(_Op, _C) -> engine.
 
+%% @doc Whether the connection's HELLO negotiated collections (keys are collection-prefixed).
+-spec collections(conn()) -> boolean().
+collections(#conn{collections = Collections}) ->
+    Collections.
+
 %% ---- handshake ----
 
-handshake(?HELLO, #{opaque := Opaque, vbucket := VB, value := Value}, C) ->
+%% What the client sent in its handshake, for `kv_sim:handshakes/1'.
+record(Fields, #conn{config = #{node := Node}}) ->
+    Node ! {kv_sim_record, self(), Fields},
+    ok.
+
+handshake(?HELLO, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
     Supported = maps:get(hello_features, C#conn.config),
-    Granted = [F || F <- dcp_commands:hello_features(Value), lists:member(F, Supported)],
-    answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted), C);
+    Asked = dcp_commands:hello_features(Value),
+    record(#{hello_key => Key, hello_features => Asked, hello_value => Value}, C),
+    Granted = [F || F <- Asked, lists:member(F, Supported)],
+    answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted),
+           C#conn{collections = lists:member(collections, Granted)});
 handshake(?SASL_LIST_MECHS, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?SASL_LIST_MECHS, VB,
            dcp_commands:response(?SASL_LIST_MECHS, ?SUCCESS, Opaque, #{value => <<"PLAIN">>}), C);
@@ -269,7 +284,104 @@ handshake(?SELECT_BUCKET, #{opaque := Opaque, vbucket := VB, key := Bucket}, C) 
     end;
 handshake(?NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?NOOP, VB, dcp_commands:response(?NOOP, ?SUCCESS, Opaque), C);
-handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = false} = C) ->
+handshake(?DCP_OPEN, Frame, #conn{opened = false} = C) ->
+    case check_open(Frame) of
+        ok -> open(Frame, C);
+        {error, Why} -> {close, {invalid_request, dcp_open, Why}, C}
+    end;
+handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
+    answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?EINVAL, Opaque), C);
+handshake(Op, Frame, C) ->
+    handshake_rest(Op, Frame, C).
+
+%% memcached's DCP_OPEN validator: 8 bytes of extras, a name, and a value only as JSON (datatype
+%% JSON, a JSON object; a `consumer_name' in it must be a string). A violation closes the
+%% connection (logged by `log_close/2').
+check_open(#{extras := Extras, key := Key, value := Value, datatype := Datatype}) ->
+    if
+        byte_size(Extras) =/= 8 -> {error, {extras_length, byte_size(Extras)}};
+        Key =:= <<>> -> {error, no_connection_name};
+        Value =:= <<>>, Datatype =/= 0 -> {error, {datatype_without_value, Datatype}};
+        Value =:= <<>> -> ok;
+        Datatype =/= 1 -> {error, {value_not_json_datatype, Datatype}};
+        true ->
+            case flat_json_object(Value) of
+                {ok, Pairs} ->
+                    case lists:keyfind(<<"consumer_name">>, 1, Pairs) of
+                        {_, Name} when is_binary(Name) -> ok;
+                        false -> ok
+                    end;
+                error ->
+                    {error, value_not_a_json_object}
+            end
+    end.
+
+%% A JSON object of string members (what a DCP_OPEN value holds), as `[{Key, Value}]'; `error'
+%% for anything else (kv_sim needs no other JSON).
+flat_json_object(Bin) ->
+    case skip_ws(Bin) of
+        <<"{", Rest/binary>> ->
+            case skip_ws(Rest) of
+                <<"}", End/binary>> -> at_end(End, []);
+                Members -> members(Members, [])
+            end;
+        _ ->
+            error
+    end.
+
+members(Bin, Acc) ->
+    case json_string(skip_ws(Bin)) of
+        {ok, Key, AfterKey} ->
+            case skip_ws(AfterKey) of
+                <<":", AfterColon/binary>> ->
+                    case json_string(skip_ws(AfterColon)) of
+                        {ok, Value, Rest} ->
+                            case skip_ws(Rest) of
+                                <<",", More/binary>> -> members(More, [{Key, Value} | Acc]);
+                                <<"}", End/binary>> -> at_end(End, [{Key, Value} | Acc]);
+                                _ -> error
+                            end;
+                        error ->
+                            error
+                    end;
+                _ ->
+                    error
+            end;
+        error ->
+            error
+    end.
+
+at_end(Bin, Acc) ->
+    case skip_ws(Bin) of
+        <<>> -> {ok, lists:reverse(Acc)};
+        _ -> error
+    end.
+
+json_string(<<"\"", Rest/binary>>) -> json_chars(Rest, <<>>);
+json_string(_) -> error.
+
+json_chars(<<"\"", Rest/binary>>, Acc) -> {ok, Acc, Rest};
+json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $"; C =:= $\\; C =:= $/ ->
+    json_chars(Rest, <<Acc/binary, C>>);
+json_chars(<<"\\u", Hex:4/binary, Rest/binary>>, Acc) ->
+    try binary_to_integer(Hex, 16) of
+        Code -> json_chars(Rest, <<Acc/binary, Code/utf8>>)
+    catch error:_ -> error
+    end;
+json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $b; C =:= $f; C =:= $n; C =:= $r; C =:= $t ->
+    json_chars(Rest, <<Acc/binary, $\\, C>>);
+json_chars(<<C, _/binary>>, _Acc) when C < 16#20; C =:= $\\ -> error;
+json_chars(<<C, Rest/binary>>, Acc) -> json_chars(Rest, <<Acc/binary, C>>);
+json_chars(<<>>, _Acc) -> error.
+
+skip_ws(<<C, Rest/binary>>) when C =:= $\s; C =:= $\t; C =:= $\n; C =:= $\r -> skip_ws(Rest);
+skip_ws(Bin) -> Bin.
+
+open(#{opaque := Opaque, vbucket := VB} = Frame, C) ->
+    <<_:32, Flags:32>> = maps:get(extras, Frame),
+    record(#{open_name => maps:get(key, Frame, <<>>), open_flags => Flags,
+             open_value => maps:get(value, Frame, <<>>),
+             open_datatype => maps:get(datatype, Frame, 0)}, C),
     Type = case mcbp:dcp_fields(Frame) of
                #{producer := true} -> producer;
                #{producer := false} -> consumer
@@ -288,10 +400,9 @@ handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB} = Frame, #conn{opened = 
                    C#conn{opened = true, engine_mod = Mod, engine = Mod:open(E)});
         false ->
             answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?NOT_SUPPORTED, Opaque), C)
-    end;
-handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
-    answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?EINVAL, Opaque), C);
-handshake(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
+    end.
+
+handshake_rest(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}, C) ->
     case control(Key, Value) of
         {ok, Control} ->
             #conn{engine_mod = Mod, engine = E} = C,
@@ -301,9 +412,9 @@ handshake(?DCP_CONTROL, #{opaque := Opaque, vbucket := VB, key := Key, value := 
         einval ->
             answer(?DCP_CONTROL, VB, dcp_commands:response(?DCP_CONTROL, ?EINVAL, Opaque), C)
     end;
-handshake(?DCP_NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
+handshake_rest(?DCP_NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?DCP_NOOP, VB, dcp_commands:noop_response(Opaque), C);
-handshake(?STAT_OPCODE, #{opaque := Opaque, vbucket := VB, key := Key}, C) ->
+handshake_rest(?STAT_OPCODE, #{opaque := Opaque, vbucket := VB, key := Key}, C) ->
     answer(?STAT_OPCODE, VB, stats(Key, Opaque, C), C).
 
 %% memcached answers a STATS group with one response per stat and an empty one to end it. Only

@@ -22,6 +22,7 @@
 -record(consumer, {vbuckets :: [dcp_commands:vbucket()],
                    vbucket_table :: kv_sim_vbuckets:table(),
                    store :: ets:tid(),
+                   events :: ets:tid(),
                    buffer_size :: non_neg_integer(),   % the window it asks for; 0 = no flow control
                    streams = #{} :: #{dcp_commands:vbucket() => #stream{}},
                    by_opaque = #{} :: #{dcp_commands:opaque() => dcp_commands:vbucket()},
@@ -30,16 +31,21 @@
                    rx_unacked = 0 :: non_neg_integer(),
                    %% this turn's, not yet stored
                    high_seqnos = #{} :: #{dcp_commands:vbucket() => non_neg_integer()},
-                   rows = [] :: [{{dcp_commands:vbucket(), binary()}, non_neg_integer(), binary()}]}).
+                   rows = [] :: [{{dcp_commands:vbucket(), store_key()}, non_neg_integer(),
+                                  binary()}]}).
+
+%% A default-collection document is stored under its key, another under {CollectionId, Key}.
+-type store_key() :: binary() | {pos_integer(), binary()}.
 
 -opaque consumer() :: #consumer{}.
 
 -type conn() :: kv_sim_conn:conn().
 
 -spec new(kv_sim:node_config()) -> consumer().
-new(#{vbuckets := VBuckets, vbucket_states := Table, store := Store,
+new(#{vbuckets := VBuckets, vbucket_states := Table, store := Store, events := Events,
       consumer_buffer_size := Size}) ->
-    #consumer{vbuckets = VBuckets, vbucket_table = Table, store = Store, buffer_size = Size}.
+    #consumer{vbuckets = VBuckets, vbucket_table = Table, store = Store, events = Events,
+              buffer_size = Size}.
 
 -spec open(consumer()) -> consumer().
 open(S) ->
@@ -115,23 +121,36 @@ add_stream_answer(VB, Opaque, Status, StreamOpaque, S, C) ->
 
 stream_message(?DCP_SNAPSHOT_MARKER, _Frame, S, C) ->
     {ok, S, C};
-stream_message(?DCP_MUTATION, #{vbucket := VB, opaque := Opaque, key := Key, value := Value} = Frame,
+stream_message(?DCP_MUTATION, #{vbucket := VB, opaque := Opaque, key := WireKey, value := Value} = Frame,
                S, C) ->
-    case owns_stream(VB, Opaque, S) of
-        true ->
+    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
+        false ->
+            {ok, S, C};
+        error ->
+            {close, {bad_collection_key, dcp_mutation, VB, WireKey}, S, C};
+        {ok, Key} ->
             Seqno = by_seqno(Frame),
             {ok, set_high_seqno(S#consumer{rows = [{{VB, Key}, Seqno, Value} | S#consumer.rows]},
-                                VB, Seqno), C};
-        false ->
-            {ok, S, C}
+                                VB, Seqno), C}
     end;
-stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := Key} = Frame, S, C)
+stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := WireKey} = Frame, S, C)
   when Opcode =:= ?DCP_DELETION; Opcode =:= ?DCP_EXPIRATION ->
-    case owns_stream(VB, Opaque, S) of
-        true ->
+    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
+        false ->
+            {ok, S, C};
+        error ->
+            {close, {bad_collection_key, Opcode, VB, WireKey}, S, C};
+        {ok, Key} ->
             S1 = store_rows(S),
             ets:delete(S1#consumer.store, {VB, Key}),
-            {ok, set_high_seqno(S1, VB, by_seqno(Frame)), C};
+            {ok, set_high_seqno(S1, VB, by_seqno(Frame)), C}
+    end;
+stream_message(?DCP_SYSTEM_EVENT, #{vbucket := VB, opaque := Opaque, key := Key,
+                                    extras := <<Seqno:64, Event:32, _Version:8>>}, S, C) ->
+    case owns_stream(VB, Opaque, S) of
+        true ->
+            ets:insert(S#consumer.events, {{VB, Seqno}, Event, Key}),
+            {ok, set_high_seqno(S, VB, Seqno), C};
         false ->
             {ok, S, C}
     end;
@@ -154,6 +173,20 @@ stream_message(?DCP_SET_VBUCKET_STATE, #{vbucket := VB, opaque := Opaque} = Fram
 stream_message(_Unknown, _Frame, S, C) ->
     %% A proxy passes opcodes it does not know through; this consumer has no use for them.
     {ok, S, C}.
+
+%% The store's key of a document key off the wire: collection-prefixed when HELLO negotiated
+%% collections.
+store_key(WireKey, C) ->
+    case kv_sim_conn:collections(C) of
+        false ->
+            {ok, WireKey};
+        true ->
+            case dcp_commands:split_collection_key(WireKey) of
+                {ok, 0, Key} -> {ok, Key};
+                {ok, Cid, Key} -> {ok, {Cid, Key}};
+                error -> error
+            end
+    end.
 
 %% Mutations, deletions and expirations all start their extras with the by-seqno. It is read there
 %% rather than with `mcbp:dcp_fields/1', which costs about 2 us a call against 0.02 us: once per

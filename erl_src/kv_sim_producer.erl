@@ -153,8 +153,8 @@ request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
 held(VB, #producer{config = #{role := node, store := Store, vbucket_states := Table}}) ->
     Docs = ets:select(Store, [{{{VB, '$1'}, '$2', '$3'}, [], [{{'$2', {{'$1', '$3'}}}}]}]),
     {kv_sim_vbuckets:high_seqno(Table, VB), maps:from_list(Docs)};
-held(_VB, #producer{config = #{docs_per_vbucket := High}}) ->
-    {High, seeded}.
+held(_VB, #producer{config = Config}) ->
+    {kv_sim:high_seqno(Config), seeded}.
 
 %% @doc What the connection's stream of `VB' has left to send and its status, as kv_engine's
 %% `dcp-vbtakeover' stats give them: `backfilling' while documents remain, then `in-memory'.
@@ -361,7 +361,7 @@ step(VB, #stream{phase = mutations, next = Seqno, last = Last, sent = Sent} = St
                  0 -> unlimited;
                  _ -> Limit - Unacked
              end,
-    {Next, Frames, Bytes} = mutations(VB, Stream, min(Last, Seqno + Run - 1), Window, Faults, P),
+    {Next, Frames, Bytes} = mutations(VB, Stream, min(Last, Seqno + Run - 1), Window, Faults, P, C),
     Count = Next - Seqno,
     P1 = P#producer{tx_unacked = Unacked + Bytes},
     C1 = kv_sim_conn:out(lists:reverse(Frames), C),
@@ -384,7 +384,7 @@ step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
 %% The stream's mutations up to `To' (newest first) while the window has room, with the next seqno and
 %% their bytes.
 mutations(VB, #stream{opaque = Opaque, next = From, docs = Docs}, To, Window, Faults,
-          #producer{config = Config}) ->
+          #producer{config = Config}, C) ->
     Framing = case Faults of
                   #{flexible := true} ->
                       #{framing_extras => dcp_commands:stream_id_framing(?FAULT_STREAM_ID)};
@@ -394,7 +394,8 @@ mutations(VB, #stream{opaque = Opaque, next = From, docs = Docs}, To, Window, Fa
                  seeded -> {seeded, Config};
                  _ -> {store, Docs}
              end,
-    mutations(VB, Opaque, From, To, Window, Framing, Source, [], 0).
+    mutations(VB, Opaque, From, To, Window, Framing#{collections => kv_sim_conn:collections(C)},
+              Source, [], 0).
 
 mutations(VB, Opaque, Seqno, To, Window, Framing, {store, Docs} = Source, Frames, Bytes)
   when Seqno =< To, not is_map_key(Seqno, Docs) ->
@@ -402,10 +403,16 @@ mutations(VB, Opaque, Seqno, To, Window, Framing, {store, Docs} = Source, Frames
     mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Source, Frames, Bytes);
 mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
   when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
-    {Key, Seqno, Value} = doc(Config, VB, Seqno),
-    %% The cas is the seqno: unique per document, as a cas must be.
-    Frame = dcp_commands:mutation(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
-                                                       cas => Seqno}),
+    {Collections, Doc} = maps:take(collections, Framing),
+    Frame = case Config of
+                {store, _} ->
+                    {Key, Seqno, Value} = doc(Config, VB, Seqno),
+                    %% The cas is the seqno: unique per document, as a cas must be.
+                    dcp_commands:mutation(VB, Opaque, Doc#{key => Key, by_seqno => Seqno,
+                                                           value => Value, cas => Seqno});
+                {seeded, Seeds} ->
+                    seeded_frame(VB, Opaque, Seqno, Doc, Collections, Seeds)
+            end,
     mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Config, [Frame | Frames],
               Bytes + iolist_size(Frame));
 mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->
@@ -415,6 +422,29 @@ doc({store, Docs}, _VB, Seqno) ->
     #{Seqno := {Key, Value}} = Docs,
     {Key, Seqno, Value};
 doc({seeded, Config}, VB, Seqno) -> kv_sim:doc(Config, VB, Seqno).
+
+%% A seeded producer's seqno on a connection: a collection's create event or a document; a
+%% connection without HELLO collections is served as a legacy client (the default collection's
+%% documents only, keys unprefixed).
+seeded_frame(VB, Opaque, Seqno, Doc, Collections, Config) ->
+    case {kv_sim:collection_of(Config, Seqno), Collections} of
+        {{create, Cid}, true} ->
+            dcp_commands:create_collection_event(VB, Opaque, Seqno, Cid,
+                                                 <<"c", (integer_to_binary(Cid))/binary>>);
+        {{create, _}, false} ->
+            [];
+        {Cid, _} when Collections; Cid =:= 0 ->
+            {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+            WireKey = case Collections of
+                          true -> dcp_commands:collection_key(Cid, Key);
+                          false -> Key
+                      end,
+            %% The cas is the seqno: unique per document, as a cas must be.
+            dcp_commands:mutation(VB, Opaque, Doc#{key => WireKey, by_seqno => Seqno,
+                                                   value => Value, cas => Seqno});
+        {_Other, false} ->
+            []
+    end.
 
 %% ---- writing ----
 

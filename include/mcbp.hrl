@@ -34,6 +34,11 @@
 -define(DCP_NOOP, 16#5c).
 -define(DCP_BUFFER_ACK, 16#5d).
 -define(DCP_CONTROL, 16#5e).
+-define(DCP_SYSTEM_EVENT, 16#5f).
+-define(DCP_PREPARE, 16#60).
+-define(DCP_SEQNO_ACKNOWLEDGED, 16#61).
+-define(DCP_COMMIT, 16#62).
+-define(DCP_ABORT, 16#63).
 
 %% Statuses
 -define(SUCCESS, 16#00).

@@ -41,29 +41,32 @@ wait_setup_info(C, Pred) ->
     dcp_test_lib:wait_until(fun() -> Pred(dcp_consumer_conn:setup_info(C)) end).
 
 %% A scripted node: accepts one connection, answers the handshake (SASL, SELECT_BUCKET, HELLO with
-%% every feature granted, DCP_OPEN) with success, then hands the socket to the test.
+%% every feature granted when one is asked for, DCP_OPEN) with success, then hands the socket to
+%% the test.
 fake_node() ->
     {ok, L} = gen_tcp:listen(0, [binary, {active, false}, {ip, loopback}]),
     {ok, Port} = inet:port(L),
     Test = self(),
     _ = spawn_link(fun() ->
                            {ok, S} = gen_tcp:accept(L),
-                           ok = answer_handshake(S, 4),
+                           ok = answer_handshake(S),
                            ok = gen_tcp:controlling_process(S, Test),
                            Test ! {fake_node, Port, S}
                    end),
     {Port, L}.
 
-answer_handshake(_S, 0) ->
-    ok;
-answer_handshake(S, N) ->
+answer_handshake(S) ->
     #{opcode := Opcode, opaque := Opaque, value := Value} = recv_frame(S),
-    Fields = case dcp_commands:command_2_atom(Opcode) of
+    Name = dcp_commands:command_2_atom(Opcode),
+    Fields = case Name of
                  hello -> #{value => Value};
                  _ -> #{}
              end,
     ok = gen_tcp:send(S, dcp_commands:response(Opcode, 0, Opaque, Fields)),
-    answer_handshake(S, N - 1).
+    case Name of
+        dcp_open -> ok;
+        _ -> answer_handshake(S)
+    end.
 
 recv_frame(S) ->
     {ok, <<_:8/binary, BodyLen:32, _/binary>> = Header} = gen_tcp:recv(S, 24),
