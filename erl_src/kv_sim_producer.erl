@@ -418,10 +418,10 @@ mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
 mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->
     {Seqno, Frames, Bytes}.
 
+%% A document a node holds in its store.
 doc({store, Docs}, _VB, Seqno) ->
     #{Seqno := {Key, Value}} = Docs,
-    {Key, Seqno, Value};
-doc({seeded, Config}, VB, Seqno) -> kv_sim:doc(Config, VB, Seqno).
+    {Key, Seqno, Value}.
 
 %% A seeded producer's seqno on a connection: a collection's create event or a document; a
 %% connection without HELLO collections is served as a legacy client (the default collection's
