@@ -300,10 +300,32 @@ connect(#{host := Host, port := Port} = Opts, Deadline) ->
                 {error, _} = Error -> Error
             end;
         SslOpts when is_list(SslOpts) ->
-            case ssl:connect(Host, Port, SockOpts ++ SslOpts, left(Deadline)) of
-                {ok, S} -> {ok, {ssl, S}};
-                {error, Reason} -> {error, {tls, Reason}}
+            case tls_client_opts(SslOpts) of
+                {ok, TlsOpts} ->
+                    case ssl:connect(Host, Port, SockOpts ++ TlsOpts, left(Deadline)) of
+                        {ok, S} -> {ok, {ssl, S}};
+                        {error, Reason} -> {error, {tls, Reason}}
+                    end;
+                {error, _} = Error ->
+                    Error
             end
+    end.
+
+%% TLS verifies the server unless `{verify, verify_none}' is asked for by name (OTP 25's own
+%% default is verify_none): without a CA to verify against that is an error, not a silent
+%% unverified connection. OTP's TLS progress reports print the client options (the private key
+%% among them) at info and debug level, so they are kept at warning unless a `log_level' is given.
+tls_client_opts(SslOpts) ->
+    Verify = proplists:get_value(verify, SslOpts, verify_peer),
+    HasCa = proplists:is_defined(cacerts, SslOpts) orelse proplists:is_defined(cacertfile, SslOpts),
+    Log = case proplists:is_defined(log_level, SslOpts) of
+              true -> [];
+              false -> [{log_level, warning}]
+          end,
+    case {Verify, HasCa} of
+        {verify_none, _} -> {ok, Log ++ SslOpts};
+        {verify_peer, true} -> {ok, Log ++ [{verify, verify_peer} | proplists:delete(verify, SslOpts)]};
+        {verify_peer, false} -> {error, {tls, no_ca_given_to_verify_the_server}}
     end.
 
 %% SASL PLAIN, SELECT_BUCKET, HELLO (only when a feature is asked for), DCP_OPEN: each step's

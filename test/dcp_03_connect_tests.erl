@@ -120,6 +120,18 @@ tls_peer_that_cannot_be_verified_is_refused_test_() ->
                                           (rep_opts(Env))#{ssl => ClientTls}))
                    end).
 
+tls_without_a_ca_is_refused_unless_verify_none_is_asked_for_test_() ->
+    tls_nodes_test("TLS: no CA to verify the nodes is an error; verify_none only by name", same_ca,
+                   fun(Env, ClientTls) ->
+                           ?assertMatch({_, {connect_failed, {tls, no_ca_given_to_verify_the_server}}},
+                                        dcp_test_lib:start_failure((rep_opts(Env))#{ssl => []})),
+                           NoCa = [O || O <- ClientTls, not is_tuple(O)
+                                            orelse not lists:member(element(1, O),
+                                                                    [cacerts, cacertfile, verify])],
+                           ?assertMatch({_, {connect_failed, {tls, no_ca_given_to_verify_the_server}}},
+                                        dcp_test_lib:start_failure((rep_opts(Env))#{ssl => NoCa}))
+                   end).
+
 %% Nodes that speak TLS only, no replicator: `Body(Env, ClientTls)', the client options of the
 %% nodes' test CA (`same_ca') or of another one that the nodes' certificates do not chain to.
 tls_nodes_test(Title, Ca, Body) ->
