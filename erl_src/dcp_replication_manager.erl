@@ -293,17 +293,13 @@ setup(Sup, VBs) ->
     end.
 
 lost(Reason, VBs) ->
-    {errors, [{{connection_lost, Reason}, {vbucket, VB}} || VB <- VBs]}.
+    dcp_sup:lost(Reason, VBs).
 
+%% dcp_sup's merge, with the errors in vbucket order
 merge(Replies) ->
-    case lists:append([Errors || {errors, Errors} <- Replies]) of
-        [] ->
-            case [Other || Other <- Replies, Other =/= ok] of
-                [] -> ok;
-                [Error | _] -> Error
-            end;
-        Errors ->
-            {errors, lists:keysort(2, Errors)}
+    case dcp_sup:merge_replies(Replies) of
+        {errors, Errors} -> {errors, lists:keysort(2, Errors)};
+        Other -> Other
     end.
 
 ensure_producer(Node, #state{sups = Sups} = State) ->

@@ -4,7 +4,7 @@
 
 -behaviour(supervisor).
 
--export([start_link/1, setup_replication/2, replicators/1, connection_for_vbucket/2]).
+-export([merge_replies/1, lost/2, start_link/1, setup_replication/2, replicators/1, connection_for_vbucket/2]).
 
 %% embedding: a child spec for the user's supervisor, an orderly stop
 -export([child_spec/1, stop/1]).
@@ -77,7 +77,7 @@ setup_checked(Sup, VBuckets) ->
                || {ConnNum, Rep, Wanted} <- Callers],
     Replies = [collect(Tag, ConnNum, Wanted, Worker)
                || {{ConnNum, _, Wanted}, Worker} <- lists:zip(Callers, Workers)],
-    merge(Replies).
+    merge_replies(Replies).
 
 call(undefined, []) ->
     ok;
@@ -96,10 +96,14 @@ collect(Tag, ConnNum, Wanted, {Pid, Ref}) ->
             lost(Reason, Wanted)
     end.
 
+%% @doc Every vbucket of `Wanted' lost for `Reason', as a setup reply.
+-spec lost(term(), [0..1023]) -> dcp_consumer_conn:setup_reply().
 lost(Reason, Wanted) ->
     {errors, [{{connection_lost, Reason}, {vbucket, VB}} || VB <- Wanted]}.
 
-merge(Replies) ->
+%% @doc Setup replies merged into one: `ok', or every error of every reply.
+-spec merge_replies([dcp_consumer_conn:setup_reply() | term()]) -> term().
+merge_replies(Replies) ->
     case lists:append([Errors || {errors, Errors} <- Replies]) of
         [] ->
             case [Other || Other <- Replies, Other =/= ok] of

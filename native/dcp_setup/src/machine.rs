@@ -417,18 +417,7 @@ impl Setup {
     /// Sends an ADD_STREAM (with the takeover flag for a takeover) and owes its answer; returns
     /// the request's sequence number.
     fn owe_add(&mut self, vb: u16, takeover: bool, actions: &mut Vec<Action>) -> u64 {
-        let seq = self.next_seq();
-        let opaque = opaque_of(vb, seq);
-        self.push_owed(
-            vb,
-            Owed {
-                opaque,
-                kind: Response::AddStream,
-                seq,
-                caller: true,
-                takeover,
-            },
-        );
+        let (opaque, seq) = self.owe(vb, Response::AddStream, takeover);
         actions.push(Action::AddStream {
             vbucket: vb,
             opaque,
@@ -441,19 +430,26 @@ impl Setup {
         seq
     }
 
-    fn send(&mut self, side: Side, vb: u16, actions: &mut Vec<Action>) {
+    /// A new request of `kind` for `vb` whose answer a caller waits for: its opaque and sequence
+    /// number.
+    fn owe(&mut self, vb: u16, kind: Response, takeover: bool) -> (u32, u64) {
         let seq = self.next_seq();
         let opaque = opaque_of(vb, seq);
         self.push_owed(
             vb,
             Owed {
                 opaque,
-                kind: Response::CloseStream(side),
+                kind,
                 seq,
                 caller: true,
-                takeover: false,
+                takeover,
             },
         );
+        (opaque, seq)
+    }
+
+    fn send(&mut self, side: Side, vb: u16, actions: &mut Vec<Action>) {
+        let (opaque, _) = self.owe(vb, Response::CloseStream(side), false);
         self.pending_closes(side).insert(vb);
         actions.push(Action::CloseStream {
             side,
