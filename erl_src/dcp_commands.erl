@@ -12,7 +12,7 @@
 
 %% Handshake frames as ns_server sends them, and the collection / sync-write frames (the section at
 %% the very end of this file)
--export([dcp_open_json/5, system_event/3, create_collection_event/5, prepare/3, commit/3, abort/3,
+-export([dcp_open_json/5, system_event/3, create_collection_event/5, create_collection_value/1, prepare/3, commit/3, abort/3,
          seqno_acknowledged/3, collection_key/2, split_collection_key/1, leb128/1]).
 
 %% Handshake and stream setup (what a connection to memcached sends)
@@ -443,7 +443,13 @@ system_event(VBucket, Opaque, #{by_seqno := Seqno, event := Event, key := Key} =
                              -> iodata().
 create_collection_event(VBucket, Opaque, Seqno, Cid, Name) ->
     system_event(VBucket, Opaque, #{by_seqno => Seqno, event => ?EVENT_CREATE_COLLECTION,
-                                    key => Name, value => <<Cid:64, 0:32, Cid:32>>}).
+                                    key => Name, value => create_collection_value(Cid)}).
+
+%% @doc The value of the system event creating collection `Cid' in the default scope: the manifest
+%% uid (the collection id here), the scope id and the collection id.
+-spec create_collection_value(non_neg_integer()) -> binary().
+create_collection_value(Cid) ->
+    <<Cid:64, 0:32, Cid:32>>.
 
 %% @doc DCP_PREPARE: a durable write pending its commit or abort; extras as a mutation's, ending with
 %% nru u8, deleted u8, durability level u8 (1 majority, the default here).

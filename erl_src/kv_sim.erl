@@ -16,7 +16,21 @@
 %% seqnos 1..K of every vbucket, K their number, and the `docs_per_vbucket' documents at seqnos
 %% K+1..K+N go round the collections in order; a connection that negotiated HELLO collections gets
 %% the system events and every document, its key prefixed by the collection id as unsigned LEB128;
-%% one that did not gets only the default collection's documents, keys unprefixed).
+%% one that did not gets only the default collection's documents, keys unprefixed),
+%% `durable_writes' (producer and node: `#{committed => C, aborted => A, pending => P}', default
+%% none; after the documents of every vbucket, C durable writes each a DCP_PREPARE and, at the next
+%% seqno, its DCP_COMMIT, then A each a prepare and its DCP_ABORT, then P prepares never resolved;
+%% keys `dur-<vb>-<prepared seqno>', round the collections in order like the documents. A connection
+%% whose consumer sent DCP_CONTROL `enable_sync_writes' `true' gets them so; any other gets only
+%% the committed ones, each a DCP_MUTATION at its commit's seqno, as kv_engine streams them).
+%%
+%% Sync writes, as kv_engine's consumer and producer do them: a consumer connection whose DCP_OPEN
+%% value named a `consumer_name' sends the producer (through the proxy) DCP_CONTROL `consumer_name'
+%% and `enable_sync_writes' right after the open's answer; it keeps prepares pending per
+%% (vbucket, collection, key), makes one live at its commit's seqno on DCP_COMMIT and drops it on
+%% DCP_ABORT, and once it holds a snapshot's prepares (the snapshot marker's end reached) sends
+%% DCP_SEQNO_ACKNOWLEDGED with the highest prepared seqno, which the producer records
+%% (`seqno_acks/2'). `durable_state/2' gives a node's pending prepares and its durable counts.
 %%
 %% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
 %% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
@@ -58,7 +72,8 @@
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
          vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
-         handshakes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2]).
+         handshakes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2,
+         seqno_item/2, durable_doc/3, durable_state/2, seqno_acks/2, collection_name/1]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -73,7 +88,9 @@
                   seed => integer(), ssl => false | [ssl:tls_server_option()],
                   hello_features => [dcp_commands:feature()],
                   consumer_buffer_size => non_neg_integer(),
-                  collections => [non_neg_integer()]}.
+                  collections => [non_neg_integer()],
+                  durable_writes => #{committed => non_neg_integer(), aborted => non_neg_integer(),
+                                      pending => non_neg_integer()}}.
 
 -type opcode() :: atom() | 0..255.
 -type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
@@ -98,7 +115,9 @@
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
                          collections := [non_neg_integer()],
-                         events := ets:tid(),
+                         %% committed, aborted, pending
+                         durable_writes := {non_neg_integer(), non_neg_integer(), non_neg_integer()},
+                         events := ets:tid(), durable := ets:tid(), acks := ets:tid(),
                          faults := ets:tid(), store := ets:tid(),
                          vbucket_states := kv_sim_vbuckets:table(),
                          node := pid()}.
@@ -150,8 +169,8 @@ digest(Node, VBucket) ->
     Config = gen_server:call(Node, config),
     case Config of
         #{role := producer} ->
-            digest_of([{hash_key(collection_of(Config, Seqno), Key), Seqno, Value}
-                       || {Key, Seqno, Value} <- docs(Config, VBucket, 1)]);
+            digest_of([{hash_key(Cid, Key), Seqno, Value}
+                       || {Cid, Key, Seqno, Value} <- live_docs(Config, VBucket)]);
         #{role := Role, store := Store} when Role =:= consumer; Role =:= node ->
             Docs = ets:select(Store, [{{{VBucket, '$1'}, '$2', '$3'}, [], [{{'$1', '$2', '$3'}}]}]),
             digest_of([{hash_key(K), Seqno, Value} || {K, Seqno, Value} <- Docs])
@@ -165,16 +184,22 @@ hash_key(Key) -> Key.
 hash_key(0, Key) -> Key;
 hash_key(Cid, Key) -> dcp_commands:collection_key(Cid, Key).
 
+%% The store's key of a document of collection `Cid'.
+store_key(0, Key) -> Key;
+store_key(Cid, Key) -> {Cid, Key}.
+
+split_store_key({Cid, Key}) -> {Cid, Key};
+split_store_key(Key) -> {0, Key}.
+
 %% @doc The live documents of a vbucket per collection id (every collection of the bucket for a
 %% producer; those it holds for a consumer).
 -spec collection_counts(pid(), dcp_commands:vbucket()) -> #{non_neg_integer() => non_neg_integer()}.
 collection_counts(Node, VBucket) ->
     case gen_server:call(Node, config) of
         #{role := producer, collections := Cs} = Config ->
-            lists:foldl(fun({_Key, Seqno, _}, Acc) ->
-                                maps:update_with(collection_of(Config, Seqno),
-                                                 fun(N) -> N + 1 end, 1, Acc)
-                        end, maps:from_list([{C, 0} || C <- Cs]), docs(Config, VBucket, 1));
+            lists:foldl(fun({Cid, _Key, _Seqno, _}, Acc) ->
+                                maps:update_with(Cid, fun(N) -> N + 1 end, 1, Acc)
+                        end, maps:from_list([{C, 0} || C <- Cs]), live_docs(Config, VBucket));
         #{role := Role, store := Store} when Role =:= consumer; Role =:= node ->
             Keys = ets:select(Store, [{{{VBucket, '$1'}, '_', '_'}, [], ['$1']}]),
             lists:foldl(fun({Cid, _}, Acc) -> maps:update_with(Cid, fun(N) -> N + 1 end, 1, Acc);
@@ -182,31 +207,131 @@ collection_counts(Node, VBucket) ->
                         end, #{}, Keys)
     end.
 
-%% @doc A consumer node's system events of a vbucket, as `{Seqno, Event, Key}' in seqno order.
+%% @doc A node's system events of a vbucket, as `{Seqno, Event, Key}' in seqno order (a consumer's:
+%% those it received; a producer's: those it streams to a collection-aware connection).
 -spec system_events(pid(), dcp_commands:vbucket()) -> [{non_neg_integer(), non_neg_integer(), binary()}].
 system_events(Node, VBucket) ->
-    #{events := Events} = gen_server:call(Node, config),
-    lists:sort([{Seqno, Event, Key}
-                || {{_, Seqno}, Event, Key} <- ets:match_object(Events, {{VBucket, '_'}, '_', '_'})]).
+    case gen_server:call(Node, config) of
+        #{role := producer} = Config ->
+            [{Seqno, 0, collection_name(Cid)}
+             || Seqno <- lists:seq(1, events_per_vbucket(Config)),
+                {create, Cid} <- [seqno_item(Config, Seqno)]];
+        #{events := Events} ->
+            lists:sort([{Seqno, Event, Key}
+                        || {{_, Seqno}, Event, Key, _Value}
+                               <- ets:match_object(Events, {{VBucket, '_'}, '_', '_', '_'})])
+    end.
+
+%% @doc The name a seeded collection has in its create event.
+-spec collection_name(non_neg_integer()) -> binary().
+collection_name(Cid) ->
+    <<"c", (integer_to_binary(Cid))/binary>>.
+
+%% @doc The durable writes of a vbucket. `pending': the prepares not (yet) committed or aborted, as
+%% `{Cid, Key, PreparedSeqno}' in key order; `prepares', `commits', `aborts': how many of each the
+%% node holds (a seeded producer: all it has; a consumer: what it received, a commit or an abort
+%% received also counting its prepare only if the prepare came).
+-spec durable_state(pid(), dcp_commands:vbucket()) ->
+          #{pending := [{non_neg_integer(), binary(), pos_integer()}], prepares := non_neg_integer(),
+            commits := non_neg_integer(), aborts := non_neg_integer()}.
+durable_state(Node, VBucket) ->
+    case gen_server:call(Node, config) of
+        #{role := producer, durable_writes := {Committed, Aborted, Pending}} = Config ->
+            K = events_per_vbucket(Config) + maps:get(docs_per_vbucket, Config),
+            First = K + 2 * (Committed + Aborted) + 1,
+            PendingWrites = [begin
+                                 {prepare, Cid, pending} = seqno_item(Config, Seqno),
+                                 {Key, _} = durable_doc(Config, VBucket, Seqno),
+                                 {Cid, Key, Seqno}
+                             end || Seqno <- lists:seq(First, First + Pending - 1)],
+            #{pending => lists:sort(PendingWrites), prepares => Committed + Aborted + Pending,
+              commits => Committed, aborts => Aborted};
+        #{durable := Durable} ->
+            Pending = [begin {Cid, Key} = split_store_key(SKey), {Cid, Key, Seqno} end
+                       || {{_, SKey}, Seqno, _Value, pending}
+                              <- ets:match_object(Durable, {{VBucket, '_'}, '_', '_', pending})],
+            {P, C, A} = case ets:lookup(Durable, {count, VBucket}) of
+                            [{_, P0, C0, A0}] -> {P0, C0, A0};
+                            [] -> {0, 0, 0}
+                        end,
+            #{pending => lists:sort(Pending), prepares => P, commits => C, aborts => A}
+    end.
+
+%% @doc The prepared seqnos a node's producer connections received in DCP_SEQNO_ACKNOWLEDGEDs for
+%% a vbucket, in arrival order.
+-spec seqno_acks(pid(), dcp_commands:vbucket()) -> [non_neg_integer()].
+seqno_acks(Node, VBucket) ->
+    #{acks := Acks} = gen_server:call(Node, config),
+    [Seqno || {_, Seqno} <- ets:lookup(Acks, VBucket)].
 
 %% @doc What seqno `Seqno' of a producer's vbucket holds: `{create, Cid}' (a system event) at
 %% seqnos 1..K, else the collection of its document.
 -spec collection_of(node_config(), pos_integer()) -> non_neg_integer() | {create, non_neg_integer()}.
-collection_of(#{collections := Cs}, Seqno) ->
-    Others = [C || C <- Cs, C =/= 0],
-    K = length(Others),
-    case Seqno =< K of
-        true -> {create, lists:nth(Seqno, Others)};
-        false -> lists:nth((Seqno - K - 1) rem length(Cs) + 1, Cs)
+collection_of(Config, Seqno) ->
+    case seqno_item(Config, Seqno) of
+        {create, Cid} -> {create, Cid};
+        {_, Cid} -> Cid;
+        {_, Cid, _} -> Cid
     end.
 
-%% @doc A producer's vbucket high seqno: its system events and its documents.
+%% @doc What seqno `Seqno' of a seeded vbucket holds (the layout of the module doc): a collection's
+%% create event, a document, the prepare of a durable write (and how it ends), or the commit or
+%% abort of the prepare at `PreparedSeqno'.
+-spec seqno_item(node_config(), pos_integer()) ->
+          {create, non_neg_integer()} | {doc, non_neg_integer()}
+              | {prepare, non_neg_integer(), committed | aborted | pending}
+              | {commit | abort, non_neg_integer(), pos_integer()}.
+seqno_item(#{collections := Cs, docs_per_vbucket := N,
+             durable_writes := {Committed, Aborted, _Pending}}, Seqno) ->
+    Others = [C || C <- Cs, C =/= 0],
+    K = length(Others),
+    if
+        Seqno =< K ->
+            {create, lists:nth(Seqno, Others)};
+        Seqno =< K + N ->
+            {doc, lists:nth((Seqno - K - 1) rem length(Cs) + 1, Cs)};
+        true ->
+            %% the durable writes: two seqnos each for the committed then the aborted ones, one
+            %% each for the pending ones; their collections go round in order too
+            D = Seqno - K - N - 1,
+            Resolved = 2 * (Committed + Aborted),
+            Index = case D < Resolved of
+                        true -> D div 2;
+                        false -> Committed + Aborted + D - Resolved
+                    end,
+            Cid = lists:nth(Index rem length(Cs) + 1, Cs),
+            if
+                D >= Resolved -> {prepare, Cid, pending};
+                D rem 2 =:= 0, Index < Committed -> {prepare, Cid, committed};
+                D rem 2 =:= 0 -> {prepare, Cid, aborted};
+                Index < Committed -> {commit, Cid, Seqno - 1};
+                true -> {abort, Cid, Seqno - 1}
+            end
+    end.
+
+%% @doc A producer's vbucket high seqno: its system events, its documents and its durable writes.
 -spec high_seqno(node_config()) -> non_neg_integer().
-high_seqno(#{docs_per_vbucket := N} = Config) ->
-    N + events_per_vbucket(Config).
+high_seqno(#{docs_per_vbucket := N, durable_writes := {Committed, Aborted, Pending}} = Config) ->
+    N + events_per_vbucket(Config) + 2 * (Committed + Aborted) + Pending.
 
 events_per_vbucket(#{collections := Cs}) ->
     length([C || C <- Cs, C =/= 0]).
+
+%% The live documents of a seeded vbucket, `{Cid, Key, Seqno, Value}': the documents and the
+%% committed durable writes (at their commit's seqno).
+live_docs(Config, VB) ->
+    lists:filtermap(fun(Seqno) ->
+                            case seqno_item(Config, Seqno) of
+                                {doc, Cid} ->
+                                    {Key, Seqno, Value} = doc(Config, VB, Seqno),
+                                    {true, {Cid, Key, Seqno, Value}};
+                                {commit, Cid, Prepared} ->
+                                    {Key, Value} = durable_doc(Config, VB, Prepared),
+                                    {true, {Cid, Key, Seqno, Value}};
+                                _ ->
+                                    false
+                            end
+                    end, lists:seq(events_per_vbucket(Config) + 1, high_seqno(Config))).
 
 %% @doc The node's state of a vbucket: a producer's vbuckets start `active' (`dead' after a takeover),
 %% a consumer's `replica' until a DCP_SET_VBUCKET_STATE changes it.
@@ -229,16 +354,23 @@ set_vbucket_state(Node, VBucket, State) ->
 %% @doc Drops the node's copy of a vbucket: its documents and high seqno go, its state becomes `dead'.
 -spec delete_vbucket(pid(), dcp_commands:vbucket()) -> ok.
 delete_vbucket(Node, VBucket) ->
-    #{vbucket_states := Table, store := Store} = gen_server:call(Node, config),
+    #{vbucket_states := Table, store := Store, events := Events, durable := Durable} =
+        gen_server:call(Node, config),
     ets:match_delete(Store, {{VBucket, '_'}, '_', '_'}),
+    ets:match_delete(Events, {{VBucket, '_'}, '_', '_', '_'}),
+    ets:match_delete(Durable, {{VBucket, '_'}, '_', '_', '_'}),
+    ets:delete(Durable, {count, VBucket}),
     ok = kv_sim_vbuckets:set_high_seqnos(Table, #{VBucket => 0}),
     kv_sim_vbuckets:set_state(Table, VBucket, dead).
 
-%% @doc A producer node's documents of a vbucket from seqno `From' on, as `{Key, Seqno, Value}'.
+%% @doc A producer node's documents (not its durable writes) of a vbucket from seqno `From' on, as
+%% `{Key, Seqno, Value}'.
 -spec docs(node_config(), dcp_commands:vbucket(), pos_integer()) -> [{binary(), pos_integer(), binary()}].
 docs(Config, VBucket, From) ->
+    #{docs_per_vbucket := N} = Config,
     [doc(Config, VBucket, Seqno)
-     || Seqno <- lists:seq(max(From, events_per_vbucket(Config) + 1), high_seqno(Config))].
+     || Seqno <- lists:seq(max(From, events_per_vbucket(Config) + 1),
+                           events_per_vbucket(Config) + N)].
 
 %% @doc Document `Seqno' of a vbucket: a zero-padded key (so key order is seqno order) and a value cut
 %% from the node's seeded random block at an offset that depends on the key.
@@ -247,6 +379,14 @@ doc(#{value_size := Size, value_block := Block}, VBucket, Seqno) ->
     Key = <<"doc-", (pad(VBucket, 4))/binary, "-", (pad(Seqno, 8))/binary>>,
     Offset = erlang:phash2({VBucket, Seqno}, Size + 1),
     {Key, Seqno, binary:part(Block, Offset, Size)}.
+
+%% @doc The key and value of the durable write prepared at `PreparedSeqno' (keys `dur-...', apart
+%% from the documents').
+-spec durable_doc(node_config(), dcp_commands:vbucket(), pos_integer()) -> {binary(), binary()}.
+durable_doc(#{value_size := Size, value_block := Block}, VBucket, Seqno) ->
+    Key = <<"dur-", (pad(VBucket, 4))/binary, "-", (pad(Seqno, 8))/binary>>,
+    Offset = erlang:phash2({VBucket, Seqno}, Size + 1),
+    {Key, binary:part(Block, Offset, Size)}.
 
 %% The digits of 10^Width + N after its leading 1 are N zero-padded to Width: one conversion per key
 %% on the producer's hot path.
@@ -310,7 +450,10 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
            hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
            collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
+           durable_writes => durable_writes(Role, maps:get(durable_writes, Opts, #{})),
            events => ets:new(kv_sim_events, [public, set]),
+           durable => ets:new(kv_sim_durable, [public, set]),
+           acks => ets:new(kv_sim_seqno_acks, [public, duplicate_bag]),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
            vbucket_states => kv_sim_vbuckets:new(VBuckets, InitialState),
@@ -320,19 +463,48 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
 config(Opts) ->
     {error, {bad_role, maps:get(role, Opts, missing)}}.
 
-%% A `node' holds its seeded active and replica vbuckets in its store, as a consumer would after a
-%% full replication from a producer with the same seed.
-seed_node(node, Opts, #{docs_per_vbucket := N, store := Store, vbucket_states := Table} = Config) ->
+durable_writes(consumer, _) ->
+    {0, 0, 0};
+durable_writes(_Role, Counts) ->
+    {maps:get(committed, Counts, 0), maps:get(aborted, Counts, 0), maps:get(pending, Counts, 0)}.
+
+%% A `node' holds its seeded active and replica vbuckets in its store, as a collection-aware consumer
+%% with sync writes would after a full replication from a producer with the same seed: the live
+%% documents (committed durable writes at their commit's seqno), the system events, and every
+%% durable write's prepare with how it ended.
+seed_node(node, Opts, #{vbucket_states := Table} = Config) ->
     Held = [{VB, active} || VB <- maps:get(active_vbuckets, Opts, [])]
         ++ [{VB, replica} || VB <- maps:get(replica_vbuckets, Opts, [])],
     lists:foreach(fun({VB, State}) ->
-                          ets:insert(Store, [{{VB, Key}, Seqno, Value}
-                                             || {Key, Seqno, Value} <- docs(Config, VB, 1)]),
+                          seed_vbucket(Config, VB),
                           ok = kv_sim_vbuckets:set_state(Table, VB, State)
                   end, Held),
-    kv_sim_vbuckets:set_high_seqnos(Table, maps:from_list([{VB, N} || {VB, _} <- Held]));
+    High = high_seqno(Config),
+    kv_sim_vbuckets:set_high_seqnos(Table, maps:from_list([{VB, High} || {VB, _} <- Held]));
 seed_node(_Role, _Opts, _Config) ->
     ok.
+
+seed_vbucket(#{store := Store, events := Events, durable := Durable} = Config, VB) ->
+    Items = [{Seqno, seqno_item(Config, Seqno)} || Seqno <- lists:seq(1, high_seqno(Config))],
+    ets:insert(Events, [{{VB, Seqno}, 0, collection_name(Cid),
+                         dcp_commands:create_collection_value(Cid)}
+                        || {Seqno, {create, Cid}} <- Items]),
+    ets:insert(Store, [{{VB, store_key(Cid, Key)}, Seqno, Value}
+                       || {Cid, Key, Seqno, Value} <- live_docs(Config, VB)]),
+    Ends = maps:from_list([{Prepared, {Kind, Seqno}}
+                           || {Seqno, {Kind, _, Prepared}} <- Items, Kind =/= prepare]),
+    Prepares = [begin
+                    {Key, Value} = durable_doc(Config, VB, Seqno),
+                    Outcome = case maps:find(Seqno, Ends) of
+                                  {ok, {commit, At}} -> {committed, At};
+                                  {ok, {abort, At}} -> {aborted, At};
+                                  error -> pending
+                              end,
+                    {{VB, store_key(Cid, Key)}, Seqno, Value, Outcome}
+                end || {Seqno, {prepare, Cid, _}} <- Items],
+    ets:insert(Durable, Prepares),
+    {Committed, Aborted, Pending} = maps:get(durable_writes, Config),
+    ets:insert(Durable, {{count, VB}, Committed + Aborted + Pending, Committed, Aborted}).
 
 listen(Opts, Config) ->
     Port = maps:get(port, Opts, 0),

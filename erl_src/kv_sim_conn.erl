@@ -52,6 +52,8 @@
                  | {send_stream_end_on_client_close_stream, boolean()}
                  | {enable_noop, boolean()}
                  | {set_noop_interval, pos_integer()}
+                 | {enable_sync_writes, boolean()}
+                 | {consumer_name, binary()}
                  | other.
 %% What an engine's step gives back: go on, or close the socket (after writing what the turn wrote).
 -type turn(Engine) :: {ok, Engine, conn()} | {close, term(), Engine, conn()}.
@@ -59,8 +61,9 @@
 %% An engine: the DCP side of the node's role, over its own state. Its steps thread the connection
 %% through for the writes, faults and own opaques they need (the exports below).
 -callback new(kv_sim:node_config()) -> engine().
-%% DCP_OPEN opened the connection.
--callback open(engine()) -> engine().
+%% DCP_OPEN opened the connection (its answer is in this turn's write); `consumer_name' is what its
+%% JSON value named, if it did.
+-callback open(engine(), #{consumer_name := binary() | undefined}, conn()) -> {engine(), conn()}.
 -callback control(control(), engine(), conn()) -> {engine(), conn()}.
 %% A DCP request once the connection is open (`Size': its bytes on the wire).
 -callback request(0..255, mcbp:frame(), non_neg_integer(), engine(), conn()) -> turn(engine()).
@@ -286,7 +289,7 @@ handshake(?NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?NOOP, VB, dcp_commands:response(?NOOP, ?SUCCESS, Opaque), C);
 handshake(?DCP_OPEN, Frame, #conn{opened = false} = C) ->
     case check_open(Frame) of
-        ok -> open(Frame, C);
+        {ok, ConsumerName} -> open(Frame, ConsumerName, C);
         {error, Why} -> {close, {invalid_request, dcp_open, Why}, C}
     end;
 handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
@@ -296,20 +299,20 @@ handshake(Op, Frame, C) ->
 
 %% memcached's DCP_OPEN validator: 8 bytes of extras, a name, and a value only as JSON (datatype
 %% JSON, a JSON object; a `consumer_name' in it must be a string). A violation closes the
-%% connection (logged by `log_close/2').
+%% connection (logged by `log_close/2'). The consumer name, if the value gave one.
 check_open(#{extras := Extras, key := Key, value := Value, datatype := Datatype}) ->
     if
         byte_size(Extras) =/= 8 -> {error, {extras_length, byte_size(Extras)}};
         Key =:= <<>> -> {error, no_connection_name};
         Value =:= <<>>, Datatype =/= 0 -> {error, {datatype_without_value, Datatype}};
-        Value =:= <<>> -> ok;
+        Value =:= <<>> -> {ok, undefined};
         Datatype =/= 1 -> {error, {value_not_json_datatype, Datatype}};
         true ->
             case flat_json_object(Value) of
                 {ok, Pairs} ->
                     case lists:keyfind(<<"consumer_name">>, 1, Pairs) of
-                        {_, Name} when is_binary(Name) -> ok;
-                        false -> ok
+                        {_, Name} when is_binary(Name) -> {ok, Name};
+                        false -> {ok, undefined}
                     end;
                 error ->
                     {error, value_not_a_json_object}
@@ -377,7 +380,7 @@ json_chars(<<>>, _Acc) -> error.
 skip_ws(<<C, Rest/binary>>) when C =:= $\s; C =:= $\t; C =:= $\n; C =:= $\r -> skip_ws(Rest);
 skip_ws(Bin) -> Bin.
 
-open(#{opaque := Opaque, vbucket := VB} = Frame, C) ->
+open(#{opaque := Opaque, vbucket := VB} = Frame, ConsumerName, C) ->
     <<_:32, Flags:32>> = maps:get(extras, Frame),
     record(#{open_name => maps:get(key, Frame, <<>>), open_flags => Flags,
              open_value => maps:get(value, Frame, <<>>),
@@ -396,8 +399,10 @@ open(#{opaque := Opaque, vbucket := VB} = Frame, C) ->
                            _ -> {C#conn.engine_mod, C#conn.engine}
                        end,
             Node ! {kv_sim_dcp_open, self(), Type, maps:get(key, Frame)},
-            answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?SUCCESS, Opaque),
-                   C#conn{opened = true, engine_mod = Mod, engine = Mod:open(E)});
+            {ok, C1} = answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?SUCCESS, Opaque),
+                              C#conn{opened = true, engine_mod = Mod}),
+            {E1, C2} = Mod:open(E, #{consumer_name => ConsumerName}, C1),
+            {ok, C2#conn{engine = E1}};
         false ->
             answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?NOT_SUPPORTED, Opaque), C)
     end.
@@ -467,6 +472,16 @@ control(<<"enable_noop">>, Value) ->
     {ok, {enable_noop, Value =:= <<"true">>}};
 control(<<"set_noop_interval">>, Value) ->
     integer_control(set_noop_interval, Value, 1);
+control(<<"enable_sync_writes">>, <<"true">>) ->
+    {ok, {enable_sync_writes, true}};
+control(<<"enable_sync_writes">>, <<"false">>) ->
+    {ok, {enable_sync_writes, false}};
+control(<<"enable_sync_writes">>, _Value) ->
+    einval;
+control(<<"consumer_name">>, <<>>) ->
+    einval;
+control(<<"consumer_name">>, Name) ->
+    {ok, {consumer_name, Name}};
 control(_Key, _Value) ->
     {ok, other}.
 

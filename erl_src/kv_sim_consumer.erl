@@ -1,15 +1,18 @@
 %% @doc The consumer engine of a `kv_sim' connection: kv_engine's DCP consumer as the proxy sees it.
 %% An ADD_STREAM makes it request the stream itself (with its own opaque); what the producer then sends
-%% through the proxy goes into the node's store, and it acknowledges it for flow control.
+%% through the proxy goes into the node's store, and it acknowledges it for flow control. With a
+%% consumer name (DCP_OPEN's JSON value) it asks the producer for sync writes, as kv_engine's consumer
+%% does: prepares wait in the node's durable table until their commit or abort, and the highest
+%% prepared seqno of each complete snapshot is acknowledged with DCP_SEQNO_ACKNOWLEDGED.
 -module(kv_sim_consumer).
 
 -include("mcbp.hrl").
 
 -behaviour(kv_sim_conn).
 
--export([new/1, open/1, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
+-export([new/1, open/3, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
 
--export_type([consumer/0]).
+-export_type([consumer/0, store_key/0]).
 
 %% One ADD_STREAM's stream: `requested' until the producer answered its STREAM_REQ, `accepted' until
 %% the ADD_STREAM is answered (at the end of that turn), then `active'. `ended': a STREAM_END came
@@ -17,12 +20,23 @@
 -record(stream, {add_opaque :: dcp_commands:opaque(),
                  stream_opaque :: dcp_commands:opaque(),
                  state = requested :: requested | accepted | active,
-                 ended = false :: boolean()}).
+                 ended = false :: boolean(),
+                 %% the end seqno of the last snapshot marker
+                 snap_end = 0 :: non_neg_integer()}).
 
 -record(consumer, {vbuckets :: [dcp_commands:vbucket()],
                    vbucket_table :: kv_sim_vbuckets:table(),
                    store :: ets:tid(),
                    events :: ets:tid(),
+                   durable :: ets:tid(),
+                   %% sync writes: `off' (no consumer name), `asked' (the controls sent, the opaque
+                   %% of enable_sync_writes), `on' once the producer accepted it, or `refused'
+                   sync = off :: off | {asked, dcp_commands:opaque()} | on | refused,
+                   %% per vbucket: the highest prepared seqno received and the last acknowledged
+                   prepared = #{} :: #{dcp_commands:vbucket() =>
+                                           {non_neg_integer(), non_neg_integer()}},
+                   %% the vbuckets with prepares not yet acknowledged
+                   ack_due = [] :: [dcp_commands:vbucket()],
                    buffer_size :: non_neg_integer(),   % the window it asks for; 0 = no flow control
                    streams = #{} :: #{dcp_commands:vbucket() => #stream{}},
                    by_opaque = #{} :: #{dcp_commands:opaque() => dcp_commands:vbucket()},
@@ -43,13 +57,22 @@
 
 -spec new(kv_sim:node_config()) -> consumer().
 new(#{vbuckets := VBuckets, vbucket_states := Table, store := Store, events := Events,
-      consumer_buffer_size := Size}) ->
+      durable := Durable, consumer_buffer_size := Size}) ->
     #consumer{vbuckets = VBuckets, vbucket_table = Table, store = Store, events = Events,
-              buffer_size = Size}.
+              durable = Durable, buffer_size = Size}.
 
--spec open(consumer()) -> consumer().
-open(S) ->
-    S.
+%% kv_engine's consumer with a name asks for sync replication first thing: its name, then
+%% enable_sync_writes (both go through the proxy to the producer).
+-spec open(consumer(), #{consumer_name := binary() | undefined}, conn()) -> {consumer(), conn()}.
+open(S, #{consumer_name := Name}, C) when is_binary(Name), Name =/= <<>> ->
+    {NameOpaque, C1} = kv_sim_conn:own_opaque(C),
+    {SyncOpaque, C2} = kv_sim_conn:own_opaque(C1),
+    C3 = kv_sim_conn:out([dcp_commands:control(<<"consumer_name">>, Name, NameOpaque),
+                          dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, SyncOpaque)],
+                         C2),
+    {S#consumer{sync = {asked, SyncOpaque}}, C3};
+open(S, _Open, C) ->
+    {S, C}.
 
 %% A consumer node has no use for the controls a producer acts on.
 -spec control(kv_sim_conn:control(), consumer(), conn()) -> {consumer(), conn()}.
@@ -119,8 +142,44 @@ add_stream_answer(VB, Opaque, Status, StreamOpaque, S, C) ->
                                   dcp_commands:add_stream_response(Opaque, Status, StreamOpaque), C),
     {ok, S, C1}.
 
-stream_message(?DCP_SNAPSHOT_MARKER, _Frame, S, C) ->
-    {ok, S, C};
+stream_message(?DCP_SNAPSHOT_MARKER, #{vbucket := VB, opaque := Opaque} = Frame, S, C) ->
+    case {owns_stream(VB, Opaque, S), mcbp:dcp_fields(Frame)} of
+        {true, #{end_seqno := End}} ->
+            #{VB := Stream} = S#consumer.streams,
+            {ok, S#consumer{streams = (S#consumer.streams)#{VB => Stream#stream{snap_end = End}}}, C};
+        _ ->
+            {ok, S, C}
+    end;
+stream_message(?DCP_PREPARE, #{vbucket := VB, opaque := Opaque, key := WireKey, value := Value} = Frame,
+               S, C) ->
+    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
+        false ->
+            {ok, S, C};
+        error ->
+            {close, {bad_collection_key, dcp_prepare, VB, WireKey}, S, C};
+        {ok, Key} ->
+            Seqno = by_seqno(Frame),
+            true = ets:insert(S#consumer.durable, {{VB, Key}, Seqno, Value, pending}),
+            count(S, VB, 2),
+            Due = case lists:member(VB, S#consumer.ack_due) of
+                      true -> S#consumer.ack_due;
+                      false -> [VB | S#consumer.ack_due]
+                  end,
+            S1 = S#consumer{prepared = (S#consumer.prepared)#{VB => {Seqno, acked(S, VB)}},
+                            ack_due = Due},
+            {ok, set_high_seqno(S1, VB, Seqno), C}
+    end;
+stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := WireKey,
+                         extras := <<Prepared:64, Seqno:64>>}, S, C)
+  when Opcode =:= ?DCP_COMMIT; Opcode =:= ?DCP_ABORT ->
+    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
+        false ->
+            {ok, S, C};
+        error ->
+            {close, {bad_collection_key, Opcode, VB, WireKey}, S, C};
+        {ok, Key} ->
+            resolve(Opcode, VB, Key, Prepared, Seqno, S, C)
+    end;
 stream_message(?DCP_MUTATION, #{vbucket := VB, opaque := Opaque, key := WireKey, value := Value} = Frame,
                S, C) ->
     case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
@@ -145,11 +204,11 @@ stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := WireKey} = Fram
             ets:delete(S1#consumer.store, {VB, Key}),
             {ok, set_high_seqno(S1, VB, by_seqno(Frame)), C}
     end;
-stream_message(?DCP_SYSTEM_EVENT, #{vbucket := VB, opaque := Opaque, key := Key,
+stream_message(?DCP_SYSTEM_EVENT, #{vbucket := VB, opaque := Opaque, key := Key, value := Value,
                                     extras := <<Seqno:64, Event:32, _Version:8>>}, S, C) ->
     case owns_stream(VB, Opaque, S) of
         true ->
-            ets:insert(S#consumer.events, {{VB, Seqno}, Event, Key}),
+            ets:insert(S#consumer.events, {{VB, Seqno}, Event, Key, Value}),
             {ok, set_high_seqno(S, VB, Seqno), C};
         false ->
             {ok, S, C}
@@ -173,6 +232,39 @@ stream_message(?DCP_SET_VBUCKET_STATE, #{vbucket := VB, opaque := Opaque} = Fram
 stream_message(_Unknown, _Frame, S, C) ->
     %% A proxy passes opcodes it does not know through; this consumer has no use for them.
     {ok, S, C}.
+
+%% A commit makes its prepare live at the commit's seqno (a commit without its prepare is a broken
+%% stream, as kv_engine's replica treats it); an abort drops the prepare (kv_engine also takes an
+%% abort whose prepare a disk snapshot never sent).
+resolve(?DCP_COMMIT, VB, Key, Prepared, Seqno, S, C) ->
+    case ets:lookup(S#consumer.durable, {VB, Key}) of
+        [{_, Prepared, Value, pending}] ->
+            true = ets:insert(S#consumer.durable, {{VB, Key}, Prepared, Value, {committed, Seqno}}),
+            count(S, VB, 3),
+            {ok, set_high_seqno(S#consumer{rows = [{{VB, Key}, Seqno, Value} | S#consumer.rows]},
+                                VB, Seqno), C};
+        _ ->
+            {close, {commit_without_prepare, VB, Key, Prepared}, S, C}
+    end;
+resolve(?DCP_ABORT, VB, Key, Prepared, Seqno, S, C) ->
+    Value = case ets:lookup(S#consumer.durable, {VB, Key}) of
+                [{_, Prepared, V, pending}] -> V;
+                _ -> <<>>
+            end,
+    true = ets:insert(S#consumer.durable, {{VB, Key}, Prepared, Value, {aborted, Seqno}}),
+    count(S, VB, 4),
+    {ok, set_high_seqno(S, VB, Seqno), C}.
+
+%% The vbucket's durable counts: prepares (position 2), commits (3), aborts (4).
+count(#consumer{durable = Durable}, VB, Pos) ->
+    _ = ets:update_counter(Durable, {count, VB}, {Pos, 1}, {{count, VB}, 0, 0, 0}),
+    ok.
+
+acked(#consumer{prepared = Prepared}, VB) ->
+    case Prepared of
+        #{VB := {_, Acked}} -> Acked;
+        _ -> 0
+    end.
 
 %% The store's key of a document key off the wire: collection-prefixed when HELLO negotiated
 %% collections.
@@ -213,6 +305,16 @@ forget_stream(VB, S) ->
 -spec response(mcbp:frame(), consumer(), conn()) -> kv_sim_conn:turn(consumer()).
 response(#{opcode := ?DCP_STREAM_REQ, opaque := Opaque, status := Status}, S, C) ->
     stream_req_answered(Opaque, Status, S, C);
+response(#{opcode := ?DCP_CONTROL, opaque := Opaque, status := Status},
+         #consumer{sync = {asked, Opaque}} = S, C) ->
+    %% the producer's answer to enable_sync_writes (through the proxy)
+    case Status of
+        ?SUCCESS ->
+            {ok, S#consumer{sync = on}, C};
+        _ ->
+            {ok, S#consumer{sync = refused},
+             kv_sim_conn:log_info(#{what => kv_sim_sync_writes_refused, status => Status}, C)}
+    end;
 response(_Other, S, C) ->
     %% Control and buffer answers need nothing from this node.
     {ok, S, C}.
@@ -245,7 +347,35 @@ info(_Msg, S, C) ->
 -spec end_turn(consumer(), conn()) -> {consumer(), conn()}.
 end_turn(S, C) ->
     {S1, C1} = answer_accepted_adds(closing(S), C),
-    ack_received(S1, C1).
+    {S2, C2} = ack_prepared(S1, C1),
+    ack_received(S2, C2).
+
+%% kv_engine's replica acknowledges its high prepared seqno once it holds a whole snapshot: each
+%% vbucket with prepares not yet acknowledged whose snapshot is complete (or whose stream is gone).
+ack_prepared(#consumer{sync = on, ack_due = [_ | _] = Due} = S, C) ->
+    lists:foldl(fun(VB, {SAcc, CAcc}) ->
+                        #{VB := {High, _}} = SAcc#consumer.prepared,
+                        case maps:find(VB, SAcc#consumer.streams) of
+                            {ok, #stream{snap_end = End}} ->
+                                case high_seqno(SAcc, VB) >= End of
+                                    true -> send_ack(VB, High, SAcc, CAcc);
+                                    false -> {SAcc#consumer{ack_due = [VB | SAcc#consumer.ack_due]},
+                                              CAcc}
+                                end;
+                            error ->
+                                send_ack(VB, High, SAcc, CAcc)
+                        end
+                end, {S#consumer{ack_due = []}, C}, lists:reverse(Due));
+ack_prepared(S, C) ->
+    {S, C}.
+
+send_ack(VB, High, S, C) ->
+    Opaque = case maps:find(VB, S#consumer.streams) of
+                 {ok, #stream{stream_opaque = O}} -> O;
+                 error -> 0
+             end,
+    {S#consumer{prepared = (S#consumer.prepared)#{VB => {High, High}}},
+     kv_sim_conn:out(dcp_commands:seqno_acknowledged(VB, Opaque, High), C)}.
 
 %% @doc Stores the turn's documents (the connection is closing).
 -spec closing(consumer()) -> consumer().

@@ -7,7 +7,7 @@
 
 -behaviour(kv_sim_conn).
 
--export([new/1, open/1, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
+-export([new/1, open/3, control/3, request/5, response/3, info/3, end_turn/2, closing/1]).
 
 %% memcached's `STATS dcp-vbtakeover' for this connection.
 -export([takeover_stats/2]).
@@ -22,6 +22,14 @@
 %% The stream id the `flexible_framing' fault puts in a frame's framing extras.
 -define(FAULT_STREAM_ID, 1).
 
+%% What a node holds at each seqno of a vbucket (read at the STREAM_REQ): its live documents, its
+%% system events and its durable writes (a commit at the seqno of the live document it made).
+-type stored() :: {mutation, kv_sim_consumer:store_key(), binary()}
+                | {prepare, kv_sim_consumer:store_key(), binary()}
+                | {commit, kv_sim_consumer:store_key(), pos_integer(), binary() | undefined}
+                | {abort, kv_sim_consumer:store_key(), pos_integer()}
+                | {event, non_neg_integer(), binary(), binary()}.
+
 %% One stream, from `next' to `last': a snapshot marker, the mutations, then the finish (a STREAM_END,
 %% the takeover's state changes, or staying open when open-ended).
 -record(stream, {opaque :: dcp_commands:opaque(),
@@ -33,7 +41,7 @@
                                  | idle,
                  sent = 0 :: non_neg_integer(),         % mutations sent (for a close fault)
                  %% a `node' streams what its store holds (read at the request), others their seeds
-                 docs = seeded :: seeded | #{pos_integer() => {binary(), binary()}}}).
+                 docs = seeded :: seeded | #{pos_integer() => stored()}}).
 
 -record(producer, {config :: kv_sim:node_config(),
                    opened = false :: boolean(),
@@ -45,7 +53,10 @@
                    stream_end_on_close = false :: boolean(),
                    noop_enabled = false :: boolean(),
                    noop_interval = 0 :: non_neg_integer(),  % seconds; 0 = not set
-                   noop_timer = false :: boolean()}).
+                   noop_timer = false :: boolean(),
+                   %% DCP_CONTROL enable_sync_writes: durable writes go as prepares, commits, aborts
+                   sync_writes = false :: boolean(),
+                   consumer_name = undefined :: binary() | undefined}).
 
 -opaque producer() :: #producer{}.
 
@@ -58,9 +69,9 @@
 new(Config) ->
     #producer{config = Config}.
 
--spec open(producer()) -> producer().
-open(P) ->
-    P#producer{opened = true}.
+-spec open(producer(), #{consumer_name := binary() | undefined}, conn()) -> {producer(), conn()}.
+open(P, _Open, C) ->
+    {P#producer{opened = true}, C}.
 
 -spec control(kv_sim_conn:control(), producer(), conn()) -> {producer(), conn()}.
 control({connection_buffer_size, Size}, P, C) ->
@@ -71,6 +82,10 @@ control({enable_noop, On}, P, C) ->
     {maybe_start_noops(P#producer{noop_enabled = On}), C};
 control({set_noop_interval, Seconds}, P, C) ->
     {maybe_start_noops(P#producer{noop_interval = Seconds}), C};
+control({enable_sync_writes, On}, P, C) ->
+    {P#producer{sync_writes = On}, C};
+control({consumer_name, Name}, P, C) ->
+    {P#producer{consumer_name = Name}, C};
 control(other, P, C) ->
     {P, C}.
 
@@ -142,6 +157,18 @@ request(?DCP_CLOSE_STREAM, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
 request(?DCP_BUFFER_ACK, Frame, _Size, P, C) ->
     #{bytes := Bytes} = mcbp:dcp_fields(Frame),
     {ok, P#producer{tx_unacked = max(0, P#producer.tx_unacked - Bytes)}, C};
+request(?DCP_SEQNO_ACKNOWLEDGED, #{vbucket := VB, opaque := Opaque, extras := Extras}, _Size, P, C) ->
+    %% kv_engine takes acks only from a consumer that enabled sync writes and gave its name; a
+    %% success is not answered
+    case {P#producer.sync_writes, P#producer.consumer_name, Extras} of
+        {true, Name, <<Seqno:64>>} when is_binary(Name) ->
+            #producer{config = #{acks := Acks}} = P,
+            true = ets:insert(Acks, {VB, Seqno}),
+            {ok, P, C};
+        _ ->
+            answer(?DCP_SEQNO_ACKNOWLEDGED, VB,
+                   dcp_commands:response(?DCP_SEQNO_ACKNOWLEDGED, ?EINVAL, Opaque), P, C)
+    end;
 request(?DCP_GET_FAILOVER_LOG, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
     answer(?DCP_GET_FAILOVER_LOG, VB, dcp_commands:failover_log_response(Opaque, failover_log(P, VB)),
            P, C);
@@ -150,9 +177,8 @@ request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
 
 %% The vbucket's high seqno and where its documents come from: a producer's seeds, or what a `node'
 %% holds in its store.
-held(VB, #producer{config = #{role := node, store := Store, vbucket_states := Table}}) ->
-    Docs = ets:select(Store, [{{{VB, '$1'}, '$2', '$3'}, [], [{{'$2', {{'$1', '$3'}}}}]}]),
-    {kv_sim_vbuckets:high_seqno(Table, VB), maps:from_list(Docs)};
+held(VB, #producer{config = #{role := node, vbucket_states := Table} = Config}) ->
+    {kv_sim_vbuckets:high_seqno(Table, VB), stored_items(Config, VB)};
 held(_VB, #producer{config = Config}) ->
     {kv_sim:high_seqno(Config), seeded}.
 
@@ -381,10 +407,10 @@ step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
     %% An open-ended stream stays open with nothing more to send, until it is closed.
     {park, Stream#stream{phase = idle}, P, C}.
 
-%% The stream's mutations up to `To' (newest first) while the window has room, with the next seqno and
+%% The stream's frames up to `To' (newest first) while the window has room, with the next seqno and
 %% their bytes.
 mutations(VB, #stream{opaque = Opaque, next = From, docs = Docs}, To, Window, Faults,
-          #producer{config = Config}, C) ->
+          #producer{config = Config, sync_writes = Sync}, C) ->
     Framing = case Faults of
                   #{flexible := true} ->
                       #{framing_extras => dcp_commands:stream_id_framing(?FAULT_STREAM_ID)};
@@ -394,57 +420,135 @@ mutations(VB, #stream{opaque = Opaque, next = From, docs = Docs}, To, Window, Fa
                  seeded -> {seeded, Config};
                  _ -> {store, Docs}
              end,
-    mutations(VB, Opaque, From, To, Window, Framing#{collections => kv_sim_conn:collections(C)},
-              Source, [], 0).
+    Wire = {Framing, kv_sim_conn:collections(C), Sync},
+    mutations(VB, Opaque, From, To, Window, Wire, Source, [], 0).
 
-mutations(VB, Opaque, Seqno, To, Window, Framing, {store, Docs} = Source, Frames, Bytes)
+mutations(VB, Opaque, Seqno, To, Window, Wire, {store, Docs} = Source, Frames, Bytes)
   when Seqno =< To, not is_map_key(Seqno, Docs) ->
     %% a seqno the node's store does not hold (a later write of its key replaced it)
-    mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Source, Frames, Bytes);
-mutations(VB, Opaque, Seqno, To, Window, Framing, Config, Frames, Bytes)
+    mutations(VB, Opaque, Seqno + 1, To, Window, Wire, Source, Frames, Bytes);
+mutations(VB, Opaque, Seqno, To, Window, Wire, Source, Frames, Bytes)
   when Seqno =< To, (Window =:= unlimited orelse Bytes < Window) ->
-    {Collections, Doc} = maps:take(collections, Framing),
-    Frame = case Config of
-                {store, _} ->
-                    {Key, Seqno, Value} = doc(Config, VB, Seqno),
-                    %% The cas is the seqno: unique per document, as a cas must be.
-                    dcp_commands:mutation(VB, Opaque, Doc#{key => Key, by_seqno => Seqno,
-                                                           value => Value, cas => Seqno});
-                {seeded, Seeds} ->
-                    seeded_frame(VB, Opaque, Seqno, Doc, Collections, Seeds)
+    Frame = case Source of
+                {store, Docs} ->
+                    #{Seqno := Item} = Docs,
+                    stored_frame(VB, Opaque, Seqno, Item, Wire);
+                {seeded, Config} ->
+                    seeded_frame(VB, Opaque, Seqno, Wire, Config)
             end,
-    mutations(VB, Opaque, Seqno + 1, To, Window, Framing, Config, [Frame | Frames],
+    mutations(VB, Opaque, Seqno + 1, To, Window, Wire, Source, [Frame | Frames],
               Bytes + iolist_size(Frame));
-mutations(_VB, _Opaque, Seqno, _To, _Window, _Framing, _Config, Frames, Bytes) ->
+mutations(_VB, _Opaque, Seqno, _To, _Window, _Wire, _Source, Frames, Bytes) ->
     {Seqno, Frames, Bytes}.
 
-%% A document a node holds in its store.
-doc({store, Docs}, _VB, Seqno) ->
-    #{Seqno := {Key, Value}} = Docs,
-    {Key, Seqno, Value}.
+-spec stored_items(kv_sim:node_config(), dcp_commands:vbucket()) -> #{pos_integer() => stored()}.
+stored_items(#{store := Store, events := Events, durable := Durable}, VB) ->
+    Live = maps:from_list(
+             [{Seqno, {mutation, SKey, Value}}
+              || {SKey, Seqno, Value} <- ets:select(Store, [{{{VB, '$1'}, '$2', '$3'}, [],
+                                                            [{{'$1', '$2', '$3'}}]}])]),
+    WithEvents = lists:foldl(fun({{_, Seqno}, Event, Key, Value}, Acc) ->
+                                     Acc#{Seqno => {event, Event, Key, Value}}
+                             end, Live, ets:match_object(Events, {{VB, '_'}, '_', '_', '_'})),
+    lists:foldl(fun({{_, SKey}, Prepared, Value, Outcome}, Acc) ->
+                        Acc1 = Acc#{Prepared => {prepare, SKey, Value}},
+                        case Outcome of
+                            pending ->
+                                Acc1;
+                            {aborted, At} ->
+                                Acc1#{At => {abort, SKey, Prepared}};
+                            {committed, At} ->
+                                LiveValue = case Acc1 of
+                                                #{At := {mutation, SKey, V}} -> V;
+                                                _ -> undefined
+                                            end,
+                                Acc1#{At => {commit, SKey, Prepared, LiveValue}}
+                        end
+                end, WithEvents, ets:match_object(Durable, {{VB, '_'}, '_', '_', '_'})).
 
-%% A seeded producer's seqno on a connection: a collection's create event or a document; a
-%% connection without HELLO collections is served as a legacy client (the default collection's
-%% documents only, keys unprefixed).
-seeded_frame(VB, Opaque, Seqno, Doc, Collections, Config) ->
-    case {kv_sim:collection_of(Config, Seqno), Collections} of
-        {{create, Cid}, true} ->
-            dcp_commands:create_collection_event(VB, Opaque, Seqno, Cid,
-                                                 <<"c", (integer_to_binary(Cid))/binary>>);
-        {{create, _}, false} ->
-            [];
-        {Cid, _} when Collections; Cid =:= 0 ->
-            {Key, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
-            WireKey = case Collections of
-                          true -> dcp_commands:collection_key(Cid, Key);
-                          false -> Key
-                      end,
-            %% The cas is the seqno: unique per document, as a cas must be.
-            dcp_commands:mutation(VB, Opaque, Doc#{key => WireKey, by_seqno => Seqno,
-                                                   value => Value, cas => Seqno});
-        {_Other, false} ->
-            []
+%% A node's stored seqno on a connection: without HELLO collections only the default collection's
+%% documents, keys unprefixed, and no system events; without sync writes only committed writes.
+stored_frame(_VB, _Opaque, _Seqno, {event, _, _, _}, {_, false, _}) ->
+    [];
+stored_frame(VB, Opaque, Seqno, {event, Event, Key, Value}, {_, true, _}) ->
+    dcp_commands:system_event(VB, Opaque, #{by_seqno => Seqno, event => Event, key => Key,
+                                            value => Value});
+stored_frame(VB, Opaque, Seqno, Item, {_, Collections, _} = Wire) ->
+    SKey = element(2, Item),
+    case wire_key(SKey, Collections) of
+        skip -> [];
+        WireKey -> stored_doc_frame(VB, Opaque, Seqno, WireKey, Item, Wire)
     end.
+
+stored_doc_frame(VB, Opaque, Seqno, Key, {mutation, _, Value}, {Framing, _, _}) ->
+    mutation_frame(VB, Opaque, Seqno, Key, Value, Framing);
+stored_doc_frame(VB, Opaque, Seqno, Key, {prepare, _, Value}, {Framing, _, true}) ->
+    dcp_commands:prepare(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
+                                              cas => Seqno});
+stored_doc_frame(VB, Opaque, Seqno, Key, {commit, _, Prepared, _}, {_, _, true}) ->
+    dcp_commands:commit(VB, Opaque, #{key => Key, prepared_seqno => Prepared, commit_seqno => Seqno});
+stored_doc_frame(VB, Opaque, Seqno, Key, {commit, _, _, Value}, {Framing, _, false})
+  when is_binary(Value) ->
+    mutation_frame(VB, Opaque, Seqno, Key, Value, Framing);
+stored_doc_frame(VB, Opaque, Seqno, Key, {abort, _, Prepared}, {_, _, true}) ->
+    dcp_commands:abort(VB, Opaque, #{key => Key, prepared_seqno => Prepared, abort_seqno => Seqno});
+stored_doc_frame(_VB, _Opaque, _Seqno, _Key, _Item, _Wire) ->
+    %% a prepare, an abort or a commit no longer live, to a connection without sync writes
+    [].
+
+wire_key({Cid, Key}, true) -> dcp_commands:collection_key(Cid, Key);
+wire_key({_Cid, _Key}, false) -> skip;
+wire_key(Key, true) -> dcp_commands:collection_key(0, Key);
+wire_key(Key, false) -> Key.
+
+%% The cas is the seqno: unique per document, as a cas must be.
+mutation_frame(VB, Opaque, Seqno, Key, Value, Framing) ->
+    dcp_commands:mutation(VB, Opaque, Framing#{key => Key, by_seqno => Seqno, value => Value,
+                                               cas => Seqno}).
+
+%% A seeded producer's seqno on a connection: a collection's create event, a document or a durable
+%% write's step; a connection without HELLO collections is served as a legacy client (the default
+%% collection's only, keys unprefixed), one without sync writes gets only the committed writes (a
+%% mutation at the commit's seqno).
+seeded_frame(VB, Opaque, Seqno, {_Framing, Collections, _Sync} = Wire, Config) ->
+    case kv_sim:seqno_item(Config, Seqno) of
+        {create, Cid} when Collections ->
+            dcp_commands:create_collection_event(VB, Opaque, Seqno, Cid, kv_sim:collection_name(Cid));
+        {create, _} ->
+            [];
+        Item ->
+            Cid = element(2, Item),
+            case Collections orelse Cid =:= 0 of
+                false ->
+                    [];
+                true ->
+                    Key = fun(K) when Collections -> dcp_commands:collection_key(Cid, K);
+                             (K) -> K
+                          end,
+                    seeded_doc_frame(VB, Opaque, Seqno, Item, Key, Wire, Config)
+            end
+    end.
+
+seeded_doc_frame(VB, Opaque, Seqno, {doc, _}, Key, {Framing, _, _}, Config) ->
+    {K, Seqno, Value} = kv_sim:doc(Config, VB, Seqno),
+    mutation_frame(VB, Opaque, Seqno, Key(K), Value, Framing);
+seeded_doc_frame(VB, Opaque, Seqno, {prepare, _, _}, Key, {Framing, _, true}, Config) ->
+    {K, Value} = kv_sim:durable_doc(Config, VB, Seqno),
+    dcp_commands:prepare(VB, Opaque, Framing#{key => Key(K), by_seqno => Seqno, value => Value,
+                                              cas => Seqno});
+seeded_doc_frame(VB, Opaque, Seqno, {commit, _, Prepared}, Key, {Framing, _, Sync}, Config) ->
+    {K, Value} = kv_sim:durable_doc(Config, VB, Prepared),
+    case Sync of
+        true -> dcp_commands:commit(VB, Opaque, #{key => Key(K), prepared_seqno => Prepared,
+                                                  commit_seqno => Seqno});
+        false -> mutation_frame(VB, Opaque, Seqno, Key(K), Value, Framing)
+    end;
+seeded_doc_frame(VB, Opaque, Seqno, {abort, _, Prepared}, Key, {_, _, true}, Config) ->
+    {K, _} = kv_sim:durable_doc(Config, VB, Prepared),
+    dcp_commands:abort(VB, Opaque, #{key => Key(K), prepared_seqno => Prepared, abort_seqno => Seqno});
+seeded_doc_frame(_VB, _Opaque, _Seqno, _Item, _Key, _Wire, _Config) ->
+    %% a prepare or an abort, to a connection without sync writes
+    [].
 
 %% ---- writing ----
 

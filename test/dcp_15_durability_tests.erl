@@ -1,0 +1,158 @@
+%% @doc Sync writes end to end (issue 12, items 5 and 7): with json and set_consumer_name the
+%% consumer's DCP_OPEN names it, kv_sim's consumer then asks the producer (through the proxy) for
+%% sync writes, durable writes flow as DCP_PREPARE / DCP_COMMIT / DCP_ABORT and the consumer's
+%% DCP_SEQNO_ACKNOWLEDGED reach the producer node; without a consumer name only committed writes
+%% arrive. Also the kv_sim side of it over a plain socket (no proxy).
+-module(dcp_15_durability_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+-import(dcp_test_lib, [with_nodes/3]).
+
+-define(VBS, [0, 1, 2, 3]).
+-define(DOCS, 12).
+-define(COLLECTIONS, [0, 8, 9]).
+-define(DURABLE, #{committed => 4, aborted => 2, pending => 1}).
+%% 2 create events, 12 documents, 6 resolved writes of two seqnos each, 1 pending prepare
+-define(HIGH_SEQNO, 2 + ?DOCS + 2 * 6 + 1).
+
+env_opts(Features) ->
+    #{producer => #{collections => ?COLLECTIONS, vbuckets => 4, docs_per_vbucket => ?DOCS,
+                    durable_writes => ?DURABLE},
+      consumer => #{vbuckets => 4},
+      rep => #{features => Features}}.
+
+%% ---- through the proxy ----
+
+sync_writes_replicate_test_() ->
+    with_nodes("json + set_consumer_name: prepares, commits and aborts replicate, acks come back",
+               env_opts([{xattr, true}, {collections, true}, {json, true},
+                      {set_consumer_name, true}]),
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, ?VBS)),
+                       dcp_test_lib:assert_replicated(P, C, ?VBS),
+                       %% the acks (the consumer's, through the proxy) come once it holds all
+                       [dcp_test_lib:wait_until(
+                          fun() -> lists:last([0 | kv_sim:seqno_acks(P, VB)]) =:= ?HIGH_SEQNO end)
+                        || VB <- ?VBS],
+                       [?assertEqual(kv_sim:durable_state(P, VB), kv_sim:durable_state(C, VB))
+                        || VB <- ?VBS],
+                       ?assertMatch(#{prepares := 7, commits := 4, aborts := 2,
+                                      pending := [{_, <<"dur-0002-", _/binary>>, ?HIGH_SEQNO}]},
+                                    kv_sim:durable_state(C, 2)),
+                       %% committed writes are live in their collections, aborted ones are not
+                       ?assertEqual(#{0 => 4 + 2, 8 => 4 + 1, 9 => 4 + 1},
+                                    kv_sim:collection_counts(C, 0)),
+                       ?assertEqual(kv_sim:collection_counts(P, 1), kv_sim:collection_counts(C, 1)),
+                       Stats = dcp_replicator:stats(Rep),
+                       ?assertEqual(4 * 7, dcp_test_lib:frames(producer, dcp_prepare, Stats)),
+                       ?assertEqual(4 * 4, dcp_test_lib:frames(producer, dcp_commit, Stats)),
+                       ?assertEqual(4 * 2, dcp_test_lib:frames(producer, dcp_abort, Stats)),
+                       ?assert(dcp_test_lib:frames(consumer, dcp_seqno_acknowledged, Stats) >= 4),
+                       %% the two controls went from the consumer node through the proxy
+                       ?assert(dcp_test_lib:frames(consumer, dcp_control, Stats) >= 2)
+               end).
+
+no_consumer_name_no_sync_writes_test_() ->
+    with_nodes("json without set_consumer_name: only committed writes, as mutations",
+               env_opts([xattr, collections, json]),
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, ?VBS)),
+                       %% the live documents (committed writes at their commit's seqno) agree
+                       dcp_test_lib:assert_replicated(P, C, ?VBS),
+                       ?assertEqual(kv_sim:collection_counts(P, 3), kv_sim:collection_counts(C, 3)),
+                       %% the difference: no prepare, commit, abort or ack on the consumer side
+                       [?assertEqual(#{pending => [], prepares => 0, commits => 0, aborts => 0},
+                                     kv_sim:durable_state(C, VB)) || VB <- ?VBS],
+                       ?assertMatch(#{pending := [_]}, kv_sim:durable_state(P, 0)),
+                       Stats = dcp_replicator:stats(Rep),
+                       ?assertEqual(0, dcp_test_lib:frames(producer, dcp_prepare, Stats)),
+                       ?assertEqual(0, dcp_test_lib:frames(producer, dcp_commit, Stats)),
+                       ?assertEqual(0, dcp_test_lib:frames(consumer, dcp_seqno_acknowledged, Stats)),
+                       [?assertEqual([], kv_sim:seqno_acks(P, VB)) || VB <- ?VBS]
+               end).
+
+pending_prepares_test_() ->
+    with_nodes("prepares never resolved stay pending on the consumer, acknowledged, not live",
+               #{producer => #{vbuckets => 2, docs_per_vbucket => 5,
+                               durable_writes => #{pending => 3}},
+                 consumer => #{vbuckets => 2},
+                 rep => #{features => [json, set_consumer_name]}},
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1])),
+                       dcp_test_lib:wait_until(
+                         fun() -> kv_sim:seqno_acks(P, 1) =:= [8] andalso
+                                      kv_sim:seqno_acks(P, 0) =:= [8] end),
+                       ?assertEqual({5, element(2, kv_sim:digest(P, 1))}, kv_sim:digest(C, 1)),
+                       ?assertEqual(#{pending => [{0, <<"dur-0001-00000006">>, 6},
+                                                  {0, <<"dur-0001-00000007">>, 7},
+                                                  {0, <<"dur-0001-00000008">>, 8}],
+                                      prepares => 3, commits => 0, aborts => 0},
+                                    kv_sim:durable_state(C, 1))
+               end).
+
+%% ---- kv_sim over a plain socket ----
+
+consumer_asks_for_sync_writes_test() ->
+    Node = kv_sim_test_client:sim(consumer),
+    try
+        Conn = kv_sim_test_client:connect(Node),
+        ok = auth(Conn),
+        Value = dcp_features:consumer_name_value(<<"n_1@10.0.0.1">>),
+        kv_sim_test_client:send(Conn, dcp_commands:dcp_open_json(<<"rep">>, consumer, [], Value, 4)),
+        ?assertMatch(#{opcode_name := dcp_open, status := 0}, kv_sim_test_client:recv(Conn)),
+        ?assertMatch(#{opcode_name := dcp_control, key := <<"consumer_name">>,
+                       value := <<"n_1@10.0.0.1">>}, kv_sim_test_client:recv(Conn)),
+        ?assertMatch(#{opcode_name := dcp_control, key := <<"enable_sync_writes">>,
+                       value := <<"true">>}, kv_sim_test_client:recv(Conn)),
+        %% a consumer opened without a name asks for nothing
+        Plain = kv_sim_test_client:open(Node, consumer),
+        kv_sim_test_client:assert_nothing_sent_before_noop(Plain)
+    after
+        kv_sim:stop(Node)
+    end.
+
+producer_streams_by_its_controls_test() ->
+    Node = kv_sim_test_client:sim(producer, #{docs_per_vbucket => 2,
+                                              durable_writes => #{committed => 1, aborted => 1}}),
+    try
+        Sync = kv_sim_test_client:open(Node, producer),
+        %% acks before sync writes are enabled are refused, as kv_engine does
+        ?assertEqual(16#04, kv_sim_test_client:status(
+                              kv_sim_test_client:call(Sync, dcp_commands:seqno_acknowledged(0, 9, 1)))),
+        [?assertEqual(0, kv_sim_test_client:status(kv_sim_test_client:call(Sync, F)))
+         || F <- [dcp_commands:control(<<"consumer_name">>, <<"c">>, 5),
+                  dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, 6)]],
+        ?assertEqual(16#04, kv_sim_test_client:status(
+                              kv_sim_test_client:call(
+                                Sync, dcp_commands:control(<<"enable_sync_writes">>, <<"yes">>, 7)))),
+        ?assertEqual([dcp_snapshot_marker, dcp_mutation, dcp_mutation, dcp_prepare, dcp_commit,
+                      dcp_prepare, dcp_abort, dcp_stream_end], opcodes(stream(Sync))),
+        kv_sim_test_client:send(Sync, dcp_commands:seqno_acknowledged(0, 9, 5)),
+        %% taken without an answer
+        kv_sim_test_client:assert_nothing_sent_before_noop(Sync),
+        Plain = kv_sim_test_client:open(Node, producer),
+        Frames = stream(Plain),
+        ?assertEqual([dcp_snapshot_marker, dcp_mutation, dcp_mutation, dcp_mutation, dcp_stream_end],
+                     opcodes(Frames)),
+        %% the committed write as a mutation at its commit's seqno
+        ?assertEqual(4, maps:get(by_seqno, mcbp:dcp_fields(lists:nth(4, Frames)))),
+        ?assertEqual([5], kv_sim:seqno_acks(Node, 0))
+    after
+        kv_sim:stop(Node)
+    end.
+
+auth(Conn) ->
+    ?assertEqual(0, kv_sim_test_client:status(
+                      kv_sim_test_client:call(Conn, dcp_commands:sasl_auth_plain("admin", "pw", 1)))),
+    ?assertEqual(0, kv_sim_test_client:status(
+                      kv_sim_test_client:call(Conn, dcp_commands:select_bucket("default", 2)))),
+    ok.
+
+stream(Conn) ->
+    Answer = kv_sim_test_client:call(Conn, dcp_commands:stream_req(0, #{end_seqno => 6}, 20)),
+    ?assertMatch(#{opcode_name := dcp_stream_req, status := 0}, Answer),
+    kv_sim_test_client:recv_until_stream_end(Conn).
+
+opcodes(Frames) ->
+    [Name || #{opcode_name := Name} <- Frames].
