@@ -91,6 +91,90 @@ pending_prepares_test_() ->
                                     kv_sim:durable_state(C, 1))
                end).
 
+%% ---- a cluster node serves what it stored (the rebalance's nodes) ----
+
+-define(SYNC_FEATURES, [{xattr, true}, {collections, true}, {json, true}, {set_consumer_name, true}]).
+
+start_kv(Extra) ->
+    {ok, Pid} = kv_sim:start(maps:merge(#{role => node, password => dcp_test_lib:password(),
+                                          vbuckets => 8, docs_per_vbucket => ?DOCS,
+                                          value_size => 64}, Extra)),
+    Pid.
+
+start_manager(ConsumerNode, Nodes, Features) ->
+    Ports = maps:map(fun(_, Pid) -> kv_sim:port(Pid) end, Nodes),
+    Resolve = fun(Node) -> #{host => {127, 0, 0, 1}, port => maps:get(Node, Ports), local => false} end,
+    Self = self(),
+    Holder = spawn(fun() ->
+                           process_flag(trap_exit, true),
+                           Opts = #{resolve => Resolve, consumer_node => ConsumerNode, name => undefined,
+                                    credentials => fun() -> {"Administrator",
+                                                             dcp_test_lib:password()} end,
+                                    replicator => #{setup_timeout => 10000, features => Features}},
+                           Self ! {manager, self(), dcp_replication_manager:start_link("default", Opts)},
+                           receive stop -> ok end
+                   end),
+    receive {manager, Holder, {ok, Mgr}} -> Mgr after 10000 -> error(no_manager) end.
+
+wait_digest(From, To, VB) ->
+    dcp_test_lib:wait_until(fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end).
+
+node_store_serves_collections_and_durable_writes_test_() ->
+    {"a node replicates collections and durable writes, and serves them from its store after takeover",
+     {setup,
+      fun() ->
+              X = start_kv(#{active_vbuckets => [3], collections => ?COLLECTIONS,
+                             durable_writes => ?DURABLE}),
+              [Y, Z, W] = [start_kv(#{}) || _ <- [y, z, w]],
+              Nodes = #{'x@h' => X, 'y@h' => Y, 'z@h' => Z, 'w@h' => W},
+              Managers = #{y => start_manager('y@h', Nodes, ?SYNC_FEATURES),
+                           z => start_manager('z@h', Nodes, ?SYNC_FEATURES),
+                           %% a legacy consumer: no collections, no consumer name
+                           w => start_manager('w@h', Nodes, [xattr, json])},
+              {Nodes, Managers}
+      end,
+      fun({Nodes, Managers}) ->
+              [catch dcp_replication_manager:stop(M) || M <- maps:values(Managers)],
+              [catch kv_sim:stop(K) || K <- maps:values(Nodes)]
+      end,
+      fun({#{'x@h' := X, 'y@h' := Y, 'z@h' := Z, 'w@h' := W}, #{y := MY, z := MZ, w := MW}}) ->
+              {timeout, 60,
+               ?_test(begin
+                          Seeded = kv_sim:durable_state(X, 3),
+                          ?assertMatch(#{prepares := 7, commits := 4, aborts := 2, pending := [_]},
+                                       Seeded),
+                          ?assertEqual(#{0 => 6, 8 => 5, 9 => 5}, kv_sim:collection_counts(X, 3)),
+                          ok = kv_sim:set_vbucket_state(Y, 3, replica),
+                          ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                             MY, [{'x@h', [3]}])),
+                          wait_digest(X, Y, 3),
+                          dcp_test_lib:wait_until(fun() -> kv_sim:seqno_acks(X, 3) =/= [] end),
+                          ?assertEqual(Seeded, kv_sim:durable_state(Y, 3)),
+                          ?assertEqual(kv_sim:system_events(X, 3), kv_sim:system_events(Y, 3)),
+                          ?assertEqual(ok, dcp_replication_manager:takeover(MY, 'x@h', 3)),
+                          ?assertEqual(active, kv_sim:vbucket_state(Y, 3)),
+                          %% y serves what it stored: prepares, commits and aborts to z
+                          ok = kv_sim:set_vbucket_state(Z, 3, replica),
+                          ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                             MZ, [{'y@h', [3]}])),
+                          wait_digest(Y, Z, 3),
+                          dcp_test_lib:wait_until(
+                            fun() -> kv_sim:durable_state(Z, 3) =:= Seeded end),
+                          ?assertEqual(kv_sim:collection_counts(X, 3), kv_sim:collection_counts(Z, 3)),
+                          ?assertEqual([{1, 0, <<"c8">>}, {2, 0, <<"c9">>}], kv_sim:system_events(Z, 3)),
+                          dcp_test_lib:wait_until(
+                            fun() -> lists:last([0 | kv_sim:seqno_acks(Y, 3)]) =:= ?HIGH_SEQNO end),
+                          %% and to a legacy consumer: the default collection's live documents
+                          ok = kv_sim:set_vbucket_state(W, 3, replica),
+                          ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
+                                             MW, [{'y@h', [3]}])),
+                          dcp_test_lib:wait_until(
+                            fun() -> kv_sim:collection_counts(W, 3) =:= #{0 => 6} end),
+                          ?assertMatch(#{prepares := 0, pending := []}, kv_sim:durable_state(W, 3)),
+                          ?assertEqual([], kv_sim:system_events(W, 3))
+                      end)}
+      end}}.
+
 %% ---- kv_sim over a plain socket ----
 
 consumer_asks_for_sync_writes_test() ->
