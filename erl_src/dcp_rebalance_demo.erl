@@ -18,13 +18,20 @@
 %% the producer, `no_add_stream_answer_after_stream_end' on the consumer) into a few builds: each fails
 %% fast with `{stream_end, state_changed}', the orchestrator reports it, clears the fault and retries,
 %% and the rebalance completes. Then every vbucket's active and replica digests are compared on every
-%% node. The documents are kv_sim's seeded plain documents (no collections or durable writes yet).
+%% node. The bucket has four collections (the default and three more, each created by a system event
+%% on every vbucket) and in every vbucket some durable writes (committed, aborted and one left
+%% pending); the replicators negotiate what ns_server's do (its feature proplist: xattr, collections,
+%% snappy, json, del_times, set_consumer_name), so the collections travel with their system events
+%% and the durable writes as DCP_PREPARE / COMMIT / ABORT, the consumers acknowledging the prepares
+%% (DCP_SEQNO_ACKNOWLEDGED) through the proxies. The check covers each vbucket's live documents,
+%% its durable writes (pending prepares included), and a per-collection table of the cluster.
 -module(dcp_rebalance_demo).
 
 -export([main/0, main/1, run/1]).
 
 %% called on the cluster nodes
--export([node_setup/1, node_start/1, node_kv/2, node_digests/1, node_cpu_ms/0, node_bytes/0,
+-export([node_setup/1, node_start/1, node_kv/2, node_digests/1, node_collections/1, node_acks/1,
+         node_cpu_ms/0, node_bytes/0,
          node_wait_moves/2, node_takeovers/2, node_stop/1]).
 
 -define(USER, "Administrator").
@@ -32,10 +39,19 @@
 -define(BUCKET, "default").
 -define(SEED, 42).
 -define(CALL_TIMEOUT, 120000).
+%% the default collection and three more
+-define(COLLECTIONS, [0, 8, 9, 10]).
+%% per vbucket
+-define(DURABLE, #{committed => 4, aborted => 2, pending => 1}).
+%% ns_server's replication features (a proplist, as it passes them)
+-define(FEATURES, [{xattr, true}, {collections, true}, {snappy, true}, {json, true}, {del_times, true},
+                   {del_user_xattr, false}, {set_consumer_name, true}, {ssl, false}]).
 
 -type opts() :: #{vbuckets => pos_integer(), docs => non_neg_integer(), value_size => pos_integer(),
                   connections => pos_integer(), faults => non_neg_integer(),
-                  batch => pos_integer(), quiet => boolean()}.
+                  batch => pos_integer(), quiet => boolean(),
+                  durable_writes => #{committed => non_neg_integer(), aborted => non_neg_integer(),
+                                      pending => non_neg_integer()}}.
 -export_type([opts/0]).
 
 %% ---- the orchestrator ----
@@ -63,6 +79,7 @@ run(Opts) ->
     NumFaults = maps:get(faults, Opts, 4),
     Batch = maps:get(batch, Opts, 128),
     Quiet = maps:get(quiet, Opts, false),
+    Durable = maps:get(durable_writes, Opts, ?DURABLE),
     Say = fun(Fmt, Args) -> Quiet orelse io:format(Fmt, Args) end,
     T0 = now_ms(),
     ok = ensure_distributed(),
@@ -76,14 +93,17 @@ run(Opts) ->
         OldMap = maps:from_list([{V, chain(Old, V)} || V <- VBs]),
         NewMap = maps:from_list([{V, new_chain(N3, V, maps:get(V, OldMap))} || V <- VBs]),
         Say("dcp_proxy rebalance demo: bucket ~s, ~b vbuckets x ~b documents of ~b bytes, 1 replica, "
-            "~b connections per node pair~n  nodes ~p (peer VMs)~n",
-            [?BUCKET, NumVBs, Docs, ValueSize, Conns, Nodes]),
+            "~b connections per node pair~n  collections ~w (ids), durable writes per vbucket ~w~n"
+            "  features ~w~n  nodes ~p (peer VMs)~n",
+            [?BUCKET, NumVBs, Docs, ValueSize, Conns, ?COLLECTIONS, Durable,
+             [F || {F, true} <- ?FEATURES], Nodes]),
         %% every node: its kv_sim (holding its part of the old map) and its dcp_proxy
         Ports = maps:from_list(
                   pmap(fun(Node) ->
                                Held = fun(Pos) -> [V || V <- VBs, nth(Pos, maps:get(V, OldMap)) =:= Node] end,
                                {Node, kvcall(Node, node_setup,
                                            [#{vbuckets => NumVBs, docs => Docs, value_size => ValueSize,
+                                              durable_writes => Durable,
                                               active => Held(1), replica => Held(2)}])}
                        end, Nodes)),
         _ = pmap(fun(Node) -> ok = call(Node, node_start, [#{ports => Ports, connections => Conns}]) end,
@@ -96,6 +116,7 @@ run(Opts) ->
                                              [{V, D} || {V, {_, D}} <- maps:to_list(
                                                                          kvcall(N, node_digests, [Mine]))]
                                      end, Nodes))),
+        BeforeCounts = counts_by_node(Nodes, VBs),
         %% the cluster before the rebalance: every replica streaming from its active
         {TInit, ok} = timed(fun() -> apply_map(Nodes, OldMap, VBs) end),
         Say("  phase 0  replications of the 3-node map set up            ~6b ms~n", [TInit]),
@@ -134,16 +155,20 @@ run(Opts) ->
             [Dropped, TDrop]),
         %% ---- verify ----
         {TCheck, {Mismatches, Checked}} = timed(fun() -> verify(Nodes, NewMap, VBs, Before) end),
-        Say("  verify   ~b vbuckets x 4 nodes: active = replica = pre-rebalance digest, no stray copies"
-            "   ~6b ms~n", [Checked, TCheck]),
+        Say("  verify   ~b vbuckets x 4 nodes: active = replica = pre-rebalance digest and durable "
+            "writes, no stray copies   ~6b ms~n", [Checked, TCheck]),
+        Collections = collection_table(Nodes, NewMap, VBs, OldMap, BeforeCounts, N3),
+        Acks = lists:sum(pmap(fun(N) -> kvcall(N, node_acks, [VBs]) end, Nodes)),
         Cpu1 = cpu(Nodes),
         Total = now_ms() - T0,
         AllFailures = Failures ++ TakeFailures,
-        Ok = Mismatches =:= [] andalso TakeFailures =:= [] andalso length(Failures) =:= length(Faulted),
+        Ok = Mismatches =:= [] andalso TakeFailures =:= [] andalso length(Failures) =:= length(Faulted)
+            andalso collections_agree(Collections),
         Result = #{ok => Ok, builds => length(Builds), takeovers => length(Takeovers),
-                   dropped => Dropped, docs_moved => length(Builds) * Docs, bytes => Bytes,
+                   dropped => Dropped, docs_moved => lists:sum([element(1, maps:get(V, Before)) || {V, _, _} <- Builds]), bytes => Bytes,
                    failures => AllFailures, retries => Retries + TakeRetries,
                    mismatches => Mismatches, total_ms => Total,
+                   collections => Collections, seqno_acks => Acks,
                    phases_ms => #{init => TInit, build => TBuild, wait => TWait, takeover => TTake,
                                   drop => TDrop, verify => TCheck},
                    cpu_ms => maps:map(fun(N, {P1, K1}) ->
@@ -256,17 +281,45 @@ finish_map(Nodes, OldMap, NewMap, VBs) ->
 verify(Nodes, NewMap, VBs, Before) ->
     wait_replicas(Nodes, NewMap, VBs, 200),
     Digests = maps:from_list(pmap(fun(N) -> {N, kvcall(N, node_digests, [VBs])} end, Nodes)),
-    Bad = [{V, Node, State, Count}
+    Bad = [{V, Node, State, element(1, D)}
            || V <- VBs, [Active, Replica] <- [maps:get(V, NewMap)],
               Node <- Nodes,
-              {State, {Count, Hash}} <- [maps:get(V, maps:get(Node, Digests))],
+              {State, D} <- [maps:get(V, maps:get(Node, Digests))],
               not case Node of
-                      Active -> State =:= active andalso {Count, Hash} =:= maps:get(V, Before)
-                                    andalso {Count, Hash} =:= element(2, maps:get(V, maps:get(Replica, Digests)));
-                      Replica -> State =:= replica andalso {Count, Hash} =:= maps:get(V, Before);
-                      _ -> Count =:= 0 andalso State =/= active
+                      Active -> State =:= active andalso D =:= maps:get(V, Before)
+                                    andalso D =:= element(2, maps:get(V, maps:get(Replica, Digests)));
+                      Replica -> State =:= replica andalso D =:= maps:get(V, Before);
+                      _ -> element(1, D) =:= 0 andalso State =/= active
+                               andalso maps:get(prepares, element(3, D)) =:= 0
                   end],
     {Bad, length(VBs)}.
+
+%% Each node's per-collection document counts and durable-write counts of every vbucket.
+counts_by_node(Nodes, VBs) ->
+    maps:from_list(pmap(fun(N) -> {N, kvcall(N, node_collections, [VBs])} end, Nodes)).
+
+%% The cluster's per-collection table: for each collection (and each kind of durable write), the
+%% sum over the vbuckets of their actives and of their replicas, before and after the rebalance, and
+%% what the new node holds of it (actives and replicas) after.
+collection_table(Nodes, NewMap, VBs, OldMap, Before, New) ->
+    After = counts_by_node(Nodes, VBs),
+    Rows = [{collection, C} || C <- ?COLLECTIONS]
+        ++ [{durable, K} || K <- [prepares, commits, aborts, pending]],
+    Count = fun({collection, C}, {_State, Counts, _}) -> maps:get(C, Counts, 0);
+               ({durable, K}, {_State, _, Durable}) -> maps:get(K, Durable)
+            end,
+    Sum = fun(Row, Counts, Map, Pos) ->
+                  lists:sum([Count(Row, maps:get(V, maps:get(lists:nth(Pos, maps:get(V, Map)), Counts)))
+                             || V <- VBs])
+          end,
+    [{Row, Sum(Row, Before, OldMap, 1), Sum(Row, Before, OldMap, 2), Sum(Row, After, NewMap, 1),
+      Sum(Row, After, NewMap, 2),
+      lists:sum([Count(Row, maps:get(V, maps:get(New, After))) || V <- VBs])}
+     || Row <- Rows].
+
+collections_agree(Table) ->
+    lists:all(fun({_Row, BA, BR, AA, AR, _OnNew}) -> BA =:= BR andalso BR =:= AA andalso AA =:= AR end,
+              Table).
 
 %% Replicas set up in phase 4 may still be receiving; the check waits a little for them.
 wait_replicas(_Nodes, _NewMap, _VBs, 0) ->
@@ -283,7 +336,8 @@ wait_replicas(Nodes, NewMap, VBs, Tries) ->
 
 print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs_moved := DocsMoved,
               bytes := Bytes, failures := Failures, retries := Retries, total_ms := Total,
-              phases_ms := Phases, cpu_ms := Cpu, mismatches := Mismatches, ok := Ok}, Nodes) ->
+              phases_ms := Phases, cpu_ms := Cpu, mismatches := Mismatches, ok := Ok,
+              collections := Collections, seqno_acks := Acks}, Nodes) ->
     Line = "  +" ++ lists:duplicate(40, $-) ++ "+" ++ lists:duplicate(54, $-) ++ "+~n",
     io:format("~n" ++ Line),
     Row = fun(K, V) -> io:format("  | ~-38s | ~-52s |~n", [K, V]) end,
@@ -308,7 +362,9 @@ print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs
     end,
     Row("retries", F("~b moves retried, all completed", [Retries])),
     Row("digest mismatches", F("~b", [length(Mismatches)])),
+    Row("durable writes acknowledged", F("~b DCP_SEQNO_ACKNOWLEDGED received by producers", [Acks])),
     io:format(Line),
+    print_collections(Collections, Nodes),
     case Ok of
         true ->
             io:format("~nverdict: rebalance 3 -> 4 nodes COMPLETED in ~.1f s; ~b injected MB-53445 "
@@ -318,6 +374,29 @@ print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs
             io:format("~nverdict: rebalance FAILED (~b mismatches, failures ~p)~n",
                       [length(Mismatches), Failures])
     end.
+
+%% Documents per collection and durable writes over the cluster: actives and replicas agree, before
+%% and after, and the new node holds its share.
+print_collections(Table, Nodes) ->
+    New = short(lists:last(Nodes)),
+    Line = "  +" ++ lists:duplicate(28, $-) ++ "+" ++ lists:duplicate(25, $-) ++ "+"
+        ++ lists:duplicate(25, $-) ++ "+" ++ lists:duplicate(16, $-) ++ "+~n",
+    io:format("~n" ++ Line),
+    io:format("  | ~-26s | ~23s | ~23s | ~14s |~n",
+              ["documents over the cluster", "before: active  replica", "after: active  replica",
+               "on " ++ New ++ " (new)"]),
+    io:format(Line),
+    lists:foreach(fun({Row, BA, BR, AA, AR, OnNew}) ->
+                          Name = case Row of
+                                     {collection, 0} -> "collection _default (0)";
+                                     {collection, C} -> io_lib:format("collection ~s (~b)",
+                                                                      [kv_sim:collection_name(C), C]);
+                                     {durable, K} -> io_lib:format("durable ~s", [K])
+                                 end,
+                          io:format("  | ~-26s | ~14b ~8b | ~14b ~8b | ~14b |~n",
+                                    [lists:flatten(Name), BA, BR, AA, AR, OnNew])
+                  end, Table),
+    io:format(Line).
 
 short(Node) ->
     hd(string:split(atom_to_list(Node), "@")).
@@ -378,11 +457,13 @@ cpu(Nodes) ->
 %% @private Starts the node's kv_sim holding its active and replica vbuckets; returns its port.
 -spec node_setup(map()) -> inet:port_number().
 node_setup(#{vbuckets := NumVBs, docs := Docs, value_size := ValueSize, active := Active,
-             replica := Replica}) ->
+             replica := Replica} = Setup) ->
     ok = logger:set_primary_config(level, error),
     {ok, Kv} = kv_sim:start(#{role => node, bucket => ?BUCKET, user => ?USER, password => ?PASSWORD,
                               vbuckets => NumVBs, docs_per_vbucket => Docs, value_size => ValueSize,
-                              seed => ?SEED, active_vbuckets => Active, replica_vbuckets => Replica}),
+                              seed => ?SEED, active_vbuckets => Active, replica_vbuckets => Replica,
+                              collections => ?COLLECTIONS,
+                              durable_writes => maps:get(durable_writes, Setup)}),
     persistent_term:put({?MODULE, kv}, Kv),
     kv_sim:port(Kv).
 
@@ -396,7 +477,7 @@ node_start(#{ports := Ports, connections := Conns}) ->
                                       local => N =:= Self} end,
                credentials => fun() -> {?USER, ?PASSWORD} end,
                connections => Conns, move_done_limit => 1, poll_interval => 5, move_timeout => 60000,
-               replicator => #{setup_timeout => 10000, features => [xattr, snappy, del_times, json]}},
+               replicator => #{setup_timeout => 10000, features => ?FEATURES}},
     ok = dcp_ns:configure(Config),
     Parent = self(),
     %% the manager's link goes to a holder that lives as long as the node
@@ -414,11 +495,31 @@ node_start(#{ports := Ports, connections := Conns}) ->
 node_kv(F, Args) ->
     apply(kv_sim, F, [persistent_term:get({?MODULE, kv}) | Args]).
 
-%% @private Each vbucket's state and digest on this node.
--spec node_digests([0..1023]) -> #{0..1023 => {atom(), {non_neg_integer(), binary()}}}.
+%% @private Each vbucket's state and digest on this node: its live documents' count and hash, and
+%% its durable writes.
+-spec node_digests([0..1023]) -> #{0..1023 => {atom(), {non_neg_integer(), binary(), map()}}}.
 node_digests(VBs) ->
     Kv = persistent_term:get({?MODULE, kv}),
-    maps:from_list([{V, {kv_sim:vbucket_state(Kv, V), kv_sim:digest(Kv, V)}} || V <- VBs]).
+    maps:from_list([{V, {kv_sim:vbucket_state(Kv, V),
+                         erlang:append_element(kv_sim:digest(Kv, V), kv_sim:durable_state(Kv, V))}}
+                    || V <- VBs]).
+
+%% @private Each vbucket's state, documents per collection and durable-write counts on this node.
+-spec node_collections([0..1023]) -> #{0..1023 => {atom(), #{non_neg_integer() => non_neg_integer()},
+                                                   #{atom() => non_neg_integer()}}}.
+node_collections(VBs) ->
+    Kv = persistent_term:get({?MODULE, kv}),
+    maps:from_list([{V, {kv_sim:vbucket_state(Kv, V), kv_sim:collection_counts(Kv, V),
+                         durable_counts(kv_sim:durable_state(Kv, V))}} || V <- VBs]).
+
+durable_counts(#{pending := Pending} = Durable) ->
+    (maps:with([prepares, commits, aborts], Durable))#{pending => length(Pending)}.
+
+%% @private The DCP_SEQNO_ACKNOWLEDGEDs this node's producer connections received.
+-spec node_acks([0..1023]) -> non_neg_integer().
+node_acks(VBs) ->
+    Kv = persistent_term:get({?MODULE, kv}),
+    lists:sum([length(kv_sim:seqno_acks(Kv, V)) || V <- VBs]).
 
 %% @private This VM's user + system CPU (ms) from /proc; 0 where it is missing.
 -spec node_cpu_ms() -> non_neg_integer().

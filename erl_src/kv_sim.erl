@@ -451,8 +451,9 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
            collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
            durable_writes => durable_writes(Role, maps:get(durable_writes, Opts, #{})),
-           events => ets:new(kv_sim_events, [public, set]),
-           durable => ets:new(kv_sim_durable, [public, set]),
+           %% ordered: a vbucket's rows are read by a key prefix, not a scan of the table
+           events => ets:new(kv_sim_events, [public, ordered_set]),
+           durable => ets:new(kv_sim_durable, [public, ordered_set]),
            acks => ets:new(kv_sim_seqno_acks, [public, duplicate_bag]),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
