@@ -117,10 +117,10 @@ info(send_noop, P, C) ->
 -spec request(0..255, mcbp:frame(), non_neg_integer(), producer(), conn()) ->
           kv_sim_conn:turn(producer()).
 request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C) ->
-    {High, Docs} = held(VB, P),
     #{start_seqno := Start, end_seqno := End} = Fields = mcbp:dcp_fields(Frame),
     case stream_req_refusal(VB, Start, P, C) of
         none ->
+            {High, Docs} = held(VB, Start, P),
             Accept = dcp_commands:stream_req_response(Opaque, ?SUCCESS, failover_log(P, VB)),
             {ok, P, C0} = answer(?DCP_STREAM_REQ, VB, Accept, P, C),
             C1 = flood_stream_ends(VB, C0),
@@ -136,7 +136,8 @@ request(?DCP_STREAM_REQ, #{vbucket := VB, opaque := Opaque} = Frame, _Size, P, C
             end;
         rollback ->
             %% The consumer is ahead of this node: it must roll back to what the node has.
-            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_rollback(Opaque, High), P, C);
+            answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_rollback(Opaque, high_seqno(VB, P)),
+                   P, C);
         Status ->
             answer(?DCP_STREAM_REQ, VB, dcp_commands:stream_req_response(Opaque, Status, <<>>), P, C)
     end;
@@ -177,10 +178,15 @@ request(Opcode, #{vbucket := VB, opaque := Opaque}, _Size, P, C) ->
 
 %% The vbucket's high seqno and where its documents come from: a producer's seeds, or what a `node'
 %% holds in its store.
-held(VB, #producer{config = #{role := node, vbucket_states := Table} = Config}) ->
-    {kv_sim_vbuckets:high_seqno(Table, VB), stored_items(Config, VB)};
-held(_VB, #producer{config = Config}) ->
-    {kv_sim:high_seqno(Config), seeded}.
+held(VB, Start, #producer{config = #{role := node} = Config} = P) ->
+    {high_seqno(VB, P), stored_items(Config, VB, Start)};
+held(VB, _Start, P) ->
+    {high_seqno(VB, P), seeded}.
+
+high_seqno(VB, #producer{config = #{role := node, vbucket_states := Table}}) ->
+    kv_sim_vbuckets:high_seqno(Table, VB);
+high_seqno(_VB, #producer{config = Config}) ->
+    kv_sim:high_seqno(Config).
 
 %% @doc What the connection's stream of `VB' has left to send and its status, as kv_engine's
 %% `dcp-vbtakeover' stats give them: `backfilling' while documents remain, then `in-memory'.
@@ -202,10 +208,7 @@ takeover_stats(VB, #producer{streams = Streams}) ->
 %% Why a STREAM_REQ is refused (a status, or `rollback'), or `none'.
 stream_req_refusal(VB, Start, P, C) ->
     #producer{config = #{role := Role, vbuckets := VBuckets, vbucket_states := Table}} = P,
-    {High, _} = case Role of
-                    node -> {kv_sim_vbuckets:high_seqno(Table, VB), none};
-                    _ -> held(VB, P)
-                end,
+    High = high_seqno(VB, P),
     State = kv_sim_vbuckets:state(Table, VB),
     %% a node streams only the vbuckets it holds as active (ns_server replicates from actives)
     Live = lists:member(VB, VBuckets) andalso State =/= dead
@@ -441,19 +444,29 @@ mutations(VB, Opaque, Seqno, To, Window, Wire, Source, Frames, Bytes)
 mutations(_VB, _Opaque, Seqno, _To, _Window, _Wire, _Source, Frames, Bytes) ->
     {Seqno, Frames, Bytes}.
 
--spec stored_items(kv_sim:node_config(), dcp_commands:vbucket()) -> #{pos_integer() => stored()}.
-stored_items(#{store := Store, events := Events, durable := Durable}, VB) ->
+%% Only the seqnos after the stream's start are read.
+-spec stored_items(kv_sim:node_config(), dcp_commands:vbucket(), non_neg_integer()) ->
+          #{pos_integer() => stored()}.
+stored_items(#{store := Store, events := Events, durable := Durable}, VB, Start) ->
     Live = maps:from_list(
              [{Seqno, {mutation, SKey, Value}}
-              || {SKey, Seqno, Value} <- ets:select(Store, [{{{VB, '$1'}, '$2', '$3'}, [],
-                                                            [{{'$1', '$2', '$3'}}]}])]),
-    WithEvents = lists:foldl(fun({{_, Seqno}, Event, Key, Value}, Acc) ->
-                                     Acc#{Seqno => {event, Event, Key, Value}}
+              || {SKey, Seqno, Value} <- ets:select(Store, [{{{VB, '$1'}, '$2', '$3'},
+                                                             [{'>', '$2', Start}],
+                                                             [{{'$1', '$2', '$3'}}]}])]),
+    WithEvents = lists:foldl(fun({{_, Seqno}, Event, Key, Value}, Acc) when Seqno > Start ->
+                                     Acc#{Seqno => {event, Event, Key, Value}};
+                                (_, Acc) ->
+                                     Acc
                              end, Live, ets:match_object(Events, {{VB, '_'}, '_', '_', '_'})),
     lists:foldl(fun({{_, SKey}, Prepared, Value, Outcome}, Acc) ->
-                        Acc1 = Acc#{Prepared => {prepare, SKey, Value}},
+                        Acc1 = case Prepared > Start of
+                                   true -> Acc#{Prepared => {prepare, SKey, Value}};
+                                   false -> Acc
+                               end,
                         case Outcome of
                             pending ->
+                                Acc1;
+                            {_, At} when At =< Start ->
                                 Acc1;
                             {aborted, At} ->
                                 Acc1#{At => {abort, SKey, Prepared}};
