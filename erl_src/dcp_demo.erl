@@ -5,6 +5,8 @@
 -export([main/0, main/1, cli/1, run/1, check_opts/1]).
 
 -define(COLLECTIONS, [0, 8, 9]).
+%% durable writes per vbucket, after its documents
+-define(DURABLE, #{committed => 10, aborted => 5, pending => 2}).
 -define(USER, "Administrator").
 -define(PASSWORD, "password").
 -define(BUCKET, "default").
@@ -80,8 +82,8 @@ run(Opts) ->
                           end,
     NodeOpts = #{bucket => ?BUCKET, user => ?USER, password => ?PASSWORD,
                  vbuckets => FaultVB + 1, docs_per_vbucket => Docs, value_size => ValueSize,
-                 %% the default collection and two more (issue 12)
-                 collections => ?COLLECTIONS},
+                 %% the default collection and two more, and some durable writes (issue 12)
+                 collections => ?COLLECTIONS, durable_writes => ?DURABLE},
     %% the simulated nodes run in a peer VM: this VM's CPU is the proxy's alone
     Peer = start_peer(),
     {ok, P} = node_call(Peer, start, [NodeOpts#{role => producer}]),
@@ -98,7 +100,8 @@ run(Opts) ->
                     producer => {"127.0.0.1", kv(port, Producer, [])},
                     bucket => ?BUCKET, connection_name => Name,
                     user => ?USER, password => ?PASSWORD,
-                    features => [xattr, snappy, del_times, json, collections],
+                    %% set_consumer_name (with json): the consumer asks for sync writes
+                    features => [xattr, snappy, del_times, json, collections, set_consumer_name],
                     setup_timeout => 30000, splitter => Splitter}),
     unlink(Rep),
     try
@@ -127,6 +130,9 @@ replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB
     io:format("digests: ~b of ~b vbuckets identical on both nodes~n",
               [length(VBuckets) - length(Mismatches), length(VBuckets)]),
     print_collection_counts(Producer, Consumer, VBuckets),
+    DurableMismatches = verify_durable(Producer, Consumer, VBuckets,
+                                       erlang:monotonic_time(millisecond) + 10000),
+    print_durable(Producer, Consumer, VBuckets, DurableMismatches),
     Stats = dcp_replicator:stats(Rep),
     Mb53445 = replay_mb53445(Rep, Producer, Consumer, VBuckets, FaultVB),
     Bytes = splitter_stat(Stats, producer, bytes),
@@ -144,7 +150,8 @@ replicate_and_verify(Rep, Producer, Consumer, VBuckets, Docs, ValueSize, FaultVB
                {"MB-53445 setup reply", io_lib:format("~p", [maps:get(reply, Mb53445)])},
                {"MB-53445 answered in", ms(maps:get(ms, Mb53445))}],
     io:format("~n~s~n", [table(Summary)]),
-    Ok = SetupReply =:= ok andalso Mismatches =:= [] andalso StreamUs =/= timeout
+    Ok = SetupReply =:= ok andalso Mismatches =:= [] andalso DurableMismatches =:= []
+        andalso StreamUs =/= timeout
         andalso maps:get(expected, Mb53445),
     #{ok => Ok, setup_reply => SetupReply, mismatches => Mismatches, bytes => Bytes,
       stream_us => StreamUs, cpu_ms => CpuMs, peer_cpu_ms => PeerCpuMs, mb53445 => Mb53445}.
@@ -164,6 +171,35 @@ print_collection_counts(Producer, Consumer, VBuckets) ->
                [Cid, maps:get(Cid, PCounts, 0), maps:get(Cid, CCounts, 0)])
      || Cid <- ?COLLECTIONS],
     ok.
+
+%% Every vbucket's durable writes (counts and pending prepares) agree on both nodes.
+verify_durable(Producer, Consumer, VBuckets, Deadline) ->
+    Mismatches = [VB || VB <- VBuckets,
+                        kv(durable_state, Producer, [VB]) =/= kv(durable_state, Consumer, [VB])],
+    case Mismatches =/= [] andalso erlang:monotonic_time(millisecond) < Deadline of
+        true ->
+            timer:sleep(50),
+            verify_durable(Producer, Consumer, Mismatches, Deadline);
+        false ->
+            Mismatches
+    end.
+
+print_durable(Producer, Consumer, VBuckets, Mismatches) ->
+    Sum = fun(Node) ->
+                  lists:foldl(fun(VB, Acc) ->
+                                      #{pending := Pending} = D = kv(durable_state, Node, [VB]),
+                                      Counts = (maps:with([prepares, commits, aborts], D))#{
+                                                 pending => length(Pending)},
+                                      maps:merge_with(fun(_, A, B) -> A + B end, Acc, Counts)
+                              end, #{}, VBuckets)
+          end,
+    {P, C} = {Sum(Producer), Sum(Consumer)},
+    Acks = lists:sum([length(kv(seqno_acks, Producer, [VB])) || VB <- VBuckets]),
+    io:format("durable writes (producer / consumer): ~s~n"
+              "  ~b DCP_SEQNO_ACKNOWLEDGED reached the producer; ~b of ~b vbuckets agree~n",
+              [lists:join(", ", [io_lib:format("~s ~b / ~b", [K, maps:get(K, P), maps:get(K, C)])
+                                 || K <- [prepares, commits, aborts, pending]]),
+               Acks, length(VBuckets) - length(Mismatches), length(VBuckets)]).
 
 verify_digests(Producer, Consumer, VBuckets, Deadline) ->
     Mismatches = [VB || VB <- VBuckets, kv(digest, Producer, [VB]) =/= kv(digest, Consumer, [VB])],
