@@ -369,7 +369,8 @@ print_table(#{builds := Builds, takeovers := Takeovers, dropped := Dropped, docs
         true ->
             io:format("~nverdict: rebalance 3 -> 4 nodes COMPLETED in ~.1f s; ~b injected MB-53445 "
                       "failures failed fast and were retried; every vbucket's active and replica "
-                      "digests match~n", [Total / 1000, length(Failures)]);
+                      "digests and durable writes match, ~b collections agree~n",
+                      [Total / 1000, length(Failures), length(?COLLECTIONS)]);
         false ->
             io:format("~nverdict: rebalance FAILED (~b mismatches, failures ~p)~n",
                       [length(Mismatches), Failures])
