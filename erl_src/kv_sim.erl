@@ -16,7 +16,18 @@
 %% seqnos 1..K of every vbucket, K their number, and the `docs_per_vbucket' documents at seqnos
 %% K+1..K+N go round the collections in order; a connection that negotiated HELLO collections gets
 %% the system events and every document, its key prefixed by the collection id as unsigned LEB128;
-%% one that did not gets only the default collection's documents, keys unprefixed).
+%% one that did not gets only the default collection's documents, keys unprefixed),
+%% `accept_alt_requests' (default `false': see below).
+%%
+%% Every connection checks what it receives as memcached does (`kv_sim_validate': extras, key,
+%% value, cas and datatype rules per opcode, the negotiated datatypes and collection keys, the JSON
+%% value of DCP_OPEN, the DCP connection's state, the responses a DCP producer or consumer takes); a
+%% violation closes the connection with `{invalid_frame, Opcode, Why}' or
+%% `{invalid_response, Opcode, Why}' logged. `closes(Node)' lists why the node closed connections
+%% (these and every other reason it logs). kv_engine refuses DCP stream ids on a consumer
+%% connection, and kv_sim the alternative request magic without HELLO `alt_request_support': a node
+%% started with `accept_alt_requests => true' takes both (for a producer's `flexible_framing'
+%% fault through the proxy).
 %%
 %% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
 %% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
@@ -58,7 +69,7 @@
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
          vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
-         handshakes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2]).
+         handshakes/1, closes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -73,7 +84,8 @@
                   seed => integer(), ssl => false | [ssl:tls_server_option()],
                   hello_features => [dcp_commands:feature()],
                   consumer_buffer_size => non_neg_integer(),
-                  collections => [non_neg_integer()]}.
+                  collections => [non_neg_integer()],
+                  accept_alt_requests => boolean()}.
 
 -type opcode() :: atom() | 0..255.
 -type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
@@ -98,6 +110,7 @@
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
                          collections := [non_neg_integer()],
+                         accept_alt_requests := boolean(),
                          events := ets:tid(),
                          faults := ets:tid(), store := ets:tid(),
                          vbucket_states := kv_sim_vbuckets:table(),
@@ -131,6 +144,13 @@ stop(Node) ->
 -spec handshakes(pid()) -> [#{atom() => term()}].
 handshakes(Node) ->
     gen_server:call(Node, handshakes).
+
+%% @doc Why the node closed connections, oldest first: `{Name, Reason}', `Name' the connection's
+%% DCP_OPEN name, else its HELLO key, else `undefined'; `Reason' as logged (an invalid frame is
+%% `{invalid_frame, Opcode, Why}', see `kv_sim_validate').
+-spec closes(pid()) -> [{binary() | undefined, term()}].
+closes(Node) ->
+    gen_server:call(Node, closes).
 
 -spec port(pid()) -> inet:port_number().
 port(Node) ->
@@ -310,6 +330,7 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
            hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
            collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
+           accept_alt_requests => maps:get(accept_alt_requests, Opts, false),
            events => ets:new(kv_sim_events, [public, set]),
            faults => ets:new(kv_sim_faults, [public, set, {read_concurrency, true}]),
            store => ets:new(kv_sim_store, [public, ordered_set, {write_concurrency, true}]),
@@ -350,7 +371,8 @@ listen(Opts, Config) ->
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
             {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => []}};
+                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => [],
+                   closes => []}};
         {error, Reason} ->
             {stop, {listen_failed, Port, Reason}}
     end.
@@ -401,6 +423,8 @@ controlling_process(ssl, Sock, Pid) -> ssl:controlling_process(Sock, Pid).
 
 handle_call(handshakes, _From, #{records := Records} = State) ->
     {reply, [R || {_Pid, R} <- lists:reverse(Records)], State};
+handle_call(closes, _From, #{closes := Closes} = State) ->
+    {reply, lists:reverse(Closes), State};
 handle_call(port, _From, #{port := Port} = State) ->
     {reply, Port, State};
 handle_call(config, _From, #{config := Config} = State) ->
@@ -433,6 +457,15 @@ handle_info({kv_sim_record, Pid, Fields}, #{records := Records} = State) ->
                   false -> [{Pid, Fields} | Records]
               end,
     {noreply, State#{records := Updated}};
+handle_info({kv_sim_closed, Pid, Reason}, #{closes := Closes, dcp_names := Names,
+                                          records := Records} = State) ->
+    %% sent before the connection ends, so its names are still known
+    Name = case {Names, lists:keyfind(Pid, 1, Records)} of
+               {#{Pid := {_Type, DcpName}}, _} -> DcpName;
+               {_, {Pid, #{hello_key := Key}}} -> Key;
+               _ -> undefined
+           end,
+    {noreply, State#{closes := [{Name, Reason} | Closes]}};
 handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
     {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
 handle_info({kv_sim_dcp_open, Pid, Type, Name}, #{dcp_names := Names} = State) ->
