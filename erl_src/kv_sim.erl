@@ -22,7 +22,8 @@
 %% seqno, its DCP_COMMIT, then A each a prepare and its DCP_ABORT, then P prepares never resolved;
 %% keys `dur-<vb>-<prepared seqno>', round the collections in order like the documents. A connection
 %% whose consumer sent DCP_CONTROL `enable_sync_writes' `true' gets them so; any other gets only
-%% the committed ones, each a DCP_MUTATION at its commit's seqno, as kv_engine streams them).
+%% the committed ones, each a DCP_MUTATION at its commit's seqno, as kv_engine streams them),
+%% `accept_alt_requests' (default `false': see below).
 %%
 %% Sync writes, as kv_engine's consumer and producer do them: a consumer connection whose DCP_OPEN
 %% value named a `consumer_name' sends the producer (through the proxy) DCP_CONTROL `consumer_name'
@@ -31,6 +32,16 @@
 %% DCP_ABORT, and once it holds a snapshot's prepares (the snapshot marker's end reached) sends
 %% DCP_SEQNO_ACKNOWLEDGED with the highest prepared seqno, which the producer records
 %% (`seqno_acks/2'). `durable_state/2' gives a node's pending prepares and its durable counts.
+%%
+%% Every connection checks what it receives as memcached does (`kv_sim_validate': extras, key,
+%% value, cas and datatype rules per opcode, the negotiated datatypes and collection keys, the JSON
+%% value of DCP_OPEN, the DCP connection's state, the responses a DCP producer or consumer takes); a
+%% violation closes the connection with `{invalid_frame, Opcode, Why}' or
+%% `{invalid_response, Opcode, Why}' logged. `closes(Node)' lists why the node closed connections
+%% (these and every other reason it logs). kv_engine refuses DCP stream ids on a consumer
+%% connection, and kv_sim the alternative request magic without HELLO `alt_request_support': a node
+%% started with `accept_alt_requests => true' takes both (for a producer's `flexible_framing'
+%% fault through the proxy).
 %%
 %% Faults, set per vbucket at run time with `set_fault(Node, VBucket | all, Fault)' (a fault under `all'
 %% applies to every vbucket; the connection-wide `chunked_writes' is always stored under `all'):
@@ -72,7 +83,7 @@
 
 -export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
          vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
-         handshakes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2,
+         handshakes/1, closes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2,
          seqno_item/2, durable_doc/3, durable_state/2, seqno_acks/2, collection_name/1]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
@@ -90,7 +101,8 @@
                   consumer_buffer_size => non_neg_integer(),
                   collections => [non_neg_integer()],
                   durable_writes => #{committed => non_neg_integer(), aborted => non_neg_integer(),
-                                      pending => non_neg_integer()}}.
+                                      pending => non_neg_integer()},
+                  accept_alt_requests => boolean()}.
 
 -type opcode() :: atom() | 0..255.
 -type fault() :: {stream_end_on_accept, dcp_commands:stream_end_reason()}
@@ -115,6 +127,7 @@
                          hello_features := [dcp_commands:feature()],
                          consumer_buffer_size := non_neg_integer(),
                          collections := [non_neg_integer()],
+                         accept_alt_requests := boolean(),
                          %% committed, aborted, pending
                          durable_writes := {non_neg_integer(), non_neg_integer(), non_neg_integer()},
                          events := ets:tid(), durable := ets:tid(), acks := ets:tid(),
@@ -150,6 +163,13 @@ stop(Node) ->
 -spec handshakes(pid()) -> [#{atom() => term()}].
 handshakes(Node) ->
     gen_server:call(Node, handshakes).
+
+%% @doc Why the node closed connections, oldest first: `{Name, Reason}', `Name' the connection's
+%% DCP_OPEN name, else its HELLO key, else `undefined'; `Reason' as logged (an invalid frame is
+%% `{invalid_frame, Opcode, Why}', see `kv_sim_validate').
+-spec closes(pid()) -> [{binary() | undefined, term()}].
+closes(Node) ->
+    gen_server:call(Node, closes).
 
 -spec port(pid()) -> inet:port_number().
 port(Node) ->
@@ -450,6 +470,7 @@ config(#{role := Role} = Opts) when Role =:= consumer; Role =:= producer; Role =
            hello_features => maps:get(hello_features, Opts, ?DEFAULT_FEATURES),
            consumer_buffer_size => maps:get(consumer_buffer_size, Opts, 10 * 1024 * 1024),
            collections => lists:usort([0 | maps:get(collections, Opts, [0])]),
+           accept_alt_requests => maps:get(accept_alt_requests, Opts, false),
            durable_writes => durable_writes(Role, maps:get(durable_writes, Opts, #{})),
            %% ordered: a vbucket's rows are read by a key prefix, not a scan of the table
            events => ets:new(kv_sim_events, [public, ordered_set]),
@@ -523,7 +544,8 @@ listen(Opts, Config) ->
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
             {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => []}};
+                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => [],
+                   closes => []}};
         {error, Reason} ->
             {stop, {listen_failed, Port, Reason}}
     end.
@@ -574,6 +596,8 @@ controlling_process(ssl, Sock, Pid) -> ssl:controlling_process(Sock, Pid).
 
 handle_call(handshakes, _From, #{records := Records} = State) ->
     {reply, [R || {_Pid, R} <- lists:reverse(Records)], State};
+handle_call(closes, _From, #{closes := Closes} = State) ->
+    {reply, lists:reverse(Closes), State};
 handle_call(port, _From, #{port := Port} = State) ->
     {reply, Port, State};
 handle_call(config, _From, #{config := Config} = State) ->
@@ -606,6 +630,15 @@ handle_info({kv_sim_record, Pid, Fields}, #{records := Records} = State) ->
                   false -> [{Pid, Fields} | Records]
               end,
     {noreply, State#{records := Updated}};
+handle_info({kv_sim_closed, Pid, Reason}, #{closes := Closes, dcp_names := Names,
+                                          records := Records} = State) ->
+    %% sent before the connection ends, so its names are still known
+    Name = case {Names, lists:keyfind(Pid, 1, Records)} of
+               {#{Pid := {_Type, DcpName}}, _} -> DcpName;
+               {_, {Pid, #{hello_key := Key}}} -> Key;
+               _ -> undefined
+           end,
+    {noreply, State#{closes := [{Name, Reason} | Closes]}};
 handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
     {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
 handle_info({kv_sim_dcp_open, Pid, Type, Name}, #{dcp_names := Names} = State) ->

@@ -38,6 +38,9 @@
                opened = false :: boolean(),
                %% HELLO granted collections: keys carry their collection id
                collections = false :: boolean(),
+               %% what HELLO granted and DCP_OPEN's flags word (for kv_sim_validate)
+               features = [] :: [dcp_commands:feature() | {unknown, 0..16#ffff}],
+               open_flags = 0 :: non_neg_integer(),
                engine_mod :: kv_sim_consumer | kv_sim_producer,
                engine :: engine(),
                out = [] :: [iodata()],              % this turn's writes, newest first
@@ -159,8 +162,9 @@ arm(#conn{transport = ssl, sock = Sock}) ->
     _ = ssl:setopts(Sock, [{active, once}]),
     ok.
 
-log_close(Reason, C) ->
+log_close(Reason, #conn{config = #{node := Node}} = C) ->
     logger:info(#{what => kv_sim_connection_closed, reason => Reason}, ?DOMAIN),
+    Node ! {kv_sim_closed, self(), Reason},
     C.
 
 %% @doc Logs an engine's event in the node's log domain.
@@ -181,7 +185,7 @@ received(Data, #conn{buf = Buf} = C) ->
 frames(Bin, C) ->
     case mcbp:decode(Bin) of
         {ok, Frame, Rest} ->
-            case frame(Frame, byte_size(Bin) - byte_size(Rest), C) of
+            case checked_frame(Frame, byte_size(Bin) - byte_size(Rest), C) of
                 {ok, C1} -> frames(Rest, C1);
                 {close, _, _} = Close -> Close
             end;
@@ -189,6 +193,21 @@ frames(Bin, C) ->
             {ok, C#conn{buf = Bin}};
         {error, Reason} ->
             {close, {bad_frame, Reason}, C}
+    end.
+
+%% memcached's checks (kv_sim_validate) before anything acts on a frame: a violation closes.
+checked_frame(Frame, Size, C) ->
+    Dcp = case C of
+              #conn{opened = false} -> none;
+              #conn{engine_mod = kv_sim_consumer} -> consumer;
+              #conn{engine_mod = kv_sim_producer} -> producer
+          end,
+    Context = #{authenticated => C#conn.authenticated, features => C#conn.features, dcp => Dcp,
+                open_flags => C#conn.open_flags,
+                accept_alt_requests => maps:get(accept_alt_requests, C#conn.config)},
+    case kv_sim_validate:check(Frame, Context) of
+        ok -> frame(Frame, Size, C);
+        {error, Reason} -> {close, Reason, C}
     end.
 
 %% Writes what the turn produced, then either goes on or closes the socket as a fault or an error said.
@@ -259,7 +278,7 @@ handshake(?HELLO, #{opaque := Opaque, vbucket := VB, key := Key, value := Value}
     record(#{hello_key => Key, hello_features => Asked, hello_value => Value}, C),
     Granted = [F || F <- Asked, lists:member(F, Supported)],
     answer(?HELLO, VB, dcp_commands:hello_response(Opaque, Granted),
-           C#conn{collections = lists:member(collections, Granted)});
+           C#conn{collections = lists:member(collections, Granted), features = Granted});
 handshake(?SASL_LIST_MECHS, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?SASL_LIST_MECHS, VB,
            dcp_commands:response(?SASL_LIST_MECHS, ?SUCCESS, Opaque, #{value => <<"PLAIN">>}), C);
@@ -400,7 +419,8 @@ open(#{opaque := Opaque, vbucket := VB} = Frame, ConsumerName, C) ->
                        end,
             Node ! {kv_sim_dcp_open, self(), Type, maps:get(key, Frame)},
             {ok, C1} = answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?SUCCESS, Opaque),
-                              C#conn{opened = true, engine_mod = Mod}),
+                              C#conn{opened = true, engine_mod = Mod,
+                                     open_flags = Flags}),
             {E1, C2} = Mod:open(E, #{consumer_name => ConsumerName}, C1),
             {ok, C2#conn{engine = E1}};
         false ->

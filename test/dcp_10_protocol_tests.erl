@@ -270,6 +270,9 @@ open_answer(Node, Frame) ->
                       kv_sim_test_client:call(Conn, dcp_commands:sasl_auth_plain("admin", "pw", 1)))),
     ?assertEqual(0, kv_sim_test_client:status(
                       kv_sim_test_client:call(Conn, dcp_commands:select_bucket("default", 2)))),
+    %% a JSON value needs HELLO json (memcached checks the datatype is enabled)
+    ?assertEqual(0, kv_sim_test_client:status(
+                      kv_sim_test_client:call(Conn, dcp_commands:hello("t", [json], 3)))),
     kv_sim_test_client:send(Conn, Frame),
     Answer = case gen_tcp:recv(Sock, 24, 5000) of
                  {ok, _} -> answered;
