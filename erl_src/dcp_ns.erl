@@ -66,21 +66,17 @@ server_name(ProducerNode, Bucket, ConnNum) ->
           {ok, pid()} | {error, term()}.
 start_link(ProducerNode, Bucket, RepFeatures, ConnNum) ->
     #{resolve := Resolve, credentials := Credentials} = Config = config(),
-    #{host := CHost, port := CPort} = Resolve(node()),
-    #{host := PHost, port := PPort} = PInfo = Resolve(ProducerNode),
+    Ssl = maps:get(ssl, Config, false),
     {User, Password} = Credentials(),
-    {Producer, Ssl} = case {maps:get(ssl, Config, false), maps:get(local, PInfo, false)} of
-                          {false, _} -> {{PHost, PPort}, #{}};
-                          {_, true} -> {{PHost, PPort}, #{}};
-                          {TlsOpts, false} -> {{PHost, maps:get(tls_port, PInfo)}, #{ssl => TlsOpts}}
-                      end,
     Opts = maps:merge(maps:get(replicator, Config, #{}),
-                      Ssl#{consumer => {CHost, CPort}, producer => Producer, bucket => Bucket,
-                           user => User, password => Password,
-                           features => replication_features(RepFeatures),
-                           name => server_name(ProducerNode, Bucket, ConnNum),
-                           connection_name => get_connection_name(node(), ProducerNode, Bucket,
-                                                                  ConnNum)}),
+                      #{consumer => dcp_replication_manager:endpoint(node(), Resolve(node()), Ssl),
+                        producer => dcp_replication_manager:endpoint(ProducerNode,
+                                                                     Resolve(ProducerNode), Ssl),
+                        bucket => Bucket, user => User, password => Password,
+                        features => replication_features(RepFeatures),
+                        name => server_name(ProducerNode, Bucket, ConnNum),
+                        connection_name => get_connection_name(node(), ProducerNode, Bucket,
+                                                               ConnNum)}),
     dcp_replicator:start_link(Opts).
 
 %% @doc ns_server's feature proplist (or a list of names) as the replicator's features: the ones it
