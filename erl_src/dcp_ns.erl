@@ -61,30 +61,47 @@ server_name(ProducerNode, Bucket, ConnNum) ->
     list_to_atom("dcp_replicator-" ++ Bucket ++ "-" ++ atom_to_list(ProducerNode) ++ Suffix).
 
 %% @doc ns_server's `dcp_replicator:start_link/4': a replication from `ProducerNode' into this node's
-%% memcached, registered as `server_name/3' says, named by `get_connection_name/4'.
+%% memcached, registered as `server_name/3' says, named by `get_connection_name/4'. As in ns_server,
+%% `{ssl, true}' among the features makes the replication TLS (with the configured `ssl' options) to
+%% every node that is not local (`dcp_replication_manager:endpoint/3'); without it both sides are
+%% plain. `{ssl, true}' with no `ssl' options configured is `{error, {tls, no_tls_options_configured}}'.
 -spec start_link(node(), string(), [{atom(), boolean()}] | [atom()], non_neg_integer()) ->
           {ok, pid()} | {error, term()}.
 start_link(ProducerNode, Bucket, RepFeatures, ConnNum) ->
-    #{resolve := Resolve, credentials := Credentials} = Config = config(),
-    Ssl = maps:get(ssl, Config, false),
+    Config = config(),
+    case {wants_tls(RepFeatures), maps:get(ssl, Config, false)} of
+        {true, false} -> {error, {tls, no_tls_options_configured}};
+        {true, Tls} -> start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, Tls, Config);
+        {false, _} -> start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, false, Config)
+    end.
+
+wants_tls(RepFeatures) ->
+    proplists:get_bool(ssl, RepFeatures).
+
+start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, Ssl, Config) ->
+    #{resolve := Resolve, credentials := Credentials} = Config,
     {User, Password} = Credentials(),
     Opts = maps:merge(maps:get(replicator, Config, #{}),
                       #{consumer => dcp_replication_manager:endpoint(node(), Resolve(node()), Ssl),
                         producer => dcp_replication_manager:endpoint(ProducerNode,
                                                                      Resolve(ProducerNode), Ssl),
                         bucket => Bucket, user => User, password => Password,
+                        consumer_node => node(),
                         features => replication_features(RepFeatures),
                         name => server_name(ProducerNode, Bucket, ConnNum),
                         connection_name => get_connection_name(node(), ProducerNode, Bucket,
                                                                ConnNum)}),
     dcp_replicator:start_link(Opts).
 
-%% @doc ns_server's feature proplist (or a list of names) as the replicator's features: the ones it
-%% negotiates; `ssl' is the endpoint's business and `cert_auth' only restarts ns_server's connections.
--spec replication_features([{atom(), boolean()}] | [atom()]) -> [dcp_proxy:feature()].
+%% @doc ns_server's feature proplist (or a list of names) as the replicator's features: the ones the
+%% handshakes negotiate (`dcp_features'), sorted; `ssl' picks the endpoints (`start_link/4') and
+%% `cert_auth' only restarts ns_server's connections, so neither is passed on.
+-spec replication_features([{atom(), boolean()}] | [atom()]) -> [dcp_features:feature()].
 replication_features(RepFeatures) ->
     Enabled = [F || {F, true} <- RepFeatures] ++ [F || F <- RepFeatures, is_atom(F)],
-    [F || F <- [xattr, snappy, del_times, del_user_xattr, json], lists:member(F, Enabled)].
+    lists:usort([F || F <- Enabled, lists:member(F, [xattr, collections, snappy, json, duplex,
+                                                     del_times, del_user_xattr,
+                                                     set_consumer_name])]).
 
 %% @doc ns_server's `dcp_replicator:setup_replication/4': `Partitions' from `ProducerNode' spread over
 %% the bucket's connections (V on `V rem ConnectionCount'), all set up at once, the replies merged. The

@@ -40,7 +40,8 @@
                            local => boolean()}.
 -type resolver() :: fun((node()) -> endpoint_info()).
 -type replications() :: [{node(), [0..1023]}].
--type manager() :: pid() | atom().
+%% The manager itself, its registered name, or (as ns_server's callers name it) the bucket.
+-type manager() :: pid() | atom() | string().
 
 %% `bucket', `resolve', `credentials' (a fun giving `{User, Password}') are required. `connections' (1)
 %% is N; `consumer_node' (`node()') the node whose memcached consumes; `name' the registered name
@@ -89,60 +90,63 @@ server_name(Bucket) ->
 
 -spec stop(manager()) -> ok.
 stop(Mgr) ->
-    gen_server:stop(Mgr, shutdown, infinity).
+    gen_server:stop(ref(Mgr), shutdown, infinity).
 
 %% @doc Replicate exactly `Desired' from now on; producers with an empty list (or absent) are dropped.
 %% A map that is not `[{node(), [0..1023]}]' is refused with `{error, {bad_replications, Map}}'.
 -spec set_desired_replications(manager(), replications()) ->
           dcp_consumer_conn:setup_reply() | {error, term()}.
 set_desired_replications(Mgr, Desired) ->
-    gen_server:call(Mgr, {set_desired, Desired}, infinity).
+    gen_server:call(ref(Mgr), {set_desired, Desired}, infinity).
 
 %% @doc What the connections hold, by producer node (sorted; producers with nothing left out), or
 %% `not_running' when there is no manager.
 -spec get_actual_replications(manager()) -> replications() | not_running.
 get_actual_replications(Mgr) ->
     try
-        gen_server:call(Mgr, get_actual, infinity)
+        gen_server:call(ref(Mgr), get_actual, infinity)
     catch
         exit:{noproc, _} -> not_running
     end.
 
 -spec get_connection_count(manager()) -> pos_integer().
 get_connection_count(Mgr) ->
-    gen_server:call(Mgr, get_connection_count, infinity).
+    gen_server:call(ref(Mgr), get_connection_count, infinity).
 
 %% @doc Changes N. Every producer's connections are stopped (an orderly stop closes each consumer
 %% stream) and started again N wide, and the desired vbuckets set up again on their new connections:
 %% none is lost, none held twice. The reply is that setup's.
 -spec set_connection_count(manager(), pos_integer()) -> dcp_consumer_conn:setup_reply().
 set_connection_count(Mgr, N) when is_integer(N), N > 0 ->
-    gen_server:call(Mgr, {set_connection_count, N}, infinity).
+    gen_server:call(ref(Mgr), {set_connection_count, N}, infinity).
 
 %% @doc Takes `VBucket' over from `ProducerNode' (which must replicate it here): once it answers `ok'
 %% this node's memcached owns the vbucket and the manager no longer asks `ProducerNode' for it.
 -spec takeover(manager(), node(), 0..1023) -> dcp_consumer_conn:setup_reply() | {error, term()}.
 takeover(Mgr, ProducerNode, VBucket) ->
-    gen_server:call(Mgr, {takeover, ProducerNode, VBucket}, infinity).
+    gen_server:call(ref(Mgr), {takeover, ProducerNode, VBucket}, infinity).
 
 %% @doc Stops every replication of the bucket and forgets the desired map.
 -spec nuke(manager()) -> ok.
 nuke(Mgr) ->
-    gen_server:call(Mgr, nuke, infinity).
+    gen_server:call(ref(Mgr), nuke, infinity).
 
 %% @doc The running per-producer supervisors.
 -spec producers(manager()) -> [{node(), pid()}].
 producers(Mgr) ->
-    gen_server:call(Mgr, producers, infinity).
+    gen_server:call(ref(Mgr), producers, infinity).
 
 %% @doc The replicator that carries `VBucket' from `ProducerNode' (connection `VBucket rem N').
 -spec replicator_for(manager(), node(), 0..1023) -> pid() | undefined.
 replicator_for(Mgr, ProducerNode, VBucket) ->
-    gen_server:call(Mgr, {replicator_for, ProducerNode, VBucket}, infinity).
+    gen_server:call(ref(Mgr), {replicator_for, ProducerNode, VBucket}, infinity).
 
 -spec consumer_node(manager()) -> node().
 consumer_node(Mgr) ->
-    gen_server:call(Mgr, consumer_node, infinity).
+    gen_server:call(ref(Mgr), consumer_node, infinity).
+
+ref(Bucket) when is_list(Bucket) -> server_name(Bucket);
+ref(Mgr) -> Mgr.
 
 %% ---- gen_server ----
 

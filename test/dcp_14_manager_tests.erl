@@ -406,6 +406,10 @@ ns_test_() ->
           fun(#{p := P, c := C, mgr := Mgr}) ->
                   Bucket = ?BUCKET,
                   ?assertEqual(not_running, dcp_ns:get_partitions(dcp_ns:server_name(node(), Bucket, 0))),
+                  %% ns_server's callers name the manager by its bucket
+                  ?assertEqual(not_running,
+                               dcp_replication_manager:get_actual_replications("no-such-bucket")),
+                  ?assertEqual(2, dcp_replication_manager:get_connection_count(Bucket)),
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                      Mgr, [{node(), [0, 1, 2, 3]}])),
                   ?assertEqual(ok, dcp_ns:setup_replication(node(), Bucket, [0, 1, 2, 3, 5], 2)),
@@ -429,7 +433,7 @@ ns_test_() ->
                   ?assertEqual(dead, kv_sim:vbucket_state(P, 3)),
                   %% the takeover stream's end (after the reply) leaves the vbucket out
                   dcp_test_lib:wait_until(
-                    fun() -> dcp_replication_manager:get_actual_replications(Mgr)
+                    fun() -> dcp_replication_manager:get_actual_replications(Bucket)
                                  =:= [{node(), [0, 1, 2, 5]}] end),
                   ?assertEqual(ok, dcp_ns:nuke(Bucket)),
                   ?assertEqual([], dcp_ns:get_children(Bucket)),
@@ -459,6 +463,11 @@ ns_start_link_test_() ->
                  ?assertEqual(<<"replication:p@h->", (atom_to_binary(node()))/binary, ":default/1">>,
                               ConnName),
                  ?assertEqual([{producer, ConnName}], kv_sim:connections(P)),
+                 %% ns_server's features are negotiated: collections in HELLO, xattr in DCP_OPEN
+                 [#{hello_features := Hello}] = kv_sim:handshakes(P),
+                 ?assert(lists:member(collections, Hello) andalso lists:member(xattr, Hello)),
+                 %% no `{ssl, true}': plain TCP to both nodes
+                 ?assertEqual([{producer, ConnName, gen_tcp}], kv_sim:transports(P)),
                  %% this node's memcached (STATS dcp) lists the consumer side
                  ?assertEqual([binary_to_list(ConnName)], dcp_ns:get_connections(?BUCKET)),
                  exit(Rep, shutdown),
@@ -480,9 +489,47 @@ trim_common_prefix_test() ->
     %% short names are kept whole; distinct nodes with no common prefix are cut at 35
     ?assertEqual({"a@h", "b@h"}, dcp_ns:trim_common_prefix('a@h', 'b@h')),
     ?assertEqual('dcp_replicator-default-n1@h/2', dcp_ns:server_name('n1@h', "default", 2)),
-    ?assertEqual([xattr, del_times], dcp_ns:replication_features([{xattr, true}, {snappy, false},
+    ?assertEqual([del_times, xattr], dcp_ns:replication_features([{xattr, true}, {snappy, false},
                                                                   {del_times, true},
-                                                                  {cert_auth, true}])).
+                                                                  {cert_auth, true}])),
+    %% ns_server's dcp_sup:get_replication_features/0 list, cluster encryption on
+    ?assertEqual([collections, del_times, del_user_xattr, json, set_consumer_name, xattr],
+                 dcp_ns:replication_features([{cert_auth, false}, {collections, true},
+                                              {del_times, true}, {del_user_xattr, true},
+                                              {json, true}, {set_consumer_name, true},
+                                              {snappy, false}, {ssl, true}, {xattr, true}])).
+
+%% ns_server's `{ssl, true}' feature: the replicator reaches the (remote) producer on its TLS port
+%% and this VM's own node, local by default, over plain TCP; without TLS options it is named.
+ns_start_link_tls_test_() ->
+    with("dcp_ns:start_link/4 with {ssl, true}: TLS to the producer, plain to the local node",
+         fun() ->
+                 {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
+                 P = start_kv(producer, #{tls_port => 0, ssl => ServerTls}),
+                 C = start_kv(consumer, #{}),
+                 Infos = #{node() => #{host => {127, 0, 0, 1}, port => kv_sim:port(C)},
+                           'p@h' => #{host => {127, 0, 0, 1}, port => kv_sim:port(P),
+                                      tls_port => kv_sim:tls_port(P)}},
+                 Config = #{resolve => fun(Node) -> maps:get(Node, Infos) end,
+                            credentials => fun() -> {"Administrator", ?PASSWORD} end},
+                 {#{p => P, c => C, config => Config, tls => ClientTls},
+                  fun() -> stop_kv(C), stop_kv(P) end}
+         end,
+         fun(#{p := P, c := C, config := Config, tls := ClientTls}) ->
+                 process_flag(trap_exit, true),
+                 Features = [{collections, true}, {ssl, true}, {xattr, true}],
+                 ok = dcp_ns:configure(Config),
+                 ?assertEqual({error, {tls, no_tls_options_configured}},
+                              dcp_ns:start_link('p@h', ?BUCKET, Features, 0)),
+                 ok = dcp_ns:configure(Config#{ssl => ClientTls}),
+                 {ok, Rep} = dcp_ns:start_link('p@h', ?BUCKET, Features, 0),
+                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [2, 5])),
+                 wait_digests(P, C, [2, 5]),
+                 ?assertMatch([{producer, _, ssl}], kv_sim:transports(P)),
+                 ?assertMatch([{consumer, _, gen_tcp}], kv_sim:transports(C)),
+                 exit(Rep, shutdown),
+                 receive {'EXIT', Rep, _} -> ok end
+         end).
 
 %% ---- the rebalance, end to end at a small size ----
 
