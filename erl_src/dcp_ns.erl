@@ -104,25 +104,66 @@ replication_features(RepFeatures) ->
                                                      set_consumer_name])]).
 
 %% @doc ns_server's `dcp_replicator:setup_replication/4': `Partitions' from `ProducerNode' spread over
-%% the bucket's connections (V on `V rem ConnectionCount'), all set up at once, the replies merged. The
-%% connections are the bucket manager's; `ConnectionCount' must be its count.
+%% the connections (V on `V rem ConnectionCount'), all set up at once, the replies merged. The
+%% connections are the bucket manager's when it runs one for `ProducerNode' (then `ConnectionCount'
+%% must be its count: `{error, {connection_count, N}}' otherwise); else, as in ns_server, the
+%% replicators registered by `start_link/4' (`server_name/3'). A connection with vbuckets to set up
+%% and no replicator gives `connection_lost' for them (ns_server: a badmatch crash).
 -spec setup_replication(node(), string(), [0..1023], pos_integer()) ->
           dcp_consumer_conn:setup_reply() | {error, term()}.
 setup_replication(ProducerNode, Bucket, Partitions, ConnectionCount) ->
+    case manager_sup(Bucket, ProducerNode) of
+        {ok, Sup, ConnectionCount} ->
+            dcp_sup:setup_replication(Sup, Partitions);
+        {ok, _Sup, Other} ->
+            {error, {connection_count, Other}};
+        none ->
+            setup_registered(ProducerNode, Bucket, Partitions, ConnectionCount)
+    end.
+
+manager_sup(Bucket, ProducerNode) ->
     Mgr = dcp_replication_manager:server_name(Bucket),
-    case dcp_replication_manager:get_connection_count(Mgr) of
-        ConnectionCount ->
-            case lists:keyfind(ProducerNode, 1, dcp_replication_manager:producers(Mgr)) of
-                {_, Sup} ->
-                    dcp_sup:setup_replication(Sup, Partitions);
-                false when Partitions =:= [] ->
-                    ok;
-                false ->
-                    {errors, [{{connection_lost, {not_running, ProducerNode}}, {vbucket, VB}}
-                              || VB <- Partitions]}
-            end;
-        Other ->
-            {error, {connection_count, Other}}
+    try lists:keyfind(ProducerNode, 1, dcp_replication_manager:producers(Mgr)) of
+        {_, Sup} -> {ok, Sup, dcp_replication_manager:get_connection_count(Mgr)};
+        false -> none
+    catch
+        exit:{noproc, _} -> none
+    end.
+
+setup_registered(ProducerNode, Bucket, Partitions, ConnectionCount) ->
+    case dcp_replicator:check_vbuckets(Partitions) of
+        {ok, VBs} ->
+            Self = self(),
+            Tag = make_ref(),
+            Calls = [{ConnNum, Wanted, whereis(server_name(ProducerNode, Bucket, ConnNum))}
+                     || ConnNum <- lists:seq(0, ConnectionCount - 1),
+                        Wanted <- [[VB || VB <- VBs,
+                                          dcp_sup:connection_for_vbucket(ConnectionCount, VB)
+                                              =:= ConnNum]]],
+            Workers = [{Wanted, spawn_monitor(fun() ->
+                                                      Self ! {Tag, self(),
+                                                              registered_setup(ProducerNode, Rep,
+                                                                               Wanted)}
+                                              end)}
+                       || {_, Wanted, Rep} <- Calls, Wanted =/= []],
+            dcp_sup:merge_replies([receive
+                                       {Tag, Pid, Reply} ->
+                                           erlang:demonitor(Ref, [flush]),
+                                           Reply;
+                                       {'DOWN', Ref, process, Pid, Reason} ->
+                                           dcp_sup:lost(Reason, Wanted)
+                                   end || {Wanted, {Pid, Ref}} <- Workers]);
+        {error, _} = Error ->
+            Error
+    end.
+
+registered_setup(ProducerNode, undefined, Wanted) ->
+    dcp_sup:lost({not_running, ProducerNode}, Wanted);
+registered_setup(ProducerNode, Rep, Wanted) ->
+    try
+        dcp_replicator:setup_replication(Rep, Wanted)
+    catch
+        exit:_ -> dcp_sup:lost({not_running, ProducerNode}, Wanted)
     end.
 
 %% @doc ns_server's `dcp_replicator:takeover/3': the vbucket's connection from `ProducerNode' (its

@@ -457,7 +457,11 @@ ns_start_link_test_() ->
                  {ok, Rep} = dcp_ns:start_link('p@h', ?BUCKET, [{xattr, true}, {snappy, false},
                                                                {collections, true}], 1),
                  ?assertEqual(Rep, whereis(Name)),
-                 ?assertEqual(ok, dcp_replicator:setup_replication(Name, [1, 3])),
+                 %% no manager for the bucket: ns_server's setup_replication/4 over the
+                 %% registered replicators (connection 0 has none)
+                 ?assertEqual(ok, dcp_ns:setup_replication('p@h', ?BUCKET, [1, 3], 2)),
+                 ?assertEqual({errors, [{{connection_lost, {not_running, 'p@h'}}, {vbucket, 0}}]},
+                              dcp_ns:setup_replication('p@h', ?BUCKET, [0, 1, 3], 2)),
                  ?assertEqual([1, 3], dcp_ns:get_partitions(Name)),
                  ConnName = list_to_binary(dcp_ns:get_connection_name(node(), 'p@h', ?BUCKET, 1)),
                  ?assertEqual(<<"replication:p@h->", (atom_to_binary(node()))/binary, ":default/1">>,
