@@ -2,7 +2,10 @@
 %% the right connections and streams, a connection-count change re-spreads the vbuckets, a failing
 %% stream end on one connection shows in the merged reply while the others settle, a dead producer
 %% costs only its own vbuckets, two- and three-node maps up and down with the connections counted on
-%% each node; ns_server's call shapes (dcp_ns); the rebalance demo with faults at a small size.
+%% each node; the streams each producer connection holds, read on the producer node (STATS
+%% dcp-vbtakeover); TLS per endpoint (remote producers on their TLS port, the local consumer plain,
+%% checked on what each node accepted; an untrusted node fails alone and fast); ns_server's call
+%% shapes (dcp_ns); the rebalance demo with faults at a small size.
 -module(dcp_14_manager_tests).
 
 -include_lib("eunit/include/eunit.hrl").
@@ -240,6 +243,7 @@ tls_env() ->
                           tls_port => kv_sim:tls_port(Kv), local => false}
              end,
     Infos = #{'p1@h' => Remote(P1), 'p2@h' => Remote(P2), 'p3@h' => Remote(P3),
+              'p4@h' => maps:remove(tls_port, Remote(P1)),
               'c@h' => #{host => {127, 0, 0, 1}, port => kv_sim:port(C), local => true}},
     Mgr = start_manager('c@h', #{}, #{resolve => fun(Node) -> maps:get(Node, Infos) end,
                                       ssl => ClientTls, connections => 2}),
@@ -276,7 +280,13 @@ tls_test_() ->
                   || {Why, _} <- Errors],
                  ?assertEqual(Map, dcp_replication_manager:get_actual_replications(Mgr)),
                  ?assertEqual([], kv_sim:connections(P3)),
-                 %% and nothing is left hanging: dropping the node answers at once
+                 %% a remote node the resolver gives no TLS port: named, its vbuckets only
+                 ?assertEqual({errors, [{{connection_lost, {start_failed, {no_tls_port, 'p4@h'}}},
+                                         {vbucket, 14}}]},
+                              dcp_replication_manager:set_desired_replications(
+                                Mgr, Map ++ [{'p4@h', [14]}])),
+                 ?assertEqual(2, length(kv_sim:transports(P1))),
+                 %% and nothing is left hanging: dropping the nodes answers at once
                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map)),
                  ?assertEqual(Map, dcp_replication_manager:get_actual_replications(Mgr)),
                  ?assertEqual(2, length(kv_sim:transports(P1)))
