@@ -61,55 +61,109 @@ server_name(ProducerNode, Bucket, ConnNum) ->
     list_to_atom("dcp_replicator-" ++ Bucket ++ "-" ++ atom_to_list(ProducerNode) ++ Suffix).
 
 %% @doc ns_server's `dcp_replicator:start_link/4': a replication from `ProducerNode' into this node's
-%% memcached, registered as `server_name/3' says, named by `get_connection_name/4'.
+%% memcached, registered as `server_name/3' says, named by `get_connection_name/4'. As in ns_server,
+%% `{ssl, true}' among the features makes the replication TLS (with the configured `ssl' options) to
+%% every node that is not local (`dcp_replication_manager:endpoint/3'); without it both sides are
+%% plain. `{ssl, true}' with no `ssl' options configured is `{error, {tls, no_tls_options_configured}}'.
 -spec start_link(node(), string(), [{atom(), boolean()}] | [atom()], non_neg_integer()) ->
           {ok, pid()} | {error, term()}.
 start_link(ProducerNode, Bucket, RepFeatures, ConnNum) ->
-    #{resolve := Resolve, credentials := Credentials} = Config = config(),
-    #{host := CHost, port := CPort} = Resolve(node()),
-    #{host := PHost, port := PPort} = PInfo = Resolve(ProducerNode),
+    Config = config(),
+    case {wants_tls(RepFeatures), maps:get(ssl, Config, false)} of
+        {true, false} -> {error, {tls, no_tls_options_configured}};
+        {true, Tls} -> start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, Tls, Config);
+        {false, _} -> start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, false, Config)
+    end.
+
+wants_tls(RepFeatures) ->
+    proplists:get_bool(ssl, RepFeatures).
+
+start_replicator(ProducerNode, Bucket, RepFeatures, ConnNum, Ssl, Config) ->
+    #{resolve := Resolve, credentials := Credentials} = Config,
     {User, Password} = Credentials(),
-    {Producer, Ssl} = case {maps:get(ssl, Config, false), maps:get(local, PInfo, false)} of
-                          {false, _} -> {{PHost, PPort}, #{}};
-                          {_, true} -> {{PHost, PPort}, #{}};
-                          {TlsOpts, false} -> {{PHost, maps:get(tls_port, PInfo)}, #{ssl => TlsOpts}}
-                      end,
     Opts = maps:merge(maps:get(replicator, Config, #{}),
-                      Ssl#{consumer => {CHost, CPort}, producer => Producer, bucket => Bucket,
-                           user => User, password => Password,
-                           features => replication_features(RepFeatures),
-                           name => server_name(ProducerNode, Bucket, ConnNum),
-                           connection_name => get_connection_name(node(), ProducerNode, Bucket,
-                                                                  ConnNum)}),
+                      #{consumer => dcp_replication_manager:endpoint(node(), Resolve(node()), Ssl),
+                        producer => dcp_replication_manager:endpoint(ProducerNode,
+                                                                     Resolve(ProducerNode), Ssl),
+                        bucket => Bucket, user => User, password => Password,
+                        consumer_node => node(),
+                        features => replication_features(RepFeatures),
+                        name => server_name(ProducerNode, Bucket, ConnNum),
+                        connection_name => get_connection_name(node(), ProducerNode, Bucket,
+                                                               ConnNum)}),
     dcp_replicator:start_link(Opts).
 
-%% @doc ns_server's feature proplist (or a list of names) as the replicator's features: the ones it
-%% negotiates; `ssl' is the endpoint's business and `cert_auth' only restarts ns_server's connections.
--spec replication_features([{atom(), boolean()}] | [atom()]) -> [dcp_proxy:feature()].
+%% @doc ns_server's feature proplist (or a list of names) as the replicator's features: the ones the
+%% handshakes negotiate (`dcp_features'), sorted; `ssl' picks the endpoints (`start_link/4') and
+%% `cert_auth' only restarts ns_server's connections, so neither is passed on.
+-spec replication_features([{atom(), boolean()}] | [atom()]) -> [dcp_features:feature()].
 replication_features(RepFeatures) ->
     Enabled = [F || {F, true} <- RepFeatures] ++ [F || F <- RepFeatures, is_atom(F)],
-    [F || F <- [xattr, snappy, del_times, del_user_xattr, json], lists:member(F, Enabled)].
+    lists:usort([F || F <- Enabled, lists:member(F, [xattr, collections, snappy, json, duplex,
+                                                     del_times, del_user_xattr,
+                                                     set_consumer_name])]).
 
 %% @doc ns_server's `dcp_replicator:setup_replication/4': `Partitions' from `ProducerNode' spread over
-%% the bucket's connections (V on `V rem ConnectionCount'), all set up at once, the replies merged. The
-%% connections are the bucket manager's; `ConnectionCount' must be its count.
+%% the connections (V on `V rem ConnectionCount'), all set up at once, the replies merged. The
+%% connections are the bucket manager's when it runs one for `ProducerNode' (then `ConnectionCount'
+%% must be its count: `{error, {connection_count, N}}' otherwise); else, as in ns_server, the
+%% replicators registered by `start_link/4' (`server_name/3'). A connection with vbuckets to set up
+%% and no replicator gives `connection_lost' for them (ns_server: a badmatch crash).
 -spec setup_replication(node(), string(), [0..1023], pos_integer()) ->
           dcp_consumer_conn:setup_reply() | {error, term()}.
 setup_replication(ProducerNode, Bucket, Partitions, ConnectionCount) ->
+    case manager_sup(Bucket, ProducerNode) of
+        {ok, Sup, ConnectionCount} ->
+            dcp_sup:setup_replication(Sup, Partitions);
+        {ok, _Sup, Other} ->
+            {error, {connection_count, Other}};
+        none ->
+            setup_registered(ProducerNode, Bucket, Partitions, ConnectionCount)
+    end.
+
+manager_sup(Bucket, ProducerNode) ->
     Mgr = dcp_replication_manager:server_name(Bucket),
-    case dcp_replication_manager:get_connection_count(Mgr) of
-        ConnectionCount ->
-            case lists:keyfind(ProducerNode, 1, dcp_replication_manager:producers(Mgr)) of
-                {_, Sup} ->
-                    dcp_sup:setup_replication(Sup, Partitions);
-                false when Partitions =:= [] ->
-                    ok;
-                false ->
-                    {errors, [{{connection_lost, {not_running, ProducerNode}}, {vbucket, VB}}
-                              || VB <- Partitions]}
-            end;
-        Other ->
-            {error, {connection_count, Other}}
+    try lists:keyfind(ProducerNode, 1, dcp_replication_manager:producers(Mgr)) of
+        {_, Sup} -> {ok, Sup, dcp_replication_manager:get_connection_count(Mgr)};
+        false -> none
+    catch
+        exit:{noproc, _} -> none
+    end.
+
+setup_registered(ProducerNode, Bucket, Partitions, ConnectionCount) ->
+    case dcp_replicator:check_vbuckets(Partitions) of
+        {ok, VBs} ->
+            Self = self(),
+            Tag = make_ref(),
+            Calls = [{ConnNum, Wanted, whereis(server_name(ProducerNode, Bucket, ConnNum))}
+                     || ConnNum <- lists:seq(0, ConnectionCount - 1),
+                        Wanted <- [[VB || VB <- VBs,
+                                          dcp_sup:connection_for_vbucket(ConnectionCount, VB)
+                                              =:= ConnNum]]],
+            Workers = [{Wanted, spawn_monitor(fun() ->
+                                                      Self ! {Tag, self(),
+                                                              registered_setup(ProducerNode, Rep,
+                                                                               Wanted)}
+                                              end)}
+                       || {_, Wanted, Rep} <- Calls, Wanted =/= []],
+            dcp_sup:merge_replies([receive
+                                       {Tag, Pid, Reply} ->
+                                           erlang:demonitor(Ref, [flush]),
+                                           Reply;
+                                       {'DOWN', Ref, process, Pid, Reason} ->
+                                           dcp_sup:lost(Reason, Wanted)
+                                   end || {Wanted, {Pid, Ref}} <- Workers]);
+        {error, _} = Error ->
+            Error
+    end.
+
+registered_setup(ProducerNode, undefined, Wanted) ->
+    dcp_sup:lost({not_running, ProducerNode}, Wanted);
+registered_setup(ProducerNode, Rep, Wanted) ->
+    try
+        dcp_replicator:setup_replication(Rep, Wanted)
+    catch
+        exit:_ -> dcp_sup:lost({not_running, ProducerNode}, Wanted)
     end.
 
 %% @doc ns_server's `dcp_replicator:takeover/3': the vbucket's connection from `ProducerNode' (its

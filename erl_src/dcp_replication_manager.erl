@@ -22,7 +22,7 @@
 
 -export([start_link/1, start_link/2, server_name/1, set_desired_replications/2,
          get_actual_replications/1, get_connection_count/1, set_connection_count/2, takeover/3,
-         nuke/1, producers/1, replicator_for/3, consumer_node/1, stop/1]).
+         nuke/1, producers/1, replicator_for/3, consumer_node/1, stop/1, endpoint/3]).
 
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -31,19 +31,22 @@
 -define(LOG_META, #{domain => [dcp_proxy]}).
 
 %% What `resolve' says of a node: its memcached's host, plain port, TLS port, and whether it is the
-%% node this manager runs for (reached over plain TCP, as ns_server reaches its own memcached).
+%% local node (reached over plain TCP whatever `ssl', as ns_server reaches its own memcached; absent:
+%% whether it is `node()'). With `ssl' set, every node not local is reached on its `tls_port'; see
+%% `endpoint/3'.
 -type endpoint_info() :: #{host := inet:socket_address() | inet:hostname(),
                            port := inet:port_number(),
                            tls_port => inet:port_number(),
                            local => boolean()}.
 -type resolver() :: fun((node()) -> endpoint_info()).
 -type replications() :: [{node(), [0..1023]}].
--type manager() :: pid() | atom().
+%% The manager itself, its registered name, or (as ns_server's callers name it) the bucket.
+-type manager() :: pid() | atom() | string().
 
 %% `bucket', `resolve', `credentials' (a fun giving `{User, Password}') are required. `connections' (1)
 %% is N; `consumer_node' (`node()') the node whose memcached consumes; `name' the registered name
 %% (ns_server's `dcp_replication_manager-Bucket' by default, `undefined' for none); `ssl' (`false' or
-%% TLS options: producers that are not local are reached on their TLS port); `replicator' extra
+%% TLS options: nodes that are not local are reached on their TLS port); `replicator' extra
 %% `dcp_replicator' options (features, setup_timeout, splitter, ...).
 -type opts() :: #{bucket := string(),
                   resolve := resolver(),
@@ -87,60 +90,63 @@ server_name(Bucket) ->
 
 -spec stop(manager()) -> ok.
 stop(Mgr) ->
-    gen_server:stop(Mgr, shutdown, infinity).
+    gen_server:stop(ref(Mgr), shutdown, infinity).
 
 %% @doc Replicate exactly `Desired' from now on; producers with an empty list (or absent) are dropped.
 %% A map that is not `[{node(), [0..1023]}]' is refused with `{error, {bad_replications, Map}}'.
 -spec set_desired_replications(manager(), replications()) ->
           dcp_consumer_conn:setup_reply() | {error, term()}.
 set_desired_replications(Mgr, Desired) ->
-    gen_server:call(Mgr, {set_desired, Desired}, infinity).
+    gen_server:call(ref(Mgr), {set_desired, Desired}, infinity).
 
 %% @doc What the connections hold, by producer node (sorted; producers with nothing left out), or
 %% `not_running' when there is no manager.
 -spec get_actual_replications(manager()) -> replications() | not_running.
 get_actual_replications(Mgr) ->
     try
-        gen_server:call(Mgr, get_actual, infinity)
+        gen_server:call(ref(Mgr), get_actual, infinity)
     catch
         exit:{noproc, _} -> not_running
     end.
 
 -spec get_connection_count(manager()) -> pos_integer().
 get_connection_count(Mgr) ->
-    gen_server:call(Mgr, get_connection_count, infinity).
+    gen_server:call(ref(Mgr), get_connection_count, infinity).
 
 %% @doc Changes N. Every producer's connections are stopped (an orderly stop closes each consumer
 %% stream) and started again N wide, and the desired vbuckets set up again on their new connections:
 %% none is lost, none held twice. The reply is that setup's.
 -spec set_connection_count(manager(), pos_integer()) -> dcp_consumer_conn:setup_reply().
 set_connection_count(Mgr, N) when is_integer(N), N > 0 ->
-    gen_server:call(Mgr, {set_connection_count, N}, infinity).
+    gen_server:call(ref(Mgr), {set_connection_count, N}, infinity).
 
 %% @doc Takes `VBucket' over from `ProducerNode' (which must replicate it here): once it answers `ok'
 %% this node's memcached owns the vbucket and the manager no longer asks `ProducerNode' for it.
 -spec takeover(manager(), node(), 0..1023) -> dcp_consumer_conn:setup_reply() | {error, term()}.
 takeover(Mgr, ProducerNode, VBucket) ->
-    gen_server:call(Mgr, {takeover, ProducerNode, VBucket}, infinity).
+    gen_server:call(ref(Mgr), {takeover, ProducerNode, VBucket}, infinity).
 
 %% @doc Stops every replication of the bucket and forgets the desired map.
 -spec nuke(manager()) -> ok.
 nuke(Mgr) ->
-    gen_server:call(Mgr, nuke, infinity).
+    gen_server:call(ref(Mgr), nuke, infinity).
 
 %% @doc The running per-producer supervisors.
 -spec producers(manager()) -> [{node(), pid()}].
 producers(Mgr) ->
-    gen_server:call(Mgr, producers, infinity).
+    gen_server:call(ref(Mgr), producers, infinity).
 
 %% @doc The replicator that carries `VBucket' from `ProducerNode' (connection `VBucket rem N').
 -spec replicator_for(manager(), node(), 0..1023) -> pid() | undefined.
 replicator_for(Mgr, ProducerNode, VBucket) ->
-    gen_server:call(Mgr, {replicator_for, ProducerNode, VBucket}, infinity).
+    gen_server:call(ref(Mgr), {replicator_for, ProducerNode, VBucket}, infinity).
 
 -spec consumer_node(manager()) -> node().
 consumer_node(Mgr) ->
-    gen_server:call(Mgr, consumer_node, infinity).
+    gen_server:call(ref(Mgr), consumer_node, infinity).
+
+ref(Bucket) when is_list(Bucket) -> server_name(Bucket);
+ref(Mgr) -> Mgr.
 
 %% ---- gen_server ----
 
@@ -317,22 +323,33 @@ start_producer(Node, State) ->
     #state{bucket = Bucket, consumer_node = Consumer, resolve = Resolve, credentials = Credentials,
            connections = N, ssl = Ssl, rep_opts = RepOpts} = State,
     try
-        #{host := CHost, port := CPort} = Resolve(Consumer),
-        ProducerInfo = #{host := PHost} = Resolve(Node),
-        {Producer, SslOpts} = case {Ssl, maps:get(local, ProducerInfo, false)} of
-                                  {false, _} -> {{PHost, maps:get(port, ProducerInfo)}, #{}};
-                                  {_, true} -> {{PHost, maps:get(port, ProducerInfo)}, #{}};
-                                  {TlsOpts, false} ->
-                                      {{PHost, maps:get(tls_port, ProducerInfo)}, #{ssl => TlsOpts}}
-                              end,
         {User, Password} = Credentials(),
-        Opts = maps:merge(RepOpts, SslOpts#{consumer => {CHost, CPort}, producer => Producer,
-                                            bucket => Bucket, user => User, password => Password,
-                                            consumer_node => Consumer, producer_node => Node,
-                                            connections => N}),
+        Opts = maps:merge(RepOpts, #{consumer => endpoint(Consumer, Resolve(Consumer), Ssl),
+                                     producer => endpoint(Node, Resolve(Node), Ssl),
+                                     bucket => Bucket, user => User, password => Password,
+                                     consumer_node => Consumer, producer_node => Node,
+                                     connections => N}),
         dcp_sup:start_link(Opts)
     catch
+        error:{no_tls_port, NoTls} -> {error, {no_tls_port, NoTls}};
         Class:Reason -> {error, {Class, Reason}}
+    end.
+
+%% @doc The replicator endpoint of `Node' from what the resolver says of it: its plain `port' when
+%% `Ssl' is `false' or the node is local, else its `tls_port' with `Ssl' as that endpoint's own TLS
+%% options (ns_server's rule: TLS when cluster encryption is on and the node is not this one). A node
+%% is local when its info says `local => true', or, without `local', when it is `node()'. Each side
+%% of a replication gets its own: a local consumer stays plain while the producer is TLS. A node to
+%% be reached over TLS without a `tls_port' raises `error({no_tls_port, Node})'.
+-spec endpoint(node(), endpoint_info(), false | [ssl:tls_client_option()]) ->
+          #{host := inet:socket_address() | inet:hostname(), port := inet:port_number(),
+            ssl := false | [ssl:tls_client_option()]}.
+endpoint(Node, #{host := Host, port := Port} = Info, Ssl) ->
+    case {Ssl, maps:get(local, Info, Node =:= node()), Info} of
+        {false, _, _} -> #{host => Host, port => Port, ssl => false};
+        {_, true, _} -> #{host => Host, port => Port, ssl => false};
+        {Tls, false, #{tls_port := TlsPort}} -> #{host => Host, port => TlsPort, ssl => Tls};
+        {_, false, _} -> erlang:error({no_tls_port, Node})
     end.
 
 stop_producer(Node, #state{sups = Sups} = State) ->

@@ -8,7 +8,10 @@
 %% Options (a map): `role' (`consumer' | `producer', required), `port' (0 = ephemeral, the default),
 %% `bucket' ("default"), `user' ("Administrator"), `password' ("password"), `vbuckets' (a count N for
 %% 0..N-1, or a list; default 64), `docs_per_vbucket' (producer, default 100), `value_size' (default 256),
-%% `seed' (default 42), `ssl' (`false' or `[ssl:tls_server_option()]'), `hello_features' (the HELLO
+%% `seed' (default 42), `ssl' (`false' or `[ssl:tls_server_option()]': the listener speaks TLS),
+%% `tls_port' (with `ssl': the node listens on `port' in plain TCP and on `tls_port' (0 = ephemeral)
+%% in TLS over the same store, as memcached serves 11210 and 11207; `tls_port/1' gives it,
+%% `transports/1' which transport each DCP connection came over), `hello_features' (the HELLO
 %% features the node accepts; default all the replication ones), `consumer_buffer_size' (consumer: the
 %% flow-control window it asks the producer for with DCP_CONTROL `connection_buffer_size' and acknowledges
 %% with DCP_BUFFER_ACKNOWLEDGEMENT; 0 = no flow control; default 10 MiB), `collections' (producer: the
@@ -81,8 +84,8 @@
 
 -behaviour(gen_server).
 
--export([start_link/1, start/1, stop/1, port/1, set_fault/3, clear_faults/1, digest/2,
-         vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
+-export([start_link/1, start/1, stop/1, port/1, tls_port/1, transports/1, set_fault/3, clear_faults/1,
+         digest/2, vbucket_state/2, docs/3, doc/3, connections/1, set_vbucket_state/3, delete_vbucket/2,
          handshakes/1, closes/1, collection_counts/2, collection_of/2, high_seqno/1, system_events/2,
          seqno_item/2, durable_doc/3, durable_state/2, seqno_acks/2, collection_name/1]).
 
@@ -97,6 +100,7 @@
                   vbuckets => non_neg_integer() | [dcp_commands:vbucket()],
                   docs_per_vbucket => non_neg_integer(), value_size => non_neg_integer(),
                   seed => integer(), ssl => false | [ssl:tls_server_option()],
+                  tls_port => inet:port_number(),
                   hello_features => [dcp_commands:feature()],
                   consumer_buffer_size => non_neg_integer(),
                   collections => [non_neg_integer()],
@@ -174,6 +178,16 @@ closes(Node) ->
 -spec port(pid()) -> inet:port_number().
 port(Node) ->
     gen_server:call(Node, port).
+
+%% @doc The TLS listener's port of a node started with `tls_port', else `undefined'.
+-spec tls_port(pid()) -> inet:port_number() | undefined.
+tls_port(Node) ->
+    gen_server:call(Node, tls_port).
+
+%% @doc The node's live DCP connections (as `connections/1') with the transport each was accepted on.
+-spec transports(pid()) -> [{producer | consumer, binary(), gen_tcp | ssl}].
+transports(Node) ->
+    gen_server:call(Node, transports).
 
 -spec set_fault(pid(), dcp_commands:vbucket() | all, fault()) -> ok | {error, term()}.
 set_fault(Node, VBucket, Fault) ->
@@ -530,11 +544,37 @@ seed_vbucket(#{store := Store, events := Events, durable := Durable} = Config, V
 
 listen(Opts, Config) ->
     Port = maps:get(port, Opts, 0),
+    Ssl = maps:get(ssl, Opts, false),
+    %% with `tls_port' the main listener is plain and TLS has its own
+    {Main, Tls} = case maps:find(tls_port, Opts) of
+                      {ok, TlsPort} when Ssl =/= false -> {{Port, false}, {TlsPort, Ssl}};
+                      {ok, _} -> {{Port, false}, none};
+                      error -> {{Port, Ssl}, none}
+                  end,
+    case open_listener(Main, Config) of
+        {ok, {Transport, LSock, ActualPort, Acceptor}} ->
+            case open_listener(Tls, Config) of
+                {ok, TlsListener} ->
+                    {ok, #{config => Config, lsock => LSock, transport => Transport,
+                           port => ActualPort, acceptor => Acceptor, tls => TlsListener,
+                           connections => #{}, dcp_names => #{}, records => [], transports => #{},
+                           closes => []}};
+                {error, Reason} ->
+                    _ = Transport:close(LSock),
+                    {stop, Reason}
+            end;
+        {error, Reason} ->
+            {stop, Reason}
+    end.
+
+open_listener(none, _Config) ->
+    {ok, none};
+open_listener({Port, Ssl}, Config) ->
     %% Without `buffer' the driver reads 1460 bytes at a time: a consumer node would take a turn per
     %% few hundred bytes of a fast stream.
     Common = [binary, {active, false}, {ip, loopback}, {reuseaddr, true}, {nodelay, true},
               {backlog, 128}, {buffer, ?SOCKET_BUFFER}],
-    {Transport, Listen} = case maps:get(ssl, Opts, false) of
+    {Transport, Listen} = case Ssl of
                               false -> {gen_tcp, gen_tcp:listen(Port, Common)};
                               SslOpts -> {ssl, ssl:listen(Port, Common ++ SslOpts)}
                           end,
@@ -543,11 +583,9 @@ listen(Opts, Config) ->
             {ok, {_, ActualPort}} = sockname(Transport, LSock),
             Self = self(),
             Acceptor = spawn_link(fun() -> accept_loop(Self, Transport, LSock, Config) end),
-            {ok, #{config => Config, lsock => LSock, transport => Transport, port => ActualPort,
-                   acceptor => Acceptor, connections => #{}, dcp_names => #{}, records => [],
-                   closes => []}};
+            {ok, {Transport, LSock, ActualPort, Acceptor}};
         {error, Reason} ->
-            {stop, {listen_failed, Port, Reason}}
+            {error, {listen_failed, Port, Reason}}
     end.
 
 sockname(gen_tcp, Sock) -> inet:sockname(Sock);
@@ -573,7 +611,7 @@ accept_loop(Node, Transport, LSock, Config) ->
 hand_over(Node, Transport, Sock, Config) ->
     case kv_sim_conn:start(Config, Transport, Sock) of
         {ok, Pid} ->
-            Node ! {kv_sim_connection, Pid},
+            Node ! {kv_sim_connection, Pid, Transport},
             case controlling_process(Transport, Sock, Pid) of
                 ok ->
                     Pid ! {kv_sim_socket_ready, Sock},
@@ -600,6 +638,11 @@ handle_call(closes, _From, #{closes := Closes} = State) ->
     {reply, lists:reverse(Closes), State};
 handle_call(port, _From, #{port := Port} = State) ->
     {reply, Port, State};
+handle_call(tls_port, _From, #{tls := Tls} = State) ->
+    {reply, case Tls of {_, _, TlsPort, _} -> TlsPort; none -> undefined end, State};
+handle_call(transports, _From, #{dcp_names := Names, transports := Transports} = State) ->
+    {reply, lists:sort([{Type, Name, maps:get(Pid, Transports, gen_tcp)}
+                        || {Pid, {Type, Name}} <- maps:to_list(Names)]), State};
 handle_call(config, _From, #{config := Config} = State) ->
     {reply, Config, State};
 handle_call({set_fault, VBucket, Fault}, _From, #{config := #{faults := Faults}} = State) ->
@@ -639,20 +682,29 @@ handle_info({kv_sim_closed, Pid, Reason}, #{closes := Closes, dcp_names := Names
                _ -> undefined
            end,
     {noreply, State#{closes := [{Name, Reason} | Closes]}};
-handle_info({kv_sim_connection, Pid}, #{connections := Conns} = State) ->
-    {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)}}};
+handle_info({kv_sim_connection, Pid, Transport}, #{connections := Conns, transports := Ts} = State) ->
+    {noreply, State#{connections := Conns#{Pid => erlang:monitor(process, Pid)},
+                     transports := Ts#{Pid => Transport}}};
 handle_info({kv_sim_dcp_open, Pid, Type, Name}, #{dcp_names := Names} = State) ->
     {noreply, State#{dcp_names := Names#{Pid => {Type, Name}}}};
-handle_info({'DOWN', _Ref, process, Pid, _Reason}, #{connections := Conns, dcp_names := Names} = State) ->
-    {noreply, State#{connections := maps:remove(Pid, Conns), dcp_names := maps:remove(Pid, Names)}};
+handle_info({'DOWN', _Ref, process, Pid, _Reason},
+            #{connections := Conns, dcp_names := Names, transports := Ts} = State) ->
+    {noreply, State#{connections := maps:remove(Pid, Conns), dcp_names := maps:remove(Pid, Names),
+                     transports := maps:remove(Pid, Ts)}};
 handle_info({'EXIT', Acceptor, Reason}, #{acceptor := Acceptor} = State) ->
+    {stop, {acceptor_died, Reason}, State};
+handle_info({'EXIT', Acceptor, Reason}, #{tls := {_, _, _, Acceptor}} = State) ->
     {stop, {acceptor_died, Reason}, State};
 handle_info(_Info, State) ->
     {noreply, State}.
 
 %% The connections use the node's tables, which go with this process: they are stopped first.
-terminate(_Reason, #{transport := Transport, lsock := LSock, connections := Conns}) ->
+terminate(_Reason, #{transport := Transport, lsock := LSock, tls := Tls, connections := Conns}) ->
     _ = Transport:close(LSock),
+    _ = case Tls of
+            {TlsTransport, TlsLSock, _, _} -> TlsTransport:close(TlsLSock);
+            none -> ok
+        end,
     maps:foreach(fun(Pid, _Ref) -> exit(Pid, kill) end, Conns),
     maps:foreach(fun(Pid, Ref) ->
                          receive

@@ -2,7 +2,10 @@
 %% the right connections and streams, a connection-count change re-spreads the vbuckets, a failing
 %% stream end on one connection shows in the merged reply while the others settle, a dead producer
 %% costs only its own vbuckets, two- and three-node maps up and down with the connections counted on
-%% each node; ns_server's call shapes (dcp_ns); the rebalance demo with faults at a small size.
+%% each node; the streams each producer connection holds, read on the producer node (STATS
+%% dcp-vbtakeover); TLS per endpoint (remote producers on their TLS port, the local consumer plain,
+%% checked on what each node accepted; an untrusted node fails alone and fast); ns_server's call
+%% shapes (dcp_ns); the rebalance demo with faults at a small size.
 -module(dcp_14_manager_tests).
 
 -include_lib("eunit/include/eunit.hrl").
@@ -65,6 +68,31 @@ assert_spread(Mgr, N) ->
     ?assertEqual(lists:usort(Held), lists:sort(Held)),
     lists:sort(Held).
 
+%% The vbuckets each producer connection of node `Node' streams, as its memcached reports them to
+%% `STATS dcp-vbtakeover <vb> <connection>' (any status but `does_not_exist'): `[{Name, [VB]}]'.
+%% `dcp_ns' must be configured with a resolver that knows `Node'.
+producer_streams(Node, Kv) ->
+    lists:sort([{binary_to_list(Name), [VB || VB <- lists:seq(0, ?VBS - 1),
+                                             stream_status(Node, VB, Name) =/= <<"does_not_exist">>]}
+                || {producer, Name} <- kv_sim:connections(Kv)]).
+
+stream_status(Node, VB, Name) ->
+    Group = iolist_to_binary(["dcp-vbtakeover ", integer_to_list(VB), " ", Name]),
+    {ok, Stats} = dcp_ns:memcached_stats(Node, ?BUCKET, Group),
+    proplists:get_value(<<"status">>, Stats).
+
+%% What producer node `P' should stream to consumer node `C' with `N' connections: connection I holds
+%% the vbuckets V with V rem N = I (connections with none left out).
+expected_streams(C, P, N, VBs) ->
+    lists:sort([{dcp_ns:get_connection_name(C, P, ?BUCKET, I), Held}
+                || I <- lists:seq(0, N - 1), Held <- [[V || V <- VBs, V rem N =:= I]], Held =/= []]).
+
+wait_streams(Node, Kv, Expected) ->
+    dcp_test_lib:wait_until(fun() ->
+                                    [S || {_, VBs} = S <- producer_streams(Node, Kv), VBs =/= []]
+                                        =:= Expected
+                            end).
+
 wait_digests(From, To, VBs) ->
     [dcp_test_lib:wait_until(fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end)
      || VB <- VBs],
@@ -81,6 +109,8 @@ two_producers(Extra) ->
             P2 = start_kv(producer, #{seed => 7}),
             C = start_kv(consumer, #{}),
             Nodes = #{'p1@h' => P1, 'p2@h' => P2, 'c@h' => C},
+            ok = dcp_ns:configure(#{resolve => resolver(Nodes),
+                                    credentials => fun() -> {"Administrator", ?PASSWORD} end}),
             Mgr = start_manager('c@h', Nodes, Extra),
             {#{p1 => P1, p2 => P2, c => C, mgr => Mgr},
              fun() -> stop_manager(Mgr), [stop_kv(P) || P <- [C, P1, P2]] end}
@@ -101,6 +131,9 @@ manager_test_() ->
                   wait_connections(P1, 2, 0), wait_connections(P2, 2, 0),
                   wait_connections(C, 0, 4),
                   wait_digests(P1, C, [0, 1, 2, 3, 4, 5]),
+                  %% each producer connection streams exactly its vbuckets
+                  wait_streams('p1@h', P1, expected_streams('c@h', 'p1@h', 2, [0, 1, 2, 3, 4, 5])),
+                  wait_streams('p2@h', P2, expected_streams('c@h', 'p2@h', 2, [8, 9])),
                   %% p2 goes, p1 gives up 0..3 and gains 6: p2's two connections close
                   Map2 = [{'p1@h', [4, 5, 6]}],
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map2)),
@@ -108,10 +141,13 @@ manager_test_() ->
                   wait_connections(P2, 0, 0), wait_connections(C, 0, 2),
                   ?assertEqual(2, count(producer, P1)),
                   ?assertEqual([4, 5, 6], assert_spread(Mgr, 2)),
+                  wait_streams('p1@h', P1, expected_streams('c@h', 'p1@h', 2, [4, 5, 6])),
                   %% a vbucket moves between producers
                   Map3 = [{'p1@h', [5, 6]}, {'p2@h', [4]}],
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map3)),
                   ?assertEqual(Map3, dcp_replication_manager:get_actual_replications(Mgr)),
+                  wait_streams('p1@h', P1, expected_streams('c@h', 'p1@h', 2, [5, 6])),
+                  wait_streams('p2@h', P2, expected_streams('c@h', 'p2@h', 2, [4])),
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, [])),
                   ?assertEqual([], dcp_replication_manager:get_actual_replications(Mgr)),
                   wait_connections(P1, 0, 0), wait_connections(P2, 0, 0),
@@ -130,7 +166,9 @@ manager_test_() ->
                        ?assertEqual(VBs, assert_spread(Mgr, N)),
                        ?assertEqual([{'p1@h', VBs}],
                                     dcp_replication_manager:get_actual_replications(Mgr)),
-                       wait_connections(P1, N, 0)
+                       wait_connections(P1, N, 0),
+                       %% on the producer node too: every vbucket streamed once, on V rem N
+                       wait_streams('p1@h', P1, expected_streams('c@h', 'p1@h', N, VBs))
                    end || N <- [3, 1, 4]],
                   wait_digests(P1, C, VBs)
           end),
@@ -166,7 +204,111 @@ manager_test_() ->
                   [?assertMatch({connection_lost, _}, Why) || {Why, _} <- Errors],
                   ?assertEqual([{'p1@h', [0, 1, 2, 3]}],
                                dcp_replication_manager:get_actual_replications(Mgr))
+          end),
+     with("a producer that dies while replicating costs only its own vbuckets",
+          two_producers(#{connections => 2}),
+          fun(#{p1 := P1, p2 := P2, c := C, mgr := Mgr}) ->
+                  Map = [{'p1@h', [0, 1, 2, 3]}, {'p2@h', [8, 9, 10]}],
+                  ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map)),
+                  wait_digests(P2, C, [8, 9, 10]),
+                  wait_connections(C, 0, 4),
+                  stop_kv(P2),
+                  %% its connections on the consumer node go with it; p1's stay
+                  wait_connections(C, 0, 2),
+                  T0 = erlang:monotonic_time(millisecond),
+                  {errors, Errors} = dcp_replication_manager:set_desired_replications(
+                                       Mgr, [{'p1@h', [0, 1, 2, 3, 4]}, {'p2@h', [8, 9, 10]}]),
+                  ?assert(erlang:monotonic_time(millisecond) - T0 < 5000),
+                  ?assertEqual([8, 9, 10], lists:sort([VB || {_, {vbucket, VB}} <- Errors])),
+                  [?assertMatch({connection_lost, _}, Why) || {Why, _} <- Errors],
+                  ?assertEqual([{'p1@h', [0, 1, 2, 3, 4]}],
+                               dcp_replication_manager:get_actual_replications(Mgr)),
+                  wait_digests(P1, C, [0, 1, 2, 3, 4]),
+                  wait_streams('p1@h', P1, expected_streams('c@h', 'p1@h', 2, [0, 1, 2, 3, 4]))
           end)].
+
+%% ---- TLS: remote producers on their TLS port, the local consumer plain ----
+
+%% Producer nodes listen on a plain and a TLS port over one store (memcached's 11210 and 11207); the
+%% consumer node is local and has no TLS port at all, so a TLS attempt at it could not even start.
+%% `p3' presents a certificate of another CA than the one the manager trusts.
+tls_env() ->
+    {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
+    {UntrustedTls, _} = dcp_test_lib:tls_configs(),
+    P1 = start_kv(producer, #{tls_port => 0, ssl => ServerTls}),
+    P2 = start_kv(producer, #{seed => 7, tls_port => 0, ssl => ServerTls}),
+    P3 = start_kv(producer, #{seed => 9, tls_port => 0, ssl => UntrustedTls}),
+    C = start_kv(consumer, #{}),
+    Remote = fun(Kv) -> #{host => {127, 0, 0, 1}, port => kv_sim:port(Kv),
+                          tls_port => kv_sim:tls_port(Kv), local => false}
+             end,
+    Infos = #{'p1@h' => Remote(P1), 'p2@h' => Remote(P2), 'p3@h' => Remote(P3),
+              'p4@h' => maps:remove(tls_port, Remote(P1)),
+              'c@h' => #{host => {127, 0, 0, 1}, port => kv_sim:port(C), local => true}},
+    Mgr = start_manager('c@h', #{}, #{resolve => fun(Node) -> maps:get(Node, Infos) end,
+                                      ssl => ClientTls, connections => 2}),
+    {#{p1 => P1, p2 => P2, p3 => P3, c => C, mgr => Mgr},
+     fun() -> stop_manager(Mgr), [stop_kv(K) || K <- [C, P1, P2, P3]] end}.
+
+tls_test_() ->
+    with("TLS: remote producers over TLS, the local consumer plain; an untrusted node fails alone",
+         fun tls_env/0,
+         fun(#{p1 := P1, p2 := P2, p3 := P3, c := C, mgr := Mgr}) ->
+                 ?assertEqual(undefined, kv_sim:tls_port(C)),
+                 Map = [{'p1@h', [0, 1, 2, 3, 4, 5]}, {'p2@h', [8, 9, 10, 11]}],
+                 ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map)),
+                 ?assertEqual(Map, dcp_replication_manager:get_actual_replications(Mgr)),
+                 wait_digests(P1, C, [0, 1, 2, 3, 4, 5]),
+                 wait_digests(P2, C, [8, 9, 10, 11]),
+                 %% what each node accepted: the producers' connections came over TLS, the
+                 %% consumer's over plain TCP
+                 ?assertMatch([{producer, _, ssl}, {producer, _, ssl}], kv_sim:transports(P1)),
+                 ?assertMatch([{producer, _, ssl}, {producer, _, ssl}], kv_sim:transports(P2)),
+                 ?assertEqual([gen_tcp, gen_tcp, gen_tcp, gen_tcp],
+                              [T || {consumer, _, T} <- kv_sim:transports(C)]),
+                 ?assertEqual(4, length(kv_sim:transports(C))),
+                 %% a node whose certificate is not trusted: a TLS error for its vbuckets only,
+                 %% fast (far below the 10 s setup deadline), while the others stay settled
+                 T0 = erlang:monotonic_time(millisecond),
+                 Reply = dcp_replication_manager:set_desired_replications(
+                           Mgr, Map ++ [{'p3@h', [12, 13]}]),
+                 Took = erlang:monotonic_time(millisecond) - T0,
+                 ?assert(Took < 5000),
+                 {errors, Errors} = Reply,
+                 ?assertEqual([12, 13], [VB || {_, {vbucket, VB}} <- Errors]),
+                 [?assertMatch({connection_lost, {producer, {connect_failed, {tls, _}}}}, Why)
+                  || {Why, _} <- Errors],
+                 ?assertEqual(Map, dcp_replication_manager:get_actual_replications(Mgr)),
+                 ?assertEqual([], kv_sim:connections(P3)),
+                 %% a remote node the resolver gives no TLS port: named, its vbuckets only
+                 ?assertEqual({errors, [{{connection_lost, {start_failed, {no_tls_port, 'p4@h'}}},
+                                         {vbucket, 14}}]},
+                              dcp_replication_manager:set_desired_replications(
+                                Mgr, Map ++ [{'p4@h', [14]}])),
+                 ?assertEqual(2, length(kv_sim:transports(P1))),
+                 %% and nothing is left hanging: dropping the nodes answers at once
+                 ?assertEqual(ok, dcp_replication_manager:set_desired_replications(Mgr, Map)),
+                 ?assertEqual(Map, dcp_replication_manager:get_actual_replications(Mgr)),
+                 ?assertEqual(2, length(kv_sim:transports(P1)))
+         end).
+
+%% The endpoint rule: plain when no TLS is set or the node is local (`node()' when not said), else
+%% the TLS port with the options; a node to be reached over TLS without a TLS port is named.
+endpoint_test() ->
+    Tls = [{verify, verify_peer}, {cacerts, []}],
+    Info = #{host => "h", port => 11210, tls_port => 11207},
+    ?assertEqual(#{host => "h", port => 11210, ssl => false},
+                 dcp_replication_manager:endpoint('a@h', Info, false)),
+    ?assertEqual(#{host => "h", port => 11207, ssl => Tls},
+                 dcp_replication_manager:endpoint('a@h', Info, Tls)),
+    ?assertEqual(#{host => "h", port => 11210, ssl => false},
+                 dcp_replication_manager:endpoint('a@h', Info#{local => true}, Tls)),
+    ?assertEqual(#{host => "h", port => 11210, ssl => false},
+                 dcp_replication_manager:endpoint(node(), Info, Tls)),
+    ?assertEqual(#{host => "h", port => 11207, ssl => Tls},
+                 dcp_replication_manager:endpoint(node(), Info#{local => false}, Tls)),
+    ?assertError({no_tls_port, 'a@h'},
+                 dcp_replication_manager:endpoint('a@h', maps:remove(tls_port, Info), Tls)).
 
 %% ---- cluster maps over `node' kv_sims ----
 
@@ -274,6 +416,10 @@ ns_test_() ->
           fun(#{p := P, c := C, mgr := Mgr}) ->
                   Bucket = ?BUCKET,
                   ?assertEqual(not_running, dcp_ns:get_partitions(dcp_ns:server_name(node(), Bucket, 0))),
+                  %% ns_server's callers name the manager by its bucket
+                  ?assertEqual(not_running,
+                               dcp_replication_manager:get_actual_replications("no-such-bucket")),
+                  ?assertEqual(2, dcp_replication_manager:get_connection_count(Bucket)),
                   ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                      Mgr, [{node(), [0, 1, 2, 3]}])),
                   ?assertEqual(ok, dcp_ns:setup_replication(node(), Bucket, [0, 1, 2, 3, 5], 2)),
@@ -297,7 +443,7 @@ ns_test_() ->
                   ?assertEqual(dead, kv_sim:vbucket_state(P, 3)),
                   %% the takeover stream's end (after the reply) leaves the vbucket out
                   dcp_test_lib:wait_until(
-                    fun() -> dcp_replication_manager:get_actual_replications(Mgr)
+                    fun() -> dcp_replication_manager:get_actual_replications(Bucket)
                                  =:= [{node(), [0, 1, 2, 5]}] end),
                   ?assertEqual(ok, dcp_ns:nuke(Bucket)),
                   ?assertEqual([], dcp_ns:get_children(Bucket)),
@@ -321,12 +467,21 @@ ns_start_link_test_() ->
                  {ok, Rep} = dcp_ns:start_link('p@h', ?BUCKET, [{xattr, true}, {snappy, false},
                                                                {collections, true}], 1),
                  ?assertEqual(Rep, whereis(Name)),
-                 ?assertEqual(ok, dcp_replicator:setup_replication(Name, [1, 3])),
+                 %% no manager for the bucket: ns_server's setup_replication/4 over the
+                 %% registered replicators (connection 0 has none)
+                 ?assertEqual(ok, dcp_ns:setup_replication('p@h', ?BUCKET, [1, 3], 2)),
+                 ?assertEqual({errors, [{{connection_lost, {not_running, 'p@h'}}, {vbucket, 0}}]},
+                              dcp_ns:setup_replication('p@h', ?BUCKET, [0, 1, 3], 2)),
                  ?assertEqual([1, 3], dcp_ns:get_partitions(Name)),
                  ConnName = list_to_binary(dcp_ns:get_connection_name(node(), 'p@h', ?BUCKET, 1)),
                  ?assertEqual(<<"replication:p@h->", (atom_to_binary(node()))/binary, ":default/1">>,
                               ConnName),
                  ?assertEqual([{producer, ConnName}], kv_sim:connections(P)),
+                 %% ns_server's features are negotiated: collections in HELLO, xattr in DCP_OPEN
+                 [#{hello_features := Hello}] = kv_sim:handshakes(P),
+                 ?assert(lists:member(collections, Hello) andalso lists:member(xattr, Hello)),
+                 %% no `{ssl, true}': plain TCP to both nodes
+                 ?assertEqual([{producer, ConnName, gen_tcp}], kv_sim:transports(P)),
                  %% this node's memcached (STATS dcp) lists the consumer side
                  ?assertEqual([binary_to_list(ConnName)], dcp_ns:get_connections(?BUCKET)),
                  exit(Rep, shutdown),
@@ -348,9 +503,47 @@ trim_common_prefix_test() ->
     %% short names are kept whole; distinct nodes with no common prefix are cut at 35
     ?assertEqual({"a@h", "b@h"}, dcp_ns:trim_common_prefix('a@h', 'b@h')),
     ?assertEqual('dcp_replicator-default-n1@h/2', dcp_ns:server_name('n1@h', "default", 2)),
-    ?assertEqual([xattr, del_times], dcp_ns:replication_features([{xattr, true}, {snappy, false},
+    ?assertEqual([del_times, xattr], dcp_ns:replication_features([{xattr, true}, {snappy, false},
                                                                   {del_times, true},
-                                                                  {cert_auth, true}])).
+                                                                  {cert_auth, true}])),
+    %% ns_server's dcp_sup:get_replication_features/0 list, cluster encryption on
+    ?assertEqual([collections, del_times, del_user_xattr, json, set_consumer_name, xattr],
+                 dcp_ns:replication_features([{cert_auth, false}, {collections, true},
+                                              {del_times, true}, {del_user_xattr, true},
+                                              {json, true}, {set_consumer_name, true},
+                                              {snappy, false}, {ssl, true}, {xattr, true}])).
+
+%% ns_server's `{ssl, true}' feature: the replicator reaches the (remote) producer on its TLS port
+%% and this VM's own node, local by default, over plain TCP; without TLS options it is named.
+ns_start_link_tls_test_() ->
+    with("dcp_ns:start_link/4 with {ssl, true}: TLS to the producer, plain to the local node",
+         fun() ->
+                 {ServerTls, ClientTls} = dcp_test_lib:tls_configs(),
+                 P = start_kv(producer, #{tls_port => 0, ssl => ServerTls}),
+                 C = start_kv(consumer, #{}),
+                 Infos = #{node() => #{host => {127, 0, 0, 1}, port => kv_sim:port(C)},
+                           'p@h' => #{host => {127, 0, 0, 1}, port => kv_sim:port(P),
+                                      tls_port => kv_sim:tls_port(P)}},
+                 Config = #{resolve => fun(Node) -> maps:get(Node, Infos) end,
+                            credentials => fun() -> {"Administrator", ?PASSWORD} end},
+                 {#{p => P, c => C, config => Config, tls => ClientTls},
+                  fun() -> stop_kv(C), stop_kv(P) end}
+         end,
+         fun(#{p := P, c := C, config := Config, tls := ClientTls}) ->
+                 process_flag(trap_exit, true),
+                 Features = [{collections, true}, {ssl, true}, {xattr, true}],
+                 ok = dcp_ns:configure(Config),
+                 ?assertEqual({error, {tls, no_tls_options_configured}},
+                              dcp_ns:start_link('p@h', ?BUCKET, Features, 0)),
+                 ok = dcp_ns:configure(Config#{ssl => ClientTls}),
+                 {ok, Rep} = dcp_ns:start_link('p@h', ?BUCKET, Features, 0),
+                 ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [2, 5])),
+                 wait_digests(P, C, [2, 5]),
+                 ?assertMatch([{producer, _, ssl}], kv_sim:transports(P)),
+                 ?assertMatch([{consumer, _, gen_tcp}], kv_sim:transports(C)),
+                 exit(Rep, shutdown),
+                 receive {'EXIT', Rep, _} -> ok end
+         end).
 
 %% ---- the rebalance, end to end at a small size ----
 
