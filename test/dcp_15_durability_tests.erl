@@ -182,6 +182,9 @@ consumer_asks_for_sync_writes_test() ->
     try
         Conn = kv_sim_test_client:connect(Node),
         ok = auth(Conn),
+        %% a JSON value on DCP_OPEN needs HELLO json first (memcached refuses it otherwise)
+        ?assertEqual(0, kv_sim_test_client:status(
+                          kv_sim_test_client:call(Conn, dcp_commands:hello(<<"t">>, [json], 3)))),
         Value = dcp_features:consumer_name_value(<<"n_1@10.0.0.1">>),
         kv_sim_test_client:send(Conn, dcp_commands:dcp_open_json(<<"rep">>, consumer, [], Value, 4)),
         ?assertMatch(#{opcode_name := dcp_open, status := 0}, kv_sim_test_client:recv(Conn)),
