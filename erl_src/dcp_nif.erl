@@ -80,8 +80,13 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
 
 -spec setup_new() -> setup().
 setup_new() -> ?NOT_LOADED.
+%% A vbucket list is checked here too, whoever calls: more than 1024 elements is
+%% `{too_many_vbuckets, 1024}' (refused after reading at most a few thousand cells), an element out
+%% of 0..1023 `{bad_vbucket, Element}', a term that is not a proper list `{bad_vbucket, Term}', a
+%% vbucket named twice `{duplicate_vbucket, VBucket}'.
 -spec setup_request(setup(), setup_request()) ->
-          setup_start() | {error, busy | shut | {bad_vbucket, term()}}.
+          setup_start() | {error, busy | shut | {bad_vbucket, term()}
+                                | {too_many_vbuckets, 1024} | {duplicate_vbucket, vbucket()}}.
 setup_request(_Setup, _Request) -> ?NOT_LOADED.
 -spec setup_event(setup(), setup_event()) -> setup_outcome().
 setup_event(_Setup, _Event) -> ?NOT_LOADED.
