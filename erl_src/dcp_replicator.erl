@@ -58,7 +58,8 @@
                 shut_timeout :: timeout(),
                 setup_timeout :: timeout(),
                 %% `connecting' until both sides are connected and paired
-                status = connecting :: connecting | connected,
+                %% lost: a side (or the pairing) went; the replicator is stopping
+                status = connecting :: connecting | connected | lost,
                 pairer :: undefined | pid(),
                 %% processes waiting for the consumer conn's answer to a caller; while connecting
                 %% they wait for the pair first
@@ -388,8 +389,12 @@ handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
     {noreply, State#state{pairer = undefined}};
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
   when Pid =:= C; Pid =:= P; Pid =:= Pairer ->
-    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report
-    {stop, dcp_log:exit_reason(real_cause(Reason)), State};
+    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report.
+    %% Lost, not connected: terminate must not shut the consumer conn, which is going down with
+    %% its partner anyway (its node drops the streams with the connection). A shut call reaching
+    %% it before its partner's 'DOWN' would join a setup in progress and change what that setup's
+    %% caller is told (the vbuckets the shut closes instead of the one lost with the partner).
+    {stop, dcp_log:exit_reason(real_cause(Reason)), State#state{status = lost}};
 handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
   when is_map_key(Ref, Helpers) ->
     {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
@@ -397,7 +402,8 @@ handle_info(Info, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected message ~0p", [Name, Info], ?LOG_META),
     {noreply, State}.
 
-%% On an orderly stop the consumer's streams are closed first (bounded), so that a replicator
+%% On an orderly stop (asked for, not a lost side) the consumer's streams are closed first
+%% (bounded), so that a replicator
 %% started next for the same vbuckets does not meet "stream exists"; only the consumer, so that
 %% a failed-over producer cannot slow this down.
 terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, status = Status,
