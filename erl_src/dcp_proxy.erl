@@ -302,14 +302,24 @@ connect(#{host := Host, port := Port} = Opts, Deadline) ->
         SslOpts when is_list(SslOpts) ->
             case tls_client_opts(SslOpts) of
                 {ok, TlsOpts} ->
+                    ok = dcp_log:hide_tls_start_args(),
                     case ssl:connect(Host, Port, SockOpts ++ TlsOpts, left(Deadline)) of
                         {ok, S} -> {ok, {ssl, S}};
-                        {error, Reason} -> {error, {tls, Reason}}
+                        {error, Reason} -> {error, {tls, tls_error(Reason)}}
                     end;
                 {error, _} = Error ->
                     Error
             end
     end.
+
+%% ssl names a bad option with its value: for the options that hold a secret (a private key, a
+%% key file's password) the value is not repeated into exit reasons and logs.
+tls_error({options, {Option, _Value}}) when Option =:= key; Option =:= password;
+                                            Option =:= certs_keys; Option =:= psk_identity;
+                                            Option =:= user_lookup_fun ->
+    {options, {Option, dcp_secret:redacted()}};
+tls_error(Reason) ->
+    Reason.
 
 %% TLS verifies the server unless `{verify, verify_none}' is asked for by name (OTP 25's own
 %% default is verify_none): without a CA to verify against that is an error, not a silent

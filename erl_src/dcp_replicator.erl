@@ -246,14 +246,18 @@ init(#{connection_name := Name} = Opts) ->
                                 ok = dcp_proxy:connect_proxies(Consumer, Producer, infinity),
                                 Self ! {paired, self()}
                         end),
-    dcp_log:info(connecting, #{connection => Name, producer => maps:get(producer, Opts),
-                               consumer => maps:get(consumer, Opts)}),
+    dcp_log:info(connecting, #{connection => Name, producer => shown(maps:get(producer, Opts)),
+                               consumer => shown(maps:get(consumer, Opts))}),
     {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
                 pairer = Pairer, setup_timeout = setup_timeout(SetupTimeout),
                 shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
 
 setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
 setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
+
+%% An endpoint as a log shows it: its TLS options (a private key among them) as `tls'.
+shown(#{ssl := Ssl} = Endpoint) when is_list(Ssl) -> Endpoint#{ssl => tls};
+shown(Endpoint) -> Endpoint.
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->
