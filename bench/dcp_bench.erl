@@ -2,7 +2,7 @@
 %% for both nodes, a raw relay against the proxy with the NIF and with the baseline), the NIF
 %% splitter (`mcbp:feed/2') against the pure-Erlang baseline (`dcp_baseline_splitter', ns_server's
 %% loop) at the chunk sizes the proxy really read end to end and at 64 KiB, the scheduler-slice
-%% check (huge inputs included; `make bench-slice` runs it alone) and the cost of stream setup at 256
+%% check (huge inputs included; `make bench-slice' runs it alone) and the cost of stream setup at 256
 %% and 1024 vbuckets; optionally (`kv_sim') end to end
 %% with kv_sim as the nodes. Prints tables and writes the same figures as JSON to
 %% `_build/bench/dcp_bench.json'. It measures; it asserts nothing about time.
