@@ -119,8 +119,12 @@ fn read<'a>(t: Term<'a>, depth: u32, budget: &mut usize) -> Value<'a> {
             }
         }
         TermType::Map => match t.map_size() {
-            Ok(n) if take(budget, n) => (t.decode::<MapIterator>().ok())
-                .map(|it| Value::Map(it.map(|(k, v)| (inner(k, budget), inner(v, budget))).collect())),
+            Ok(n) if take(budget, n) => (t.decode::<MapIterator>().ok()).map(|it| {
+                Value::Map(
+                    it.map(|(k, v)| (inner(k, budget), inner(v, budget)))
+                        .collect(),
+                )
+            }),
             Ok(_) => Some(Value::TooLong),
             Err(_) => None,
         },

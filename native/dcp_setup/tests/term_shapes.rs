@@ -146,12 +146,27 @@ fn vbucket_lists_too_long_duplicated_or_not_lists_are_refused_by_name() {
     over.push(5);
     let cases = [
         // what the NIF's reader gives for a list beyond mcbp::term::MAX_ITEMS
-        (pair("setup_streams", Value::TooLong), "{error,{too_many_vbuckets,1024}}"),
-        (pair("setup_streams", vbs(&over)), "{error,{too_many_vbuckets,1024}}"),
-        (pair("setup_streams", vbs(&[3, 4, 3])), "{error,{duplicate_vbucket,3}}"),
+        (
+            pair("setup_streams", Value::TooLong),
+            "{error,{too_many_vbuckets,1024}}",
+        ),
+        (
+            pair("setup_streams", vbs(&over)),
+            "{error,{too_many_vbuckets,1024}}",
+        ),
+        (
+            pair("setup_streams", vbs(&[3, 4, 3])),
+            "{error,{duplicate_vbucket,3}}",
+        ),
         // an improper list is Other: the whole term is the bad part, as the API says
-        (pair("setup_streams", Other), "{error,{bad_vbucket,Part[1]}}"),
-        (pair("setup_streams", Int(1)), "{error,{bad_vbucket,Part[1]}}"),
+        (
+            pair("setup_streams", Other),
+            "{error,{bad_vbucket,Part[1]}}",
+        ),
+        (
+            pair("setup_streams", Int(1)),
+            "{error,{bad_vbucket,Part[1]}}",
+        ),
     ];
     for (v, want) in cases {
         assert_eq!(request(&mut s, &mut t, &v).as_deref(), Some(want));

@@ -183,10 +183,8 @@ impl Frame<'_> {
             out.truncate(start);
             return Err(EncodeError::FramingExtrasTooLong { len: framing_len });
         }
-        let body = framing_len as u64
-            + self.extras.len() as u64
-            + self.key.len() as u64
-            + value_len;
+        let body =
+            framing_len as u64 + self.extras.len() as u64 + self.key.len() as u64 + value_len;
         if body > u32::MAX as u64 {
             out.truncate(start);
             return Err(EncodeError::BodyTooLarge { len: body });
