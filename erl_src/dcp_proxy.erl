@@ -49,7 +49,8 @@
                   password := secret(),
                   features => dcp_features:features(),
                   consumer_node => atom() | string() | binary(),
-                  ssl => false | [ssl:tls_client_option()],
+                  %% wrapped (dcp_secret:wrap_term/1) by the public start functions
+                  ssl => false | [ssl:tls_client_option()] | secret(),
                   splitter => splitter_opt(),
                   max_frame_size => pos_integer(),
                   traffic_monitor => pid() | undefined,
@@ -299,7 +300,12 @@ connect(#{host := Host, port := Port} = Opts, Deadline) ->
                 {ok, S} -> {ok, {gen_tcp, S}};
                 {error, _} = Error -> Error
             end;
-        SslOpts when is_list(SslOpts) ->
+        Ssl ->
+            %% wrapped by dcp_options (dcp_secret) until here: they hold the private key
+            SslOpts = case is_list(Ssl) of
+                          true -> Ssl;
+                          false -> dcp_secret:reveal_term(Ssl)
+                      end,
             case tls_client_opts(SslOpts) of
                 {ok, TlsOpts} ->
                     ok = dcp_log:hide_tls_start_args(),

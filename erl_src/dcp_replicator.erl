@@ -256,7 +256,7 @@ setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
 setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
 
 %% An endpoint as a log shows it: its TLS options (a private key among them) as `tls'.
-shown(#{ssl := Ssl} = Endpoint) when is_list(Ssl) -> Endpoint#{ssl => tls};
+shown(#{ssl := Ssl} = Endpoint) when Ssl =/= false -> Endpoint#{ssl => tls};
 shown(Endpoint) -> Endpoint.
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
@@ -390,6 +390,11 @@ handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
     {noreply, State#state{status = connected,
                           helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
 handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
+    {noreply, State#state{pairer = undefined}};
+handle_info({'EXIT', Pid, {_, {gen_server, call, [Side | _]}}},
+            #state{pairer = Pid, consumer = C, producer = P} = State) when Side =:= C; Side =:= P ->
+    %% the pairing failed because a side went (`noproc' if it was gone before the call): that
+    %% side's own exit, which comes too (it is linked), names the cause
     {noreply, State#state{pairer = undefined}};
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
   when Pid =:= C; Pid =:= P; Pid =:= Pairer ->

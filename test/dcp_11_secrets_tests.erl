@@ -301,6 +301,22 @@ tls_replication(Env, Producer, Tls, Extra) ->
             [Other]
     end.
 
+%% The same through dcp_sup (its child specs, its reports): two connections, both TLS producers.
+tls_sup(Env, Producer, Tls) ->
+    Base = maps:remove(connection_name, dcp_test_lib:rep_opts(Env)),
+    {CHost, CPort} = maps:get(consumer, Base),
+    Opts = Base#{producer => Producer#{ssl => Tls},
+                 consumer => #{host => CHost, port => CPort, local => true},
+                 consumer_node => 'n_0@127.0.0.1', producer_node => 'n_1@127.0.0.1',
+                 connections => 2},
+    {ok, Sup} = dcp_sup:start_link(Opts),
+    Setup = dcp_sup:setup_replication(Sup, [0, 1]),
+    S = statuses([Sup], excluded(Env)),
+    ok = dcp_sup:stop(Sup),
+    %% and a bad TLS option value, refused before anything connects
+    Refused = dcp_sup:start_link(Opts#{ssl => {not_a_list, Tls}}),
+    [Setup, S, Refused].
+
 %% A "server" at a port of its own: `close' closes each connection once the ClientHello is in,
 %% `silent' never answers.
 start_peer(Mode) ->
@@ -361,6 +377,7 @@ tls_cases_show_no_private_key_test_() ->
                                  fun() ->
                                          [{Name, tls_replication(Env, To, Tls, Extra)}
                                           || {Name, To, Tls, Extra} <- Runs]
+                                             ++ [{sup, tls_sup(Env, Node, Client)}]
                                  end),
                       stop_peer(Closing),
                       stop_peer(Silent),
@@ -369,6 +386,8 @@ tls_cases_show_no_private_key_test_() ->
                       [?assertMatch([{ok, _}, {[_ | _], ok, shutdown}],
                                     proplists:get_value(Connected, Done))
                        || Connected <- [connected, connected_with_key_file]],
+                      ?assertMatch([ok, [_ | _], {error, {bad_option, ssl, _}}],
+                                   proplists:get_value(sup, Done)),
                       [?assertMatch([{ok, _}, [], {producer, {connect_failed, _}}],
                                     proplists:get_value(Failed, Done))
                        || Failed <- [server_not_trusted, closed_in_handshake, handshake_timeout,
