@@ -110,7 +110,7 @@ a_lost_producer_does_not_make_the_replicator_shut_the_consumer_conn_test_() ->
                 dcp_test_lib:wait_until(
                   fun() ->
                           {messages, Ms} = process_info(Consumer, messages),
-                          lists:any(fun(M) -> element(1, M) =:= 'EXIT' end, Ms)
+                          [] =/= [E || {'EXIT', _, _} = E <- Ms]
                   end),
                 {messages, Queued} = process_info(Consumer, messages),
                 true = erlang:resume_process(Consumer),
