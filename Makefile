@@ -18,7 +18,7 @@ CRITERION_TIMES ?= --warm-up-time 1 --measurement-time 2
 
 EBIN = -pa _build/default/lib/dcp_proxy/ebin -pa _build/default/lib/dcp_proxy/bench
 
-.PHONY: all bootstrap compile demo demo-pair test test-rust test-erlang lint bench dialyzer clean
+.PHONY: all bootstrap compile demo demo-pair test test-rust test-erlang lint bench bench-slice dialyzer clean
 
 all: compile
 
@@ -54,6 +54,10 @@ bench: compile
 	cargo bench -p mcbp --bench splitter -- --noplot $(CRITERION_TIMES)
 	cargo bench -p dcp_setup --bench setup -- --noplot $(CRITERION_TIMES)
 	erl -noshell $(EBIN) -eval 'dcp_bench:main()' -s init stop
+
+# The scheduler-slice check alone (NIF calls against the ~1 ms contract, huge inputs included): ~20 s.
+bench-slice: compile
+	erl -noshell $(EBIN) -eval 'dcp_bench:main(#{sections => [slice], reps => 5})' -s init stop
 
 clean:
 	rm -rf _build target priv

@@ -2,7 +2,8 @@
 %% for both nodes, a raw relay against the proxy with the NIF and with the baseline), the NIF
 %% splitter (`mcbp:feed/2') against the pure-Erlang baseline (`dcp_baseline_splitter', ns_server's
 %% loop) at the chunk sizes the proxy really read end to end and at 64 KiB, the scheduler-slice
-%% check and the cost of stream setup at 256 and 1024 vbuckets; optionally (`kv_sim') end to end
+%% check (huge inputs included; `make bench-slice' runs it alone) and the cost of stream setup at 256
+%% and 1024 vbuckets; optionally (`kv_sim') end to end
 %% with kv_sim as the nodes. Prints tables and writes the same figures as JSON to
 %% `_build/bench/dcp_bench.json'. It measures; it asserts nothing about time.
 -module(dcp_bench).
@@ -90,6 +91,9 @@ targets(Results) ->
     line("never slower at 1 MiB (median)", Ratios(?MIB, false), fun(R) -> R >= 1 end),
     line("no NIF call over ~1 ms (longest, us)",
          [M || #{max_nif_call_us := M} <- [maps:get(slice, Results, #{})]],
+         fun(M) -> M =< 1000 end),
+    line("huge inputs: no NIF call over ~1 ms (us)",
+         [M || #{max_nif_call_us_bounded_inputs := M} <- [maps:get(slice, Results, #{})]],
          fun(M) -> M =< 1000 end),
     line("setup: 1024 vb about 4x 256 vb (<= 5x)",
          [R || #{ratio_1024_to_256 := R} <- [maps:get(setup, Results, #{})]],
@@ -330,10 +334,83 @@ slice_section(#{reps := Reps}) ->
               "whole mcbp:feed/2: ~.1f us (median); long_schedule (> 1 ms) monitor events: ~p~n",
               [Calls, ceil(Frames / Calls), median(AllCalls), Longest, lists:max(AllCalls), Whole,
                LongSchedules]),
+    Bounded = bounded_inputs(Reps),
     #{chunk_bytes => ChunkBytes, frame_bytes => FrameBytes, frames => Frames,
       nif_calls_median => Calls, median_nif_call_us => median(AllCalls),
       max_nif_call_us => Longest, max_nif_call_all_runs_us => lists:max(AllCalls),
-      whole_feed_us_median => Whole, long_schedule_events => LongSchedules}.
+      whole_feed_us_median => Whole, long_schedule_events => LongSchedules,
+      bounded_inputs => Bounded,
+      max_nif_call_us_bounded_inputs => lists:max([M || #{max_nif_call_us := M} <- Bounded])}.
+
+%% The inputs a peer or a caller can make huge, each NIF call timed on its own (the longest of
+%% `Reps' runs, median of the runs' longest): a 30 MiB frame of a reported opcode in 256 KiB
+%% chunks (refused from its header), a 1 M-element vbucket list (refused after a bounded read),
+%% a 30 MiB encode (the NIF writes the head only), and a full 1024-vbucket setup for scale.
+bounded_inputs(Reps) ->
+    io:format("~n== Scheduler slice: inputs made huge, each NIF call timed (~p runs) ==~n", [Reps]),
+    StreamEnd = iolist_to_binary(mcbp:encode(#{magic => req, opcode => dcp_stream_end,
+                                               extras => <<0:32>>,
+                                               value => binary:copy(<<0>>, ?MAX_FRAME_SIZE - 28)})),
+    Chunks = [binary:part(StreamEnd, Off, min(256 * ?KIB, byte_size(StreamEnd) - Off))
+              || Off <- lists:seq(0, byte_size(StreamEnd) - 1, 256 * ?KIB)],
+    Million = lists:seq(1, 1000000),
+    Value = binary:copy(<<7>>, ?MAX_FRAME_SIZE - 100),
+    Mutation = #{magic => req, opcode => dcp_mutation, vbucket => 3, extras => <<0:(31 * 8)>>,
+                 key => <<"key">>, value => Value},
+    Cases = [{"30 MiB stream_end frame, 256 KiB chunks", fun() -> feed_refused(Chunks) end},
+             {"setup_request, 1 M-element vbucket list", fun() -> setup_refused(Million) end},
+             {"encode of a 30 MiB mutation", fun() -> encode_head(Mutation, byte_size(Value)) end},
+             {"setup of 1024 vbuckets (request + answers)", fun() -> setup_timed(1024) end}],
+    io:format("~-44s ~8s ~12s ~12s ~8s  ~s~n",
+              ["input", "calls", "longest us", "all runs us", "verdict", "answer"]),
+    [begin
+         Runs = [isolated(Run) || _ <- lists:seq(1, Reps)],
+         Longest = median([lists:max(Us) || {Us, _} <- Runs]),
+         Worst = lists:max([lists:max(Us) || {Us, _} <- Runs]),
+         {Us1, Answer} = hd(Runs),
+         Verdict = case Longest =< 1000 of true -> "met"; false -> "MISSED" end,
+         io:format("~-44s ~8w ~12.1f ~12.1f ~8s  ~0P~n",
+                   [Name, length(Us1), Longest, Worst, Verdict, Answer, 6]),
+         #{input => list_to_binary(Name), nif_calls => length(Us1), max_nif_call_us => Longest,
+           max_nif_call_all_runs_us => Worst,
+           answer => iolist_to_binary(io_lib:format("~0P", [Answer, 6]))}
+     end || {Name, Run} <- Cases].
+
+%% Each call's duration in microseconds (`timed/1'), and the answer that ends the run.
+timed(Fun) ->
+    T0 = erlang:monotonic_time(),
+    Result = Fun(),
+    {to_s(erlang:monotonic_time() - T0) * 1.0e6, Result}.
+
+feed_refused(Chunks) ->
+    Splitter = dcp_nif:splitter_new(producer, ?MAX_FRAME_SIZE),
+    feed_refused(Splitter, Chunks, []).
+
+feed_refused(_Splitter, [], Us) ->
+    {lists:reverse(Us), not_refused};
+feed_refused(Splitter, [Chunk | Chunks], Us) ->
+    case timed(fun() -> dcp_nif:feed(Splitter, Chunk, 0) end) of
+        {T, {error, Why}} -> {lists:reverse(Us, [T]), Why};
+        {T, _} -> feed_refused(Splitter, Chunks, [T | Us])
+    end.
+
+setup_refused(VBuckets) ->
+    {T, Answer} = timed(fun() -> dcp_nif:setup_request(dcp_nif:setup_new(),
+                                                       {setup_streams, VBuckets}) end),
+    {[T], Answer}.
+
+encode_head(Frame, ValueSize) ->
+    {T, Head} = timed(fun() -> dcp_nif:encode_head(Frame, ValueSize) end),
+    {[T], {head_bytes, byte_size(Head)}}.
+
+setup_timed(N) ->
+    Setup = dcp_nif:setup_new(),
+    {T, {send, Actions}} = timed(fun() -> dcp_nif:setup_request(Setup, {setup_streams,
+                                                                        lists:seq(0, N - 1)}) end),
+    Answers = [timed(fun() -> dcp_nif:setup_event(Setup, {consumer, {add_stream_response,
+                                                                     Opaque, 0, Opaque}}) end)
+               || {add_stream, _VB, Opaque, _Flags} <- Actions],
+    {[T | [A || {A, _} <- Answers]], element(2, lists:last(Answers))}.
 
 slice_run({Received1, Received}) ->
     %% The NIF's own loop, as mcbp:feed/2 runs it, with each call timed.

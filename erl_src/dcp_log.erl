@@ -17,7 +17,8 @@
 -export([ctx/3, set_process_metadata/1, metadata/1, who/1, errors/1,
          debug/2, info/2, notice/2, warning/2, error/2, log/3,
          vbuckets/1, ranges/1, is_expected/1, exit_reason/1, cause/1, stopped/2,
-         format_report/1, add_handler/0, remove_handler/0]).
+         format_report/1, add_handler/0, remove_handler/0,
+         hide_tls_start_args/0, redact_tls_progress/2]).
 
 -export_type([ctx/0]).
 
@@ -208,3 +209,43 @@ add_handler() ->
 remove_handler() ->
     _ = logger:remove_handler(?HANDLER),
     ok.
+
+%% ---- OTP's TLS start reports ----
+
+%% @doc Installs (once per node) the primary logger filter `redact_tls_progress/2'. OTP's
+%% supervisor progress reports (info level) for ssl's per-connection supervisors print the
+%% connection's start arguments, and with them every TLS option: the private key, the key file's
+%% password. The proxy installs it before it opens a TLS connection.
+-spec hide_tls_start_args() -> ok.
+hide_tls_start_args() ->
+    case logger:add_primary_filter(dcp_proxy_tls_start_args,
+                                   {fun ?MODULE:redact_tls_progress/2, []}) of
+        ok -> ok;
+        {error, {already_exist, _}} -> ok
+    end.
+
+%% @doc The filter: a progress report of an ssl supervisor (`tls_*', `dtls_*', `ssl_*') keeps its
+%% child's module and function; the arguments become `dcp_secret:redacted()'. Other events pass.
+-spec redact_tls_progress(logger:log_event(), term()) -> logger:log_event().
+redact_tls_progress(#{msg := {report, #{label := {supervisor, progress},
+                                        report := Report} = Msg}} = Event, _) when is_list(Report) ->
+    case is_tls_supervisor(proplists:get_value(supervisor, Report)) of
+        true ->
+            Started = [redact_args(Item) || Item <- proplists:get_value(started, Report, [])],
+            Event#{msg := {report, Msg#{report := lists:keystore(started, 1, Report,
+                                                                  {started, Started})}}};
+        false ->
+            Event
+    end;
+redact_tls_progress(Event, _) ->
+    Event.
+
+%% a dynamic supervisor is named {Pid, Module}, a registered one {local, Name}
+is_tls_supervisor({_, Name}) -> is_tls_supervisor(Name);
+is_tls_supervisor(Name) when is_atom(Name) ->
+    lists:any(fun(Prefix) -> lists:prefix(Prefix, atom_to_list(Name)) end,
+              ["tls_", "dtls_", "ssl_"]);
+is_tls_supervisor(_) -> false.
+
+redact_args({mfargs, {M, F, _Args}}) -> {mfargs, {M, F, dcp_secret:redacted()}};
+redact_args(Item) -> Item.

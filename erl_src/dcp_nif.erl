@@ -4,7 +4,7 @@
 -on_load(init/0).
 
 %% Codec and name tables (native/dcp_nif/src/codec.rs)
--export([decode/1, encode/1, dcp_fields/1, decode_event/1,
+-export([decode/1, encode_head/2, dcp_fields/1, decode_event/1,
          splitter_new/2, feed/3, splitter_forward_remaining/1, splitter_stats/1,
          default_max_frame_size/0,
          names/1, name_of/2, code_of/2]).
@@ -30,7 +30,7 @@ priv_dir() ->
 
 %% ---- codec ----
 decode(_Bin) -> ?NOT_LOADED.
-encode(_Frame) -> ?NOT_LOADED.
+encode_head(_Frame, _ValueSize) -> ?NOT_LOADED.
 dcp_fields(_Frame) -> ?NOT_LOADED.
 decode_event(_Bin) -> ?NOT_LOADED.
 splitter_new(_Side, _MaxFrameSize) -> ?NOT_LOADED.
@@ -80,8 +80,13 @@ code_of(_Kind, _Name) -> ?NOT_LOADED.
 
 -spec setup_new() -> setup().
 setup_new() -> ?NOT_LOADED.
+%% A vbucket list is checked here too, whoever calls: more than 1024 elements is
+%% `{too_many_vbuckets, 1024}' (refused after reading at most a few thousand cells), an element out
+%% of 0..1023 `{bad_vbucket, Element}', a term that is not a proper list `{bad_vbucket, Term}', a
+%% vbucket named twice `{duplicate_vbucket, VBucket}'.
 -spec setup_request(setup(), setup_request()) ->
-          setup_start() | {error, busy | shut | {bad_vbucket, term()}}.
+          setup_start() | {error, busy | shut | {bad_vbucket, term()}
+                                | {too_many_vbuckets, 1024} | {duplicate_vbucket, vbucket()}}.
 setup_request(_Setup, _Request) -> ?NOT_LOADED.
 -spec setup_event(setup(), setup_event()) -> setup_outcome().
 setup_event(_Setup, _Event) -> ?NOT_LOADED.

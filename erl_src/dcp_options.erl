@@ -76,6 +76,10 @@ check_key(Key, Value, Specs) ->
     end.
 
 shown(password, _) -> dcp_secret:redacted();
+%% TLS options hold the private key: only an atom (`true') is shown
+shown(ssl, Ssl) when not is_atom(Ssl) -> dcp_secret:redacted();
+shown(Side, #{ssl := Ssl} = E) when not is_atom(Ssl), Side =:= consumer orelse Side =:= producer ->
+    E#{ssl => dcp_secret:redacted()};
 shown(_, Value) -> Value.
 
 %% Which keys each start function takes: required or optional.
@@ -99,7 +103,7 @@ common() ->
 %% ---- values ----
 
 value(Side, Endpoint) when Side =:= consumer; Side =:= producer ->
-    ok_if(is_endpoint(Endpoint), Endpoint);
+    ok_if(is_endpoint(Endpoint), hide_ssl(Endpoint));
 value(bucket, Bucket) ->
     %% a string: it goes into connection names
     ok_if(is_bucket_name(Bucket), unicode:characters_to_list(Bucket));
@@ -122,7 +126,7 @@ value(features, Features) ->
 value(ssl, false) ->
     {ok, false};
 value(ssl, SslOpts) ->
-    ok_if(is_option_list(SslOpts), SslOpts);
+    ok_if(is_ssl(SslOpts), wrap_ssl(SslOpts));
 value(Key, T) when Key =:= setup_timeout; Key =:= connect_timeout; Key =:= send_timeout ->
     ok_if(T =:= infinity orelse (is_integer(T) andalso T >= 0), T);
 value(shut_timeout, T) ->
@@ -158,7 +162,7 @@ is_endpoint({Host, Port}) ->
 is_endpoint(#{host := Host, port := Port} = E) ->
     is_host(Host) andalso is_port_number(Port)
         andalso [] =:= maps:keys(maps:without([host, port, ssl, local], E))
-        andalso (maps:get(ssl, E, false) =:= false orelse is_option_list(maps:get(ssl, E)))
+        andalso (maps:get(ssl, E, false) =:= false orelse is_ssl(maps:get(ssl, E)))
         andalso is_boolean(maps:get(local, E, false));
 is_endpoint(_) ->
     false.
@@ -192,6 +196,17 @@ is_bucket_name(B) when is_list(B) ->
                           end, B);
 is_bucket_name(_) ->
     false.
+
+%% TLS options: a list (wrapped once checked: they hold the private key) or the wrapped list.
+is_ssl(SslOpts) ->
+    dcp_secret:is_secret(SslOpts) orelse is_option_list(SslOpts).
+
+wrap_ssl(false) -> false;
+wrap_ssl(SslOpts) when is_list(SslOpts) -> dcp_secret:wrap_term(SslOpts);
+wrap_ssl(Wrapped) -> Wrapped.
+
+hide_ssl(#{ssl := SslOpts} = Endpoint) -> Endpoint#{ssl => wrap_ssl(SslOpts)};
+hide_ssl(Endpoint) -> Endpoint.
 
 %% A proper list of options (atoms or tuples); ssl itself checks each one when it connects.
 is_option_list(L) when is_list(L) ->

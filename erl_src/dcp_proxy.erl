@@ -49,7 +49,8 @@
                   password := secret(),
                   features => dcp_features:features(),
                   consumer_node => atom() | string() | binary(),
-                  ssl => false | [ssl:tls_client_option()],
+                  %% wrapped (dcp_secret:wrap_term/1) by the public start functions
+                  ssl => false | [ssl:tls_client_option()] | secret(),
                   splitter => splitter_opt(),
                   max_frame_size => pos_integer(),
                   traffic_monitor => pid() | undefined,
@@ -299,17 +300,32 @@ connect(#{host := Host, port := Port} = Opts, Deadline) ->
                 {ok, S} -> {ok, {gen_tcp, S}};
                 {error, _} = Error -> Error
             end;
-        SslOpts when is_list(SslOpts) ->
+        Ssl ->
+            %% wrapped by dcp_options (dcp_secret) until here: they hold the private key
+            SslOpts = case is_list(Ssl) of
+                          true -> Ssl;
+                          false -> dcp_secret:reveal_term(Ssl)
+                      end,
             case tls_client_opts(SslOpts) of
                 {ok, TlsOpts} ->
+                    ok = dcp_log:hide_tls_start_args(),
                     case ssl:connect(Host, Port, SockOpts ++ TlsOpts, left(Deadline)) of
                         {ok, S} -> {ok, {ssl, S}};
-                        {error, Reason} -> {error, {tls, Reason}}
+                        {error, Reason} -> {error, {tls, tls_error(Reason)}}
                     end;
                 {error, _} = Error ->
                     Error
             end
     end.
+
+%% ssl names a bad option with its value: for the options that hold a secret (a private key, a
+%% key file's password) the value is not repeated into exit reasons and logs.
+tls_error({options, {Option, _Value}}) when Option =:= key; Option =:= password;
+                                            Option =:= certs_keys; Option =:= psk_identity;
+                                            Option =:= user_lookup_fun ->
+    {options, {Option, dcp_secret:redacted()}};
+tls_error(Reason) ->
+    Reason.
 
 %% TLS verifies the server unless `{verify, verify_none}' is asked for by name (OTP 25's own
 %% default is verify_none): without a CA to verify against that is an error, not a silent

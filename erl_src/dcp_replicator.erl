@@ -58,7 +58,8 @@
                 shut_timeout :: timeout(),
                 setup_timeout :: timeout(),
                 %% `connecting' until both sides are connected and paired
-                status = connecting :: connecting | connected,
+                %% lost: a side (or the pairing) went; the replicator is stopping
+                status = connecting :: connecting | connected | lost,
                 pairer :: undefined | pid(),
                 %% processes waiting for the consumer conn's answer to a caller; while connecting
                 %% they wait for the pair first
@@ -245,14 +246,18 @@ init(#{connection_name := Name} = Opts) ->
                                 ok = dcp_proxy:connect_proxies(Consumer, Producer, infinity),
                                 Self ! {paired, self()}
                         end),
-    dcp_log:info(connecting, #{connection => Name, producer => maps:get(producer, Opts),
-                               consumer => maps:get(consumer, Opts)}),
+    dcp_log:info(connecting, #{connection => Name, producer => shown(maps:get(producer, Opts)),
+                               consumer => shown(maps:get(consumer, Opts))}),
     {ok, #state{consumer = Consumer, producer = Producer, connection_name = Name,
                 pairer = Pairer, setup_timeout = setup_timeout(SetupTimeout),
                 shut_timeout = maps:get(shut_timeout, Opts, ?DEFAULT_SHUT_TIMEOUT)}}.
 
 setup_timeout(T) when T =:= infinity; is_integer(T), T >= 0 -> T;
 setup_timeout(_) -> dcp_consumer_conn:default_setup_timeout().
+
+%% An endpoint as a log shows it: its TLS options (a private key among them) as `tls'.
+shown(#{ssl := Ssl} = Endpoint) when Ssl =/= false -> Endpoint#{ssl => tls};
+shown(Endpoint) -> Endpoint.
 
 proxy_opts(Side, #{bucket := Bucket, connection_name := Name, user := User,
                    password := Password} = Opts) ->
@@ -386,10 +391,19 @@ handle_info({paired, Pid}, #state{pairer = Pid, helpers = Helpers,
                           helpers = maps:map(fun(_, {H, _}) -> {H, connected} end, Helpers)}};
 handle_info({'EXIT', Pid, normal}, #state{pairer = Pid} = State) ->
     {noreply, State#state{pairer = undefined}};
+handle_info({'EXIT', Pid, {_, {gen_server, call, [Side | _]}}},
+            #state{pairer = Pid, consumer = C, producer = P} = State) when Side =:= C; Side =:= P ->
+    %% the pairing failed because a side went (`noproc' if it was gone before the call): that
+    %% side's own exit, which comes too (it is linked), names the cause
+    {noreply, State#state{pairer = undefined}};
 handle_info({'EXIT', Pid, Reason}, #state{consumer = C, producer = P, pairer = Pairer} = State)
   when Pid =:= C; Pid =:= P; Pid =:= Pairer ->
-    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report
-    {stop, dcp_log:exit_reason(real_cause(Reason)), State};
+    %% an expected failure of a side ends us the same way: {shutdown, Why}, no crash report.
+    %% Lost, not connected: terminate must not shut the consumer conn, which is going down with
+    %% its partner anyway (its node drops the streams with the connection). A shut call reaching
+    %% it before its partner's 'DOWN' would join a setup in progress and change what that setup's
+    %% caller is told (the vbuckets the shut closes instead of the one lost with the partner).
+    {stop, dcp_log:exit_reason(real_cause(Reason)), State#state{status = lost}};
 handle_info({'DOWN', Ref, process, _Pid, _Reason}, #state{helpers = Helpers} = State)
   when is_map_key(Ref, Helpers) ->
     {noreply, State#state{helpers = maps:remove(Ref, Helpers)}};
@@ -397,7 +411,8 @@ handle_info(Info, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected message ~0p", [Name, Info], ?LOG_META),
     {noreply, State}.
 
-%% On an orderly stop the consumer's streams are closed first (bounded), so that a replicator
+%% On an orderly stop (asked for, not a lost side) the consumer's streams are closed first
+%% (bounded), so that a replicator
 %% started next for the same vbuckets does not meet "stream exists"; only the consumer, so that
 %% a failed-over producer cannot slow this down.
 terminate(Reason, #state{consumer = C, producer = P, connection_name = Name, status = Status,

@@ -8,7 +8,8 @@
 %% a child spec carries the password's bytes.
 -module(dcp_secret).
 
--export([wrap/1, reveal/1, is_secret/1, redact/1, format_status/1, redacted/0]).
+-export([wrap/1, reveal/1, is_secret/1, redact/1, format_status/1, redacted/0,
+         wrap_term/1, reveal_term/1]).
 
 -export_type([secret/0]).
 
@@ -47,7 +48,18 @@ to_utf8(Chars) ->
 reveal(Secret) when is_function(Secret, 0) ->
     iolist_to_binary(Secret()).
 
-%% @doc True for a value made by `wrap/1'.
+%% @doc Any term wrapped the same way: TLS options, which hold a private key and may hold a key
+%% file's password, travel through start arguments, child specs and states as a secret.
+-spec wrap_term(term()) -> secret().
+wrap_term(Term) ->
+    mask(term_to_binary(Term)).
+
+%% @doc The term `wrap_term/1' wrapped.
+-spec reveal_term(secret()) -> term().
+reveal_term(Secret) ->
+    binary_to_term(reveal(Secret)).
+
+%% @doc True for a value made by `wrap/1' or `wrap_term/1'.
 -spec is_secret(term()) -> boolean().
 is_secret(F) when is_function(F, 0) ->
     {module, M} = erlang:fun_info(F, module),

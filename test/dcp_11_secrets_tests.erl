@@ -1,9 +1,12 @@
 %% @doc No password in any log event (SASL crash reports and supervisor reports included) or in
 %% `sys:get_status/1' of any replication process, through the fault matrix: authentication failed,
-%% a bad peer, lost sockets, a supervisor's start error and restarts.
+%% a bad peer, lost sockets, a supervisor's start error and restarts. And no TLS client private
+%% key (nor its key file's password) anywhere either, through TLS success, an untrusted server, a
+%% server closing in the handshake, a handshake timeout and bad TLS options.
 -module(dcp_11_secrets_tests).
 
 -include_lib("eunit/include/eunit.hrl").
+-include_lib("public_key/include/public_key.hrl").
 
 -export([log/2]).
 
@@ -21,8 +24,9 @@ log(Event, #{collector := Pid}) ->
                                                 chars_limit => unlimited})
            catch _:_ -> <<>>
            end,
+    %% and as the external term format, for secrets as raw bytes
     Pid ! {log, iolist_to_binary([unicode:characters_to_binary(Text),
-                                  io_lib:format("~n~p~n", [Event])])}.
+                                  io_lib:format("~n~p~n", [Event]), term_to_binary(Event)])}.
 
 capture(Body) ->
     Self = self(),
@@ -64,12 +68,26 @@ statuses([Pid | Pids], Exclude, Acc) ->
         true ->
             statuses(Pids, Exclude, Acc);
         false ->
-            Status = try sys:get_status(Pid, 2000) catch _:Why -> {no_status, Why} end,
+            Status = status(Pid),
             Links = case process_info(Pid, links) of
                         {links, L} -> [P || P <- L, is_pid(P)];
                         undefined -> []
                     end,
             statuses(Pids ++ Links, Exclude, [{Pid, Status} | Acc])
+    end.
+
+%% sys:get_status of a proc_lib process; of a plain one (a connector, a writer), what
+%% process_info shows (it answers no system message)
+status(Pid) ->
+    case process_info(Pid, dictionary) of
+        {dictionary, Dict} ->
+            case lists:keymember('$initial_call', 1, Dict) of
+                true -> try sys:get_status(Pid, 2000) catch _:Why -> {no_status, Why} end;
+                false -> {plain_process, process_info(Pid, [dictionary, current_stacktrace,
+                                                            messages])}
+            end;
+        undefined ->
+            gone
     end.
 
 assert_nowhere(Secret, {Logs, Statuses}) ->
@@ -206,3 +224,175 @@ supervisor_start_error_and_restarts_show_no_password_test_() ->
                 assert_nowhere(dcp_test_lib:password(), Result),
                 dcp_test_lib:flush_exits()
         end).
+
+%% ---- TLS: the client's private key ----
+
+-define(KEY_PASSWORD, "Tls-Key-Pass-Word-51d0").
+
+%% The test CA's configs, the client key as a key file encrypted with ?KEY_PASSWORD, and the key in
+%% every form a log or a status could show it (whitespace removed, as the search is):
+%% raw DER bytes, those bytes as ~p/~w prints them, the base64 of its PEM, the encrypted PEM's
+%% base64, the private exponent's digits, the key file's password.
+tls_material() ->
+    {Server, Client} = dcp_test_lib:tls_configs(),
+    {key, {'RSAPrivateKey', Der}} = lists:keyfind(key, 1, Client),
+    Key = public_key:der_decode('RSAPrivateKey', Der),
+    Encrypted = public_key:pem_encode(
+                  [public_key:pem_entry_encode('RSAPrivateKey', Key,
+                                               {{"AES-128-CBC", crypto:strong_rand_bytes(16)},
+                                                ?KEY_PASSWORD})]),
+    File = filename:join(filename:basedir(user_cache, "dcp_proxy_tests"),
+                         "client_key_" ++ integer_to_list(erlang:unique_integer([positive]))
+                         ++ ".pem"),
+    ok = filelib:ensure_dir(File),
+    ok = file:write_file(File, Encrypted),
+    Body = << <<Line/binary>> || Line <- binary:split(Encrypted, <<"\n">>, [global]),
+                                 Line =/= <<>>, binary:match(Line, [<<"-">>, <<":">>]) =:= nomatch >>,
+    Decimal = io_lib:format("~w", [binary:bin_to_list(Der, 100, 24)]),
+    Secrets = [{der_bytes, binary:part(Der, 100, 48)},
+               {der_decimals, strip(string:trim(Decimal, both, "[]"))},
+               {pem_base64, binary:part(base64:encode(Der), 100, 40)},
+               {encrypted_pem_base64, binary:part(Body, 100, 40)},
+               {private_exponent, list_to_binary(lists:sublist(
+                                     integer_to_list(Key#'RSAPrivateKey'.privateExponent), 40))},
+               {key_password, <<?KEY_PASSWORD>>}],
+    #{server => Server, client => Client, key_file => File, secrets => Secrets}.
+
+strip(Text) ->
+    << <<C>> || <<C>> <= iolist_to_binary(Text), not lists:member(C, " \t\r\n") >>.
+
+%% No secret in any captured log event, status, start return or exit reason.
+assert_no_key(Secrets, {Logs, Terms}) ->
+    ?assertNotEqual([], Logs),
+    TermText = [iolist_to_binary(io_lib:format("~p", [Terms])), term_to_binary(Terms)],
+    Leaks = [{Name, binary:part(Where, 0, min(300, byte_size(Where)))}
+             || Where <- [strip(L) || L <- Logs ++ TermText] ++ Logs ++ TermText,
+                {Name, Secret} <- Secrets, binary:match(Where, Secret) =/= nomatch],
+    ?assertEqual([], Leaks).
+
+%% A replicator to `Env''s nodes, the producer over TLS with `Tls' (and `Extra'); what it did:
+%% start_link's return, the exit reason, the statuses while it lived.
+tls_replication(Env, Producer, Tls, Extra) ->
+    Base = dcp_test_lib:rep_opts(Env),
+    {CHost, CPort} = maps:get(consumer, Base),
+    Opts = maps:merge(Base#{producer => Producer#{ssl => Tls},
+                            consumer => #{host => CHost, port => CPort, local => true},
+                            connect_timeout => 2000}, Extra),
+    case dcp_test_lib:start_replicator(Opts) of
+        {ok, {_, Rep} = Keeper} = Started ->
+            %% connected (a status of the working pair) or failed, whichever comes first
+            dcp_test_lib:wait_until(
+              fun() ->
+                      try maps:get(state, maps:get(setup, dcp_replicator:stats(Rep))) of
+                          State -> State =/= connecting
+                      catch
+                          exit:_ -> true
+                      end
+              end),
+            case is_process_alive(Rep) of
+                true ->
+                    Setup = dcp_replicator:setup_replication(Rep, [0]),
+                    S = statuses([Rep], excluded(Env)),
+                    [Started, {S, Setup, dcp_test_lib:stop_replicator(Keeper)}];
+                false ->
+                    [Started, [], dcp_test_lib:wait_exit(Keeper)]
+            end;
+        Other ->
+            [Other]
+    end.
+
+%% The same through dcp_sup (its child specs, its reports): two connections, both TLS producers.
+tls_sup(Env, Producer, Tls) ->
+    Base = maps:remove(connection_name, dcp_test_lib:rep_opts(Env)),
+    {CHost, CPort} = maps:get(consumer, Base),
+    Opts = Base#{producer => Producer#{ssl => Tls},
+                 consumer => #{host => CHost, port => CPort, local => true},
+                 consumer_node => 'n_0@127.0.0.1', producer_node => 'n_1@127.0.0.1',
+                 connections => 2},
+    {ok, Sup} = dcp_sup:start_link(Opts),
+    Setup = dcp_sup:setup_replication(Sup, [0, 1]),
+    S = statuses([Sup], excluded(Env)),
+    ok = dcp_sup:stop(Sup),
+    %% and a bad TLS option value, refused before anything connects
+    Refused = dcp_sup:start_link(Opts#{ssl => {not_a_list, Tls}}),
+    [Setup, S, Refused].
+
+%% A "server" at a port of its own: `close' closes each connection once the ClientHello is in,
+%% `silent' never answers.
+start_peer(Mode) ->
+    {ok, L} = gen_tcp:listen(0, [binary, {active, false}, {reuseaddr, true}]),
+    {ok, Port} = inet:port(L),
+    Peer = spawn_link(fun() -> peer(L, Mode, []) end),
+    {Peer, L, #{host => {127, 0, 0, 1}, port => Port}}.
+
+peer(L, Mode, Held) ->
+    case gen_tcp:accept(L) of
+        {ok, S} when Mode =:= close ->
+            _ = gen_tcp:recv(S, 0, 2000),
+            ok = gen_tcp:close(S),
+            peer(L, Mode, Held);
+        {ok, S} ->
+            peer(L, Mode, [S | Held]);
+        {error, _} ->
+            ok
+    end.
+
+stop_peer({Peer, L, _}) ->
+    unlink(Peer),
+    exit(Peer, kill),
+    gen_tcp:close(L).
+
+tls_cases_show_no_private_key_test_() ->
+    #{server := Server, client := Client, key_file := File, secrets := Secrets} = tls_material(),
+    %% the client trusting the wrong CA: a root that signed nothing here
+    #{cert := OtherRoot} = public_key:pkix_test_root_cert("other root",
+                                                          [{key, {rsa, 2048, 65537}}]),
+    WrongCa = lists:keyreplace(cacerts, 1, Client, {cacerts, [OtherRoot]}),
+    WithKeyFile = [{keyfile, File}, {password, ?KEY_PASSWORD} | lists:keydelete(key, 1, Client)],
+    {key, {_, Der}} = lists:keyfind(key, 1, Client),
+    BadOption = lists:keyreplace(key, 1, Client, {key, {not_a_key_type, Der}}),
+    WrongPassword = lists:keyreplace(password, 1, WithKeyFile, {password, "not-it"}),
+    {"the TLS producer with a client key (DER, then an encrypted key file): connected, an untrusted "
+     "server, a server closing in the handshake, a handshake timeout, bad options",
+     {setup,
+      fun() -> dcp_test_lib:start_env(#{producer => #{ssl => Server}, rep => none}) end,
+      fun(Env) -> dcp_test_lib:stop_env(Env), file:delete(File) end,
+      fun(#{producer := P} = Env) ->
+              {timeout, 120,
+               ?_test(
+                  begin
+                      process_flag(trap_exit, true),
+                      Node = #{host => {127, 0, 0, 1}, port => kv_sim:port(P)},
+                      Closing = start_peer(close),
+                      Silent = start_peer(silent),
+                      Runs = [{connected, Node, Client, #{}},
+                              {connected_with_key_file, Node, WithKeyFile, #{}},
+                              {server_not_trusted, Node, WrongCa, #{}},
+                              {closed_in_handshake, element(3, Closing), Client, #{}},
+                              {handshake_timeout, element(3, Silent), Client,
+                               #{connect_timeout => 500}},
+                              {bad_key_option, Node, BadOption, #{}},
+                              {wrong_key_password, Node, WrongPassword, #{}}],
+                      Result = capture(
+                                 fun() ->
+                                         [{Name, tls_replication(Env, To, Tls, Extra)}
+                                          || {Name, To, Tls, Extra} <- Runs]
+                                             ++ [{sup, tls_sup(Env, Node, Client)}]
+                                 end),
+                      stop_peer(Closing),
+                      stop_peer(Silent),
+                      {_Logs, Done} = Result,
+                      %% each case went the way it names (the failures as named errors)
+                      [?assertMatch([{ok, _}, {[_ | _], ok, shutdown}],
+                                    proplists:get_value(Connected, Done))
+                       || Connected <- [connected, connected_with_key_file]],
+                      ?assertMatch([ok, [_ | _], {error, {bad_option, ssl, _}}],
+                                   proplists:get_value(sup, Done)),
+                      [?assertMatch([{ok, _}, [], {producer, {connect_failed, _}}],
+                                    proplists:get_value(Failed, Done))
+                       || Failed <- [server_not_trusted, closed_in_handshake, handshake_timeout,
+                                     bad_key_option, wrong_key_password]],
+                      assert_no_key(Secrets, Result),
+                      dcp_test_lib:flush_exits()
+                  end)}
+      end}}.

@@ -132,7 +132,37 @@ encode_refuses_frames_it_cannot_express_test() ->
                  mcbp:encode(#{magic => req, opcode => 1, vbucket => 65536})),
     ?assertError({bad_frame, {bad_field, key}},
                  mcbp:encode(#{magic => req, opcode => 1, key => [foo]})),
+    ?assertError({bad_frame, {bad_field, value}},
+                 mcbp:encode(#{magic => req, opcode => 1, value => [foo]})),
+    ?assertError({bad_frame, {framing_extras_too_long, 1000}},
+                 mcbp:encode(#{magic => alt_req, opcode => 1,
+                               framing_extras => lists:duplicate(1000, {1, <<>>})})),
+    %% a list longer than the NIF reads (mcbp::term::MAX_ITEMS) is not read at all
+    ?assertError({bad_frame, {bad_field, framing_extras}},
+                 mcbp:encode(#{magic => alt_req, opcode => 1,
+                               framing_extras => lists:duplicate(100000, {1, <<>>})})),
     ?assertError({bad_frame, {not_a_map, foo}}, mcbp:encode(foo)).
+
+%% The NIF writes the head only; a large value is appended as it is, not copied, so a 30 MiB
+%% encode costs what a small one does; small values still come as one binary.
+large_values_are_appended_uncopied_and_small_ones_copied_test() ->
+    Spec = #{magic => req, opcode => dcp_mutation, vbucket => 3, extras => <<0:(31 * 8)>>,
+             key => <<"k">>},
+    Big = binary:copy(<<7>>, 30 * 1024 * 1024 - 100),
+    [Head, Value] = mcbp:encode(Spec#{value => Big}),
+    ?assert(erts_debug:same(Big, Value)),
+    ?assertEqual(24 + 31 + 1, byte_size(Head)),
+    {ok, #{value := Big, key := <<"k">>, vbucket := 3}, <<>>} =
+        mcbp:decode(iolist_to_binary([Head, Value])),
+    Small = binary:copy(<<7>>, 256),
+    Bin = mcbp:encode(Spec#{value => Small}),
+    ?assert(is_binary(Bin)),
+    ?assertMatch({ok, #{value := Small}, <<>>}, mcbp:decode(Bin)),
+    ?assert(is_binary(mcbp:encode(Spec#{value => [Small, "x"]}))),
+    %% an iolist value is counted, not flattened: 200 times 30 MiB is over the u32 body length
+    Len = 31 + 1 + 200 * byte_size(Big),
+    ?assertError({bad_frame, {body_too_large, Len}},
+                 mcbp:encode(Spec#{value => lists:duplicate(200, Big)})).
 
 dcp_fields_name_the_stream_end_reason_test() ->
     End = fun(Code) -> #{magic => req, opcode => 16#55, extras => <<Code:32>>} end,

@@ -79,28 +79,67 @@ pub(crate) fn error_term<'a>(env: Env<'a>, why: &impl ToTerm) -> Term<'a> {
     (error(), term(env, why)).encode(env)
 }
 
-/// A term as mcbp reads it; parts deeper than `depth` are `Other`.
+/// A term as mcbp reads it; parts deeper than `depth` are `Other`. At most `mcbp::term::MAX_ITEMS`
+/// items are read in all: a list, tuple or map beyond that is `TooLong`, so a caller's huge term
+/// costs a bounded read (a list is walked cell by cell, never measured first).
 pub(crate) fn value(t: Term<'_>, depth: u32) -> Value<'_> {
-    let inner = |t| match depth {
+    let mut budget = mcbp::term::MAX_ITEMS;
+    read(t, depth, &mut budget)
+}
+
+fn read<'a>(t: Term<'a>, depth: u32, budget: &mut usize) -> Value<'a> {
+    let inner = |t, budget: &mut usize| match depth {
         0 => Value::Other,
-        _ => value(t, depth - 1),
+        _ => read(t, depth - 1, budget),
     };
     let read = match t.get_type() {
         TermType::Atom => t.decode().ok().and_then(atom_name).map(Value::Atom),
         TermType::Integer => t.decode().ok().map(Value::Int),
         TermType::Binary => t.decode::<Binary>().ok().map(|b| Value::Bin(b.as_slice())),
-        TermType::Tuple => get_tuple(t)
-            .ok()
-            .map(|ts| Value::Tuple(ts.into_iter().map(inner).collect())),
-        // list_length rejects improper lists, on which rustler's list iterator would panic.
-        TermType::List => (t.list_length().ok())
-            .and_then(|_| t.into_list_iterator().ok())
-            .map(|it| Value::List(it.map(inner).collect())),
-        TermType::Map => (t.decode::<MapIterator>().ok())
-            .map(|it| Value::Map(it.map(|(k, v)| (inner(k), inner(v))).collect())),
+        TermType::Tuple => get_tuple(t).ok().map(|ts| match take(budget, ts.len()) {
+            true => Value::Tuple(ts.into_iter().map(|t| inner(t, budget)).collect()),
+            false => Value::TooLong,
+        }),
+        TermType::List => {
+            // An improper tail is `Other` (rustler's list iterator would panic on it).
+            let mut items = Vec::new();
+            let mut rest = t;
+            loop {
+                if rest.is_empty_list() {
+                    break Some(Value::List(items));
+                }
+                let Ok((head, tail)) = rest.list_get_cell() else {
+                    break None;
+                };
+                if !take(budget, 1) {
+                    break Some(Value::TooLong);
+                }
+                items.push(inner(head, budget));
+                rest = tail;
+            }
+        }
+        TermType::Map => match t.map_size() {
+            Ok(n) if take(budget, n) => (t.decode::<MapIterator>().ok()).map(|it| {
+                Value::Map(
+                    it.map(|(k, v)| (inner(k, budget), inner(v, budget)))
+                        .collect(),
+                )
+            }),
+            Ok(_) => Some(Value::TooLong),
+            Err(_) => None,
+        },
         _ => None,
     };
     read.unwrap_or(Value::Other)
+}
+
+/// Takes `n` items from the read budget; false (nothing taken) when fewer are left.
+fn take(budget: &mut usize, n: usize) -> bool {
+    let ok = n <= *budget;
+    if ok {
+        *budget -= n;
+    }
+    ok
 }
 
 /// The part of `t` at `path` (indices into tuples and proper lists, as `dcp_setup::term` gives
@@ -140,22 +179,18 @@ fn decode<'a>(env: Env<'a>, bin: Binary<'a>) -> NifResult<Term<'a>> {
     })
 }
 
+/// The encoded frame but its value, for a value of `value_len` bytes the caller appends itself
+/// (`mcbp:encode/1`): at most 24 + 255 + 255 + 65535 bytes are written whatever the value's size,
+/// and the frame map's `value` is not read.
 #[rustler::nif]
-fn encode<'a>(env: Env<'a>, map: Term<'a>) -> Term<'a> {
-    let frame = match frame_of(env, map) {
+fn encode_head<'a>(env: Env<'a>, map: Term<'a>, value_len: u64) -> Term<'a> {
+    let frame = match Frame::head_from_value(&value(map, VALUE_DEPTH)) {
         Ok(f) => f,
-        Err(why) => return why,
+        Err(e) => return error_term(env, &e),
     };
     let mut head = Vec::with_capacity(64 + frame.extras.len() + frame.key.len());
-    match frame.encode_head(&mut head) {
-        Ok(()) => {
-            // One copy of the value, straight into the result.
-            let mut bin = NewBinary::new(env, head.len() + frame.value.len());
-            let (h, v) = bin.as_mut_slice().split_at_mut(head.len());
-            h.copy_from_slice(&head);
-            v.copy_from_slice(frame.value);
-            Binary::from(bin).encode(env)
-        }
+    match frame.encode_head_for(value_len, &mut head) {
+        Ok(()) => Binary::from(NewBinary::from_slice(env, &head)).encode(env),
         Err(e) => error_term(env, &e),
     }
 }

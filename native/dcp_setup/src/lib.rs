@@ -115,6 +115,10 @@ pub enum Refusal {
     /// The connection is shut.
     Shut,
     BadVbucket(u16),
+    /// A vbucket list with more than MAX_VBUCKETS elements (refused before it is looked at).
+    TooManyVbuckets,
+    /// A vbucket named twice in one list.
+    DuplicateVbucket(u16),
 }
 
 /// The phase names `setup_info` reports.

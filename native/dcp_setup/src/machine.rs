@@ -260,15 +260,23 @@ impl Setup {
     // ---- requests ----
 
     /// Starts a setup towards exactly `wanted` (see the module doc for owed answers).
+    /// The list is checked before anything else, in O(MAX_VBUCKETS) at most: its length first,
+    /// then each element's range, then duplicates.
     fn begin(&mut self, wanted: &[u16]) -> Result<Start, Refusal> {
+        if wanted.len() > MAX_VBUCKETS {
+            return Err(Refusal::TooManyVbuckets);
+        }
         if let Some(&bad) = wanted.iter().find(|vb| !in_range(**vb)) {
             return Err(Refusal::BadVbucket(bad));
         }
-        self.refuse_unless_idle()?;
         let mut want = VbSet::new();
         for &vb in wanted {
+            if want.contains(vb) {
+                return Err(Refusal::DuplicateVbucket(vb));
+            }
             want.insert(vb);
         }
+        self.refuse_unless_idle()?;
         let mut adds = Vec::new();
         let mut closes = Vec::new();
         for vb in 0..MAX_VBUCKETS as u16 {

@@ -20,7 +20,7 @@ pub const ATOMS: &[&str] = &[
     "setup_timeout", "busy", "bad_vbucket", "owed", "add_stream", "close_stream",
     "unexpected_response", "idle", "setting_up", "requested", "opaque_known", "active", "state",
     "pending_adds", "pending_closes_consumer", "pending_closes_producer", "next_state", "stage",
-    "requested_state", "add_acked", "absorbed",
+    "requested_state", "add_acked", "absorbed", "too_many_vbuckets", "duplicate_vbucket",
 ];
 
 /// A vbucket named by the caller: 0..1023.
@@ -51,7 +51,15 @@ impl Setup {
         let started = match v {
             Value::Atom("shut_connection") => self.request(Request::Shut),
             Value::Tuple(t) => match t.as_slice() {
+                // Longer than any valid list: refused unread (the reader stops at
+                // mcbp::term::MAX_ITEMS, the machine at MAX_VBUCKETS).
+                [Value::Atom("setup_streams"), Value::TooLong] => {
+                    return Some(start(s, &Err(Refusal::TooManyVbuckets)));
+                }
                 [Value::Atom("setup_streams"), Value::List(items)] => {
+                    if items.len() > MAX_VBUCKETS {
+                        return Some(start(s, &Err(Refusal::TooManyVbuckets)));
+                    }
                     let wanted: Option<Vec<u16>> = items.iter().map(vbucket).collect();
                     let Some(wanted) = wanted else {
                         let i = items.iter().position(|v| vbucket(v).is_none())?;
@@ -59,6 +67,8 @@ impl Setup {
                     };
                     self.request(Request::Begin(&wanted))
                 }
+                // Not a proper list: the whole term is the bad part, as dcp_replicator says.
+                [Value::Atom("setup_streams"), _] => return bad(s, &[1]),
                 [Value::Atom(tag @ ("takeover" | "maybe_close_stream")), arg] => {
                     let Some(vb) = vbucket(arg) else {
                         return bad(s, &[1]);
@@ -113,6 +123,14 @@ pub fn start<S: Sink>(s: &mut S, started: &Result<Start, Refusal>) -> S::Term {
         Err(Refusal::Busy) => [s.atom("error"), s.atom("busy")],
         Err(Refusal::Shut) => [s.atom("error"), s.atom("shut")],
         Err(Refusal::BadVbucket(vb)) => [s.atom("error"), s.tagged("bad_vbucket", &[(*vb).into()])],
+        Err(Refusal::TooManyVbuckets) => [
+            s.atom("error"),
+            s.tagged("too_many_vbuckets", &[MAX_VBUCKETS as u64]),
+        ],
+        Err(Refusal::DuplicateVbucket(vb)) => [
+            s.atom("error"),
+            s.tagged("duplicate_vbucket", &[(*vb).into()]),
+        ],
     };
     s.tuple(&t)
 }

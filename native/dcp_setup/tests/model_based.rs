@@ -185,6 +185,11 @@ impl World {
         match op {
             Op::Begin(vbs) => {
                 let r = self.machine.request(Request::Begin(vbs));
+                // A list naming a vbucket twice is refused, whatever the machine is doing.
+                if let Some(dup) = first_duplicate(vbs) {
+                    prop_assert_eq!(r, Err(dcp_setup::Refusal::DuplicateVbucket(dup)));
+                    return Ok(());
+                }
                 self.started(r);
             }
             Op::MaybeClose(vb) => {
@@ -512,8 +517,14 @@ fn reason() -> impl Strategy<Value = StreamEndReason> {
     prop_oneof![3 => Just(0u32), 6 => 1u32..=8, 1 => Just(42u32)].prop_map(StreamEndReason)
 }
 
+/// Vbucket lists, some naming a vbucket twice.
 fn wanted() -> impl Strategy<Value = Vec<u16>> {
     prop::collection::vec(0..VBS, 0..4)
+}
+
+fn first_duplicate(vbs: &[u16]) -> Option<u16> {
+    let mut seen = BTreeSet::new();
+    vbs.iter().copied().find(|vb| !seen.insert(*vb))
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -551,6 +562,9 @@ proptest! {
         for op in &ops {
             w.apply(op)?;
         }
+        let mut retry = retry;
+        retry.sort_unstable();
+        retry.dedup();
         w.finish(&retry)?;
     }
 }

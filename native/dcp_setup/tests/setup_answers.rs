@@ -62,7 +62,7 @@ fn unwanted_streams_are_closed_on_both_sides_and_key_enoent_counts_as_success() 
 #[test]
 fn setup_with_nothing_to_change_settles_at_once() {
     let mut s = with_active(&[3]);
-    assert_eq!(s.begin(&[3, 3]), Ok(Start::Settled));
+    assert_eq!(s.begin(&[3]), Ok(Start::Settled));
     assert_eq!(s.begin(&[1024]), Err(Refusal::BadVbucket(1024)));
     assert_eq!(s.phase(), Phase::Idle);
 }
@@ -179,4 +179,38 @@ fn a_frame_from_the_side_no_rule_names_changes_nothing() {
     assert_eq!(s.event(Input::Frame(Side::Consumer, end)), Outcome::NoReply);
     assert_eq!(s.info(), before);
     assert_eq!(s.add_stream_response(3, 0), Outcome::Reply(Reply::Ok));
+}
+
+#[test]
+fn vbucket_lists_are_checked_before_anything_changes() {
+    let mut s = Setup::new();
+    // a million elements: refused on its length alone, before any element is looked at
+    let huge = vec![0u16; 1_000_000];
+    assert_eq!(
+        s.request(Request::Begin(&huge)),
+        Err(Refusal::TooManyVbuckets)
+    );
+    let all: Vec<u16> = (0..MAX_VBUCKETS as u16).collect();
+    let mut over = all.clone();
+    over.push(0);
+    assert_eq!(
+        s.request(Request::Begin(&over)),
+        Err(Refusal::TooManyVbuckets)
+    );
+    assert_eq!(
+        s.request(Request::Begin(&[7, 1024])),
+        Err(Refusal::BadVbucket(1024))
+    );
+    assert_eq!(
+        s.request(Request::Begin(&[7, 8, 7])),
+        Err(Refusal::DuplicateVbucket(7))
+    );
+    // refused lists changed nothing: the machine is idle and takes the full list
+    assert_eq!(s.info().phase, Phase::Idle);
+    assert!(matches!(s.request(Request::Begin(&all)), Ok(Start::Send(a)) if a.len() == 1024));
+    // a bad list is refused as such even while busy
+    assert_eq!(
+        s.request(Request::Begin(&[2, 2])),
+        Err(Refusal::DuplicateVbucket(2))
+    );
 }

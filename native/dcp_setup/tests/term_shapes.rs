@@ -139,11 +139,47 @@ fn bad_vbuckets_echo_the_callers_term_by_its_path() {
 }
 
 #[test]
+fn vbucket_lists_too_long_duplicated_or_not_lists_are_refused_by_name() {
+    let (mut s, mut t) = (Setup::new(), Text::default());
+    let all: Vec<u64> = (0..1024).collect();
+    let mut over = all.clone();
+    over.push(5);
+    let cases = [
+        // what the NIF's reader gives for a list beyond mcbp::term::MAX_ITEMS
+        (
+            pair("setup_streams", Value::TooLong),
+            "{error,{too_many_vbuckets,1024}}",
+        ),
+        (
+            pair("setup_streams", vbs(&over)),
+            "{error,{too_many_vbuckets,1024}}",
+        ),
+        (
+            pair("setup_streams", vbs(&[3, 4, 3])),
+            "{error,{duplicate_vbucket,3}}",
+        ),
+        // an improper list is Other: the whole term is the bad part, as the API says
+        (
+            pair("setup_streams", Other),
+            "{error,{bad_vbucket,Part[1]}}",
+        ),
+        (
+            pair("setup_streams", Int(1)),
+            "{error,{bad_vbucket,Part[1]}}",
+        ),
+    ];
+    for (v, want) in cases {
+        assert_eq!(request(&mut s, &mut t, &v).as_deref(), Some(want));
+    }
+    assert_eq!(s.info().phase, dcp_setup::Phase::Idle);
+    let got = request(&mut s, &mut t, &pair("setup_streams", vbs(&all))).unwrap();
+    assert!(got.starts_with("{send,[{add_stream,0,"), "{got}");
+}
+
+#[test]
 fn other_terms_are_badarg() {
     let (mut s, mut t) = (Setup::new(), Text::default());
     for v in [
-        pair("setup_streams", Other),
-        pair("setup_streams", Int(1)),
         pair("sideways", Int(1)),
         pair("shut_connection", Int(1)),
         Atom("shut"),

@@ -142,6 +142,13 @@ impl Frame<'_> {
     /// Appends everything but the value (whose length the header counts), so a caller can place
     /// a large value without copying it twice.
     pub fn encode_head(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_head_for(self.value.len() as u64, out)
+    }
+
+    /// As `encode_head`, for a value of `value_len` bytes that the caller holds elsewhere (this
+    /// frame's own `value` is not looked at): the header, framing extras, extras and key, at most
+    /// 24 + 255 + 255 + 65535 bytes, so the cost does not depend on the value's size.
+    pub fn encode_head_for(&self, value_len: u64, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let flexible = self.magic.is_flexible();
         let key_max = if flexible {
             u8::MAX as usize
@@ -162,6 +169,12 @@ impl Frame<'_> {
         if !flexible && !self.framing_extras.is_empty() {
             return Err(EncodeError::FramingExtrasNotAllowed);
         }
+        // Each FrameInfo takes at least a byte: more than 255 cannot fit, whatever their size.
+        if self.framing_extras.len() > u8::MAX as usize {
+            return Err(EncodeError::FramingExtrasTooLong {
+                len: self.framing_extras.len(),
+            });
+        }
         let start = out.len();
         out.resize(start + HEADER_LEN, 0);
         encode_frame_infos(&self.framing_extras, out)?;
@@ -170,10 +183,8 @@ impl Frame<'_> {
             out.truncate(start);
             return Err(EncodeError::FramingExtrasTooLong { len: framing_len });
         }
-        let body = framing_len as u64
-            + self.extras.len() as u64
-            + self.key.len() as u64
-            + self.value.len() as u64;
+        let body =
+            framing_len as u64 + self.extras.len() as u64 + self.key.len() as u64 + value_len;
         if body > u32::MAX as u64 {
             out.truncate(start);
             return Err(EncodeError::BodyTooLarge { len: body });

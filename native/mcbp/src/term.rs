@@ -353,8 +353,16 @@ pub enum Value<'a> {
     Tuple(Vec<Value<'a>>),
     List(Vec<Value<'a>>),
     Map(Vec<(Value<'a>, Value<'a>)>),
+    /// A list, tuple or map a reader left unread because the term holds more than `MAX_ITEMS`
+    /// items: reading any term costs at most that much, however large the caller made it.
+    TooLong,
     Other,
 }
+
+/// The most items (elements of lists, tuples and maps, all depths together) a reader turns into
+/// a `Value`; beyond that it gives `Value::TooLong`. Every term mcbp and dcp_setup read is far
+/// smaller (a vbucket list has at most 1024 elements, framing extras at most 255).
+pub const MAX_ITEMS: usize = 4096;
 
 impl<'a> Value<'a> {
     fn get(&self, key: &str) -> Option<&Value<'a>> {
@@ -461,6 +469,16 @@ impl<'a> Frame<'a> {
     /// The frame a frame map (or a sparser `frame_spec()`) describes; absent fields are 0 or
     /// empty. Fields are checked in a fixed order, so one bad map always gives the same reason.
     pub fn from_value(map: &Value<'a>) -> Result<Frame<'a>, SpecError> {
+        Frame::read(map, true)
+    }
+
+    /// As `from_value`, but the `value` field is not looked at (the frame's value is empty): for
+    /// `Frame::encode_head_for`, whose caller holds the value and appends it itself.
+    pub fn head_from_value(map: &Value<'a>) -> Result<Frame<'a>, SpecError> {
+        Frame::read(map, false)
+    }
+
+    fn read(map: &Value<'a>, with_value: bool) -> Result<Frame<'a>, SpecError> {
         use SpecError::{Bad, Missing};
         if !matches!(map, Value::Map(_)) {
             return Err(SpecError::NotAMap);
@@ -517,7 +535,7 @@ impl<'a> Frame<'a> {
             framing_extras,
             extras: bin("extras")?,
             key: bin("key")?,
-            value: bin("value")?,
+            value: if with_value { bin("value")? } else { &[] },
         })
     }
 }

@@ -253,3 +253,37 @@ fn unknown_opcodes_decode_without_a_name() {
     assert_eq!(f.opcode, 0xee);
     assert_eq!(f.opcode_name(), None);
 }
+
+#[test]
+fn a_head_for_a_value_held_elsewhere_is_the_whole_frame_minus_the_value() {
+    let value = vec![7u8; 100_000];
+    let whole = frame(Magic::Req, 0x57, &[1, 2, 3, 4], b"key", &value)
+        .to_vec()
+        .unwrap();
+    // the frame passed has no value: only its length goes into the header
+    let mut head = Vec::new();
+    frame(Magic::Req, 0x57, &[1, 2, 3, 4], b"key", b"")
+        .encode_head_for(value.len() as u64, &mut head)
+        .unwrap();
+    assert_eq!(head.len(), 24 + 4 + 3);
+    assert_eq!(head.as_slice(), &whole[..head.len()]);
+    // a value the u32 body length cannot count is refused, at no cost
+    let mut out = Vec::new();
+    assert_eq!(
+        frame(Magic::Req, 0x57, b"", b"k", b"").encode_head_for(u32::MAX as u64, &mut out),
+        Err(EncodeError::BodyTooLarge {
+            len: u32::MAX as u64 + 1
+        })
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn more_frame_infos_than_fit_are_refused_before_any_is_encoded() {
+    let mut f = frame(Magic::AltReq, 0, b"", b"", b"");
+    f.framing_extras = vec![FrameInfo { id: 1, data: &[] }; 100_000];
+    assert_eq!(
+        f.to_vec(),
+        Err(EncodeError::FramingExtrasTooLong { len: 100_000 })
+    );
+}

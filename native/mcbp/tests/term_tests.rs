@@ -190,7 +190,18 @@ fn the_frame_map_has_the_contracts_keys_and_reads_back() {
          cas=>18446744073709551615,framing_extras=>[{2,<<\"ab\">>}],extras=><<\"x\">>,\
          key=><<\"k\">>,value=><<\"v\">>}"
     );
-    assert_eq!(Frame::from_value(&f.to_term(&mut Values)), Ok(f));
+    assert_eq!(Frame::from_value(&f.to_term(&mut Values)), Ok(f.clone()));
+    // the head reader leaves the value out, whatever the map holds there
+    let mut spec = f.to_term(&mut Values);
+    if let Value::Map(pairs) = &mut spec {
+        for (k, v) in pairs.iter_mut() {
+            if *k == Value::Atom("value") {
+                *v = Value::TooLong;
+            }
+        }
+    }
+    assert_eq!(Frame::from_value(&spec), Err(SpecError::Bad("value")));
+    assert_eq!(Frame::head_from_value(&spec), Ok(Frame { value: b"", ..f }));
 }
 
 #[test]
@@ -240,6 +251,14 @@ fn a_frame_spec_names_its_first_bad_field() {
                 ("magic", req),
                 ("opcode", Value::Int(1)),
                 ("framing_extras", Value::List(vec![Value::Int(1)])),
+            ]),
+            SpecError::Bad("framing_extras"),
+        ),
+        (
+            spec(&[
+                ("magic", Value::Atom("alt_req")),
+                ("opcode", Value::Int(1)),
+                ("framing_extras", Value::TooLong),
             ]),
             SpecError::Bad("framing_extras"),
         ),
