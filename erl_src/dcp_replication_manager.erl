@@ -62,7 +62,7 @@
                 resolve :: resolver(),
                 credentials :: fun(() -> {string(), string() | fun(() -> iodata())}),
                 connections :: pos_integer(),
-                ssl :: false | [ssl:tls_client_option()],
+                ssl :: false | dcp_secret:secret(),     % the TLS options, wrapped
                 rep_opts :: map(),
                 desired = #{} :: #{node() => [0..1023]},
                 sups = #{} :: #{node() => pid()}}).
@@ -77,7 +77,13 @@ start_link(Bucket) ->
 
 -spec start_link(string(), map()) -> {ok, pid()} | {error, term()}.
 start_link(Bucket, Opts) ->
-    Opts1 = Opts#{bucket => Bucket},
+    %% TLS options hold a private key: from here on (start arguments, state, crash reports) they
+    %% travel wrapped, and are revealed only to build a replicator's endpoint.
+    Opts1 = case Opts of
+                #{ssl := Tls} when is_list(Tls) ->
+                    Opts#{bucket => Bucket, ssl => dcp_secret:wrap_term(Tls)};
+                _ -> Opts#{bucket => Bucket}
+            end,
     case maps:get(name, Opts1, server_name(Bucket)) of
         undefined -> gen_server:start_link(?MODULE, Opts1, []);
         Name -> gen_server:start_link({local, Name}, ?MODULE, Opts1, [])
@@ -324,8 +330,12 @@ start_producer(Node, State) ->
            connections = N, ssl = Ssl, rep_opts = RepOpts} = State,
     try
         {User, Password} = Credentials(),
-        Opts = maps:merge(RepOpts, #{consumer => endpoint(Consumer, Resolve(Consumer), Ssl),
-                                     producer => endpoint(Node, Resolve(Node), Ssl),
+        Tls = case Ssl of
+                  false -> false;
+                  Wrapped -> dcp_secret:reveal_term(Wrapped)
+              end,
+        Opts = maps:merge(RepOpts, #{consumer => endpoint(Consumer, Resolve(Consumer), Tls),
+                                     producer => endpoint(Node, Resolve(Node), Tls),
                                      bucket => Bucket, user => User, password => Password,
                                      consumer_node => Consumer, producer_node => Node,
                                      connections => N}),

@@ -317,6 +317,21 @@ tls_sup(Env, Producer, Tls) ->
     Refused = dcp_sup:start_link(Opts#{ssl => {not_a_list, Tls}}),
     [Setup, S, Refused].
 
+%% The same through a replication manager given the TLS options (its start arguments, its state,
+%% the supervisors it starts): the local consumer plain, the producer node on its TLS port.
+tls_manager(Env, Node, Tls) ->
+    #{consumer := {CHost, CPort}, user := User, password := Password} = dcp_test_lib:rep_opts(Env),
+    Infos = #{'c@h' => #{host => CHost, port => CPort, local => true},
+              'p@h' => #{host => maps:get(host, Node), port => 1, tls_port => maps:get(port, Node)}},
+    {ok, Mgr} = dcp_replication_manager:start_link(
+                  "default", #{resolve => fun(N) -> maps:get(N, Infos) end,
+                               credentials => fun() -> {User, Password} end,
+                               consumer_node => 'c@h', name => undefined, ssl => Tls}),
+    Setup = dcp_replication_manager:set_desired_replications(Mgr, [{'p@h', [0, 1]}]),
+    S = statuses([Mgr], excluded(Env)),
+    ok = dcp_replication_manager:stop(Mgr),
+    [Setup, S].
+
 %% A "server" at a port of its own: `close' closes each connection once the ClientHello is in,
 %% `silent' never answers.
 start_peer(Mode) ->
@@ -377,7 +392,8 @@ tls_cases_show_no_private_key_test_() ->
                                  fun() ->
                                          [{Name, tls_replication(Env, To, Tls, Extra)}
                                           || {Name, To, Tls, Extra} <- Runs]
-                                             ++ [{sup, tls_sup(Env, Node, Client)}]
+                                             ++ [{sup, tls_sup(Env, Node, Client)},
+                                                 {manager, tls_manager(Env, Node, Client)}]
                                  end),
                       stop_peer(Closing),
                       stop_peer(Silent),
@@ -388,6 +404,7 @@ tls_cases_show_no_private_key_test_() ->
                        || Connected <- [connected, connected_with_key_file]],
                       ?assertMatch([ok, [_ | _], {error, {bad_option, ssl, _}}],
                                    proplists:get_value(sup, Done)),
+                      ?assertMatch([ok, [_ | _]], proplists:get_value(manager, Done)),
                       [?assertMatch([{ok, _}, [], {producer, {connect_failed, _}}],
                                     proplists:get_value(Failed, Done))
                        || Failed <- [server_not_trusted, closed_in_handshake, handshake_timeout,
