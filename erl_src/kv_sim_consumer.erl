@@ -152,58 +152,40 @@ stream_message(?DCP_SNAPSHOT_MARKER, #{vbucket := VB, opaque := Opaque} = Frame,
     end;
 stream_message(?DCP_PREPARE, #{vbucket := VB, opaque := Opaque, key := WireKey, value := Value} = Frame,
                S, C) ->
-    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
-        false ->
-            {ok, S, C};
-        error ->
-            {close, {bad_collection_key, dcp_prepare, VB, WireKey}, S, C};
-        {ok, Key} ->
-            Seqno = by_seqno(Frame),
-            true = ets:insert(S#consumer.durable, {{VB, Key}, Seqno, Value, pending}),
-            count(S, VB, 2),
-            Due = case lists:member(VB, S#consumer.ack_due) of
-                      true -> S#consumer.ack_due;
-                      false -> [VB | S#consumer.ack_due]
-                  end,
-            S1 = S#consumer{prepared = (S#consumer.prepared)#{VB => {Seqno, acked(S, VB)}},
-                            ack_due = Due},
-            {ok, set_high_seqno(S1, VB, Seqno), C}
-    end;
+    with_key(dcp_prepare, VB, Opaque, WireKey, S, C,
+             fun(Key) ->
+                     Seqno = by_seqno(Frame),
+                     true = ets:insert(S#consumer.durable, {{VB, Key}, Seqno, Value, pending}),
+                     count(S, VB, 2),
+                     Due = case lists:member(VB, S#consumer.ack_due) of
+                               true -> S#consumer.ack_due;
+                               false -> [VB | S#consumer.ack_due]
+                           end,
+                     S1 = S#consumer{prepared = (S#consumer.prepared)#{VB => {Seqno, acked(S, VB)}},
+                                     ack_due = Due},
+                     {ok, set_high_seqno(S1, VB, Seqno), C}
+             end);
 stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := WireKey,
                          extras := <<Prepared:64, Seqno:64>>}, S, C)
   when Opcode =:= ?DCP_COMMIT; Opcode =:= ?DCP_ABORT ->
-    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
-        false ->
-            {ok, S, C};
-        error ->
-            {close, {bad_collection_key, Opcode, VB, WireKey}, S, C};
-        {ok, Key} ->
-            resolve(Opcode, VB, Key, Prepared, Seqno, S, C)
-    end;
+    with_key(Opcode, VB, Opaque, WireKey, S, C,
+             fun(Key) -> resolve(Opcode, VB, Key, Prepared, Seqno, S, C) end);
 stream_message(?DCP_MUTATION, #{vbucket := VB, opaque := Opaque, key := WireKey, value := Value} = Frame,
                S, C) ->
-    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
-        false ->
-            {ok, S, C};
-        error ->
-            {close, {bad_collection_key, dcp_mutation, VB, WireKey}, S, C};
-        {ok, Key} ->
-            Seqno = by_seqno(Frame),
-            {ok, set_high_seqno(S#consumer{rows = [{{VB, Key}, Seqno, Value} | S#consumer.rows]},
-                                VB, Seqno), C}
-    end;
+    with_key(dcp_mutation, VB, Opaque, WireKey, S, C,
+             fun(Key) ->
+                     Seqno = by_seqno(Frame),
+                     Rows = [{{VB, Key}, Seqno, Value} | S#consumer.rows],
+                     {ok, set_high_seqno(S#consumer{rows = Rows}, VB, Seqno), C}
+             end);
 stream_message(Opcode, #{vbucket := VB, opaque := Opaque, key := WireKey} = Frame, S, C)
   when Opcode =:= ?DCP_DELETION; Opcode =:= ?DCP_EXPIRATION ->
-    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
-        false ->
-            {ok, S, C};
-        error ->
-            {close, {bad_collection_key, Opcode, VB, WireKey}, S, C};
-        {ok, Key} ->
-            S1 = store_rows(S),
-            ets:delete(S1#consumer.store, {VB, Key}),
-            {ok, set_high_seqno(S1, VB, by_seqno(Frame)), C}
-    end;
+    with_key(Opcode, VB, Opaque, WireKey, S, C,
+             fun(Key) ->
+                     S1 = store_rows(S),
+                     ets:delete(S1#consumer.store, {VB, Key}),
+                     {ok, set_high_seqno(S1, VB, by_seqno(Frame)), C}
+             end);
 stream_message(?DCP_SYSTEM_EVENT, #{vbucket := VB, opaque := Opaque, key := Key, value := Value,
                                     extras := <<Seqno:64, Event:32, _Version:8>>}, S, C) ->
     case owns_stream(VB, Opaque, S) of
@@ -264,6 +246,15 @@ acked(#consumer{prepared = Prepared}, VB) ->
     case Prepared of
         #{VB := {_, Acked}} -> Acked;
         _ -> 0
+    end.
+
+%% A document frame of a stream this connection owns goes to `Fun' with its store key; one of
+%% another stream is ignored, and a bad collection prefix closes the connection.
+with_key(Opcode, VB, Opaque, WireKey, S, C, Fun) ->
+    case owns_stream(VB, Opaque, S) andalso store_key(WireKey, C) of
+        false -> {ok, S, C};
+        error -> {close, {bad_collection_key, Opcode, VB, WireKey}, S, C};
+        {ok, Key} -> Fun(Key)
     end.
 
 %% The store's key of a document key off the wire: collection-prefixed when HELLO negotiated
