@@ -86,7 +86,7 @@
 start(Config, Transport, Sock) ->
     gen_server:start(?MODULE, {Config, Transport, Sock}, []).
 
-%% The engine of the node's role is made up front: DCP_CONTROLs may come before DCP_OPEN.
+%% The engine of a consumer or producer node is made up front; a `node' picks its engine at DCP_OPEN.
 init({#{node := Node, seed := Seed, role := Role} = Config, Transport, Sock}) ->
     _ = erlang:monitor(process, Node),
     %% a `node' picks its engine when DCP_OPEN says which kind of connection this is
@@ -307,97 +307,12 @@ handshake(?SELECT_BUCKET, #{opaque := Opaque, vbucket := VB, key := Bucket}, C) 
 handshake(?NOOP, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?NOOP, VB, dcp_commands:response(?NOOP, ?SUCCESS, Opaque), C);
 handshake(?DCP_OPEN, Frame, #conn{opened = false} = C) ->
-    case check_open(Frame) of
-        {ok, ConsumerName} -> open(Frame, ConsumerName, C);
-        {error, Why} -> {close, {invalid_request, dcp_open, Why}, C}
-    end;
+    %% kv_sim_validate has checked it as memcached does (extras, name, the JSON value)
+    open(Frame, kv_sim_validate:consumer_name(Frame), C);
 handshake(?DCP_OPEN, #{opaque := Opaque, vbucket := VB}, C) ->
     answer(?DCP_OPEN, VB, dcp_commands:response(?DCP_OPEN, ?EINVAL, Opaque), C);
 handshake(Op, Frame, C) ->
     handshake_rest(Op, Frame, C).
-
-%% memcached's DCP_OPEN validator: 8 bytes of extras, a name, and a value only as JSON (datatype
-%% JSON, a JSON object; a `consumer_name' in it must be a string). A violation closes the
-%% connection (logged by `log_close/2'). The consumer name, if the value gave one.
-check_open(#{extras := Extras, key := Key, value := Value, datatype := Datatype}) ->
-    if
-        byte_size(Extras) =/= 8 -> {error, {extras_length, byte_size(Extras)}};
-        Key =:= <<>> -> {error, no_connection_name};
-        Value =:= <<>>, Datatype =/= 0 -> {error, {datatype_without_value, Datatype}};
-        Value =:= <<>> -> {ok, undefined};
-        Datatype =/= 1 -> {error, {value_not_json_datatype, Datatype}};
-        true ->
-            case flat_json_object(Value) of
-                {ok, Pairs} ->
-                    case lists:keyfind(<<"consumer_name">>, 1, Pairs) of
-                        {_, Name} when is_binary(Name) -> {ok, Name};
-                        false -> {ok, undefined}
-                    end;
-                error ->
-                    {error, value_not_a_json_object}
-            end
-    end.
-
-%% A JSON object of string members (what a DCP_OPEN value holds), as `[{Key, Value}]'; `error'
-%% for anything else (kv_sim needs no other JSON).
-flat_json_object(Bin) ->
-    case skip_ws(Bin) of
-        <<"{", Rest/binary>> ->
-            case skip_ws(Rest) of
-                <<"}", End/binary>> -> at_end(End, []);
-                Members -> members(Members, [])
-            end;
-        _ ->
-            error
-    end.
-
-members(Bin, Acc) ->
-    case json_string(skip_ws(Bin)) of
-        {ok, Key, AfterKey} ->
-            case skip_ws(AfterKey) of
-                <<":", AfterColon/binary>> ->
-                    case json_string(skip_ws(AfterColon)) of
-                        {ok, Value, Rest} ->
-                            case skip_ws(Rest) of
-                                <<",", More/binary>> -> members(More, [{Key, Value} | Acc]);
-                                <<"}", End/binary>> -> at_end(End, [{Key, Value} | Acc]);
-                                _ -> error
-                            end;
-                        error ->
-                            error
-                    end;
-                _ ->
-                    error
-            end;
-        error ->
-            error
-    end.
-
-at_end(Bin, Acc) ->
-    case skip_ws(Bin) of
-        <<>> -> {ok, lists:reverse(Acc)};
-        _ -> error
-    end.
-
-json_string(<<"\"", Rest/binary>>) -> json_chars(Rest, <<>>);
-json_string(_) -> error.
-
-json_chars(<<"\"", Rest/binary>>, Acc) -> {ok, Acc, Rest};
-json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $"; C =:= $\\; C =:= $/ ->
-    json_chars(Rest, <<Acc/binary, C>>);
-json_chars(<<"\\u", Hex:4/binary, Rest/binary>>, Acc) ->
-    try binary_to_integer(Hex, 16) of
-        Code -> json_chars(Rest, <<Acc/binary, Code/utf8>>)
-    catch error:_ -> error
-    end;
-json_chars(<<"\\", C, Rest/binary>>, Acc) when C =:= $b; C =:= $f; C =:= $n; C =:= $r; C =:= $t ->
-    json_chars(Rest, <<Acc/binary, $\\, C>>);
-json_chars(<<C, _/binary>>, _Acc) when C < 16#20; C =:= $\\ -> error;
-json_chars(<<C, Rest/binary>>, Acc) -> json_chars(Rest, <<Acc/binary, C>>);
-json_chars(<<>>, _Acc) -> error.
-
-skip_ws(<<C, Rest/binary>>) when C =:= $\s; C =:= $\t; C =:= $\n; C =:= $\r -> skip_ws(Rest);
-skip_ws(Bin) -> Bin.
 
 open(#{opaque := Opaque, vbucket := VB} = Frame, ConsumerName, C) ->
     <<_:32, Flags:32>> = maps:get(extras, Frame),

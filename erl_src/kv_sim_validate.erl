@@ -29,7 +29,7 @@
 
 -include("mcbp.hrl").
 
--export([check/2]).
+-export([check/2, consumer_name/1]).
 
 -export_type([context/0, reason/0]).
 
@@ -561,6 +561,20 @@ feature(Name, #{features := Features}) ->
 
 delete_v2(#{open_flags := Flags} = Context) ->
     feature(collections, Context) orelse Flags band ?OPEN_DEL_TIMES =/= 0.
+
+%% @doc The `consumer_name' of a DCP_OPEN that passed `check/2' (its JSON value), `undefined' when it
+%% names none.
+-spec consumer_name(map()) -> binary() | undefined.
+consumer_name(#{value := Value}) ->
+    case json(Value) of
+        {ok, {object, Members}} ->
+            case lists:keyfind(<<"consumer_name">>, 1, Members) of
+                {_, Name} when is_binary(Name) -> Name;
+                _ -> undefined
+            end;
+        _ ->
+            undefined
+    end.
 
 %% ---- JSON (RFC 8259), as much as the checks need: objects keep their members ----
 
