@@ -15,7 +15,8 @@
 -define(DURABLE, #{committed => 4, aborted => 2, pending => 1}).
 %% 2 create events, 12 documents, 6 resolved writes of two seqnos each, 1 pending prepare
 -define(HIGH_SEQNO, 2 + ?DOCS + 2 * 6 + 1).
-%% The longest a test waits for one thing the nodes do in well under a second.
+%% The longest a test waits for one thing the nodes do in well under a second (a node's replication
+%% after a manager's change included).
 -define(WAIT_MS, 5000).
 
 env_opts(Features) ->
@@ -129,7 +130,7 @@ start_manager(ConsumerNode, Nodes, Features) ->
     receive {manager, Holder, {ok, Mgr}} -> Mgr after 10000 -> error(no_manager) end.
 
 wait_digest(From, To, VB) ->
-    dcp_test_lib:wait_until(fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end).
+    wait_for({digest, VB}, fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end).
 
 node_store_serves_collections_and_durable_writes_test_() ->
     {"a node replicates collections and durable writes, and serves them from its store after takeover",
@@ -160,7 +161,7 @@ node_store_serves_collections_and_durable_writes_test_() ->
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MY, [{'x@h', [3]}])),
                           wait_digest(X, Y, 3),
-                          dcp_test_lib:wait_until(fun() -> kv_sim:seqno_acks(X, 3) =/= [] end),
+                          wait_for(seqno_acks_x, fun() -> kv_sim:seqno_acks(X, 3) =/= [] end),
                           ?assertEqual(Seeded, kv_sim:durable_state(Y, 3)),
                           ?assertEqual(kv_sim:system_events(X, 3), kv_sim:system_events(Y, 3)),
                           ?assertEqual(ok, dcp_replication_manager:takeover(MY, 'x@h', 3)),
@@ -170,18 +171,19 @@ node_store_serves_collections_and_durable_writes_test_() ->
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MZ, [{'y@h', [3]}])),
                           wait_digest(Y, Z, 3),
-                          dcp_test_lib:wait_until(
-                            fun() -> kv_sim:durable_state(Z, 3) =:= Seeded end),
+                          wait_for(durable_state_z,
+                                   fun() -> kv_sim:durable_state(Z, 3) =:= Seeded end),
                           ?assertEqual(kv_sim:collection_counts(X, 3), kv_sim:collection_counts(Z, 3)),
                           ?assertEqual([{1, 0, <<"c8">>}, {2, 0, <<"c9">>}], kv_sim:system_events(Z, 3)),
-                          dcp_test_lib:wait_until(
-                            fun() -> lists:last([0 | kv_sim:seqno_acks(Y, 3)]) =:= ?HIGH_SEQNO end),
+                          wait_for(seqno_acks_y,
+                                   fun() -> lists:last([0 | kv_sim:seqno_acks(Y, 3)]) =:= ?HIGH_SEQNO
+                                   end),
                           %% and to a legacy consumer: the default collection's live documents
                           ok = kv_sim:set_vbucket_state(W, 3, replica),
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MW, [{'y@h', [3]}])),
-                          dcp_test_lib:wait_until(
-                            fun() -> kv_sim:collection_counts(W, 3) =:= #{0 => 6} end),
+                          wait_for(legacy_counts_w,
+                                   fun() -> kv_sim:collection_counts(W, 3) =:= #{0 => 6} end),
                           ?assertMatch(#{prepares := 0, pending := []}, kv_sim:durable_state(W, 3)),
                           ?assertEqual([], kv_sim:system_events(W, 3)),
                           %% v2.0 markers to the nodes with sync replication, v1 to the legacy one
