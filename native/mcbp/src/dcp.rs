@@ -268,11 +268,24 @@ fn snapshot_marker<'a>(frame: &Frame<'a>) -> Result<Fields<'a>, Error> {
     Ok(f)
 }
 
+/// The most entries a failover log may have to be decoded. kv_engine keeps at most
+/// `max_failover_entries` (25 by default); a longer log is a peer's error (or an attack: a 30 MiB
+/// value would otherwise become a 2 M-entry list in one NIF call).
+pub const MAX_FAILOVER_LOG_ENTRIES: usize = 4096;
+
 fn failover_log(frame: &Frame<'_>) -> Result<Vec<(u64, u64)>, Error> {
     if !frame.value.len().is_multiple_of(16) {
         return Err(Error::BadValue {
             opcode: frame.opcode,
             len: frame.value.len(),
+        });
+    }
+    let entries = frame.value.len() / 16;
+    if entries > MAX_FAILOVER_LOG_ENTRIES {
+        return Err(Error::FailoverLogTooLong {
+            opcode: frame.opcode,
+            entries: entries as u64,
+            max: MAX_FAILOVER_LOG_ENTRIES as u64,
         });
     }
     let mut r = Reader(frame.value);

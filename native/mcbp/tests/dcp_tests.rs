@@ -314,3 +314,36 @@ fn non_dcp_frames_have_no_fields() {
     let b = bytes(&frame(Magic::Req, 0x1f, b"", b"agent", b""));
     assert_eq!(fields_of(&b).unwrap(), vec![]);
 }
+
+#[test]
+fn a_failover_log_longer_than_the_cap_is_a_named_error() {
+    use mcbp::dcp::MAX_FAILOVER_LOG_ENTRIES;
+    // exactly the cap decodes; one entry more is refused, for both answers that carry a log
+    let at_cap = vec![0u8; 16 * MAX_FAILOVER_LOG_ENTRIES];
+    let f = frame(Magic::Res, 0x53, b"", b"", &at_cap);
+    match &fields_of(&bytes(&f)).unwrap()[..] {
+        [("failover_log", Field::FailoverLog(log))] => {
+            assert_eq!(log.len(), MAX_FAILOVER_LOG_ENTRIES)
+        }
+        other => panic!("{other:?}"),
+    }
+    let over = vec![0u8; 16 * (MAX_FAILOVER_LOG_ENTRIES + 1)];
+    for opcode in [0x53, 0x54] {
+        let f = frame(Magic::Res, opcode, b"", b"", &over);
+        assert_eq!(
+            fields_of(&bytes(&f)),
+            Err(Error::FailoverLogTooLong {
+                opcode,
+                entries: MAX_FAILOVER_LOG_ENTRIES as u64 + 1,
+                max: MAX_FAILOVER_LOG_ENTRIES as u64,
+            })
+        );
+    }
+    // a 30 MiB log: refused by its size, before a list is built
+    let huge = vec![0u8; 30 << 20];
+    let f = frame(Magic::Res, 0x54, b"", b"", &huge);
+    assert!(matches!(
+        fields_of(&bytes(&f)),
+        Err(Error::FailoverLogTooLong { entries, .. }) if entries == (30 << 20) / 16
+    ));
+}
