@@ -236,36 +236,30 @@ fn snapshot_marker<'a>(frame: &Frame<'a>) -> Result<Fields<'a>, Error> {
             ("snapshot_type", Field::Int(r.u32())),
         ]);
     }
-    // v2: the version byte says how the value is laid out. 2.0: start, end, type, max visible
-    // seqno, high completed seqno (36 bytes); 2.1 adds a timestamp (44 bytes).
+    // v2: the version byte says how the value is laid out. kv_engine defines 2.0 (start, end, type,
+    // max visible seqno, high completed seqno: exactly 36 bytes, as its validator requires) and 2.2
+    // (2.0 + purge seqno + high prepared seqno, 52 bytes, sent only after a DCP_CONTROL
+    // snapshot_max_marker_version 2.2, which nothing here negotiates); 2.1 was never used. Any
+    // version but 2.0 is given as `{unknown, V}`, undecoded.
     let version = frame.extras[0];
-    let need = match version {
-        0 => 36,
-        1 => 44,
-        _ => return Ok(vec![("version", Field::Unknown(version as u64))]),
-    };
-    if frame.value.len() < need {
+    if version != 0 {
+        return Ok(vec![("version", Field::Unknown(version as u64))]);
+    }
+    if frame.value.len() != 36 {
         return Err(Error::BadValue {
             opcode: frame.opcode,
             len: frame.value.len(),
         });
     }
     let mut r = Reader(frame.value);
-    let mut f = vec![
-        (
-            "version",
-            Field::Name(if version == 0 { "v2_0" } else { "v2_1" }),
-        ),
+    Ok(vec![
+        ("version", Field::Name("v2_0")),
         ("start_seqno", Field::Int(r.u64())),
         ("end_seqno", Field::Int(r.u64())),
         ("snapshot_type", Field::Int(r.u32())),
         ("max_visible_seqno", Field::Int(r.u64())),
         ("high_completed_seqno", Field::Int(r.u64())),
-    ];
-    if version == 1 {
-        f.push(("timestamp", Field::Int(r.u64())));
-    }
-    Ok(f)
+    ])
 }
 
 /// The most entries a failover log may have to be decoded. kv_engine keeps at most
