@@ -258,6 +258,30 @@ producer_streams_by_its_controls_test() ->
         kv_sim:stop(Node)
     end.
 
+%% A node streams from its store (as a backfill): the same v2.0 values, computed from what it holds.
+node_store_marker_values_test() ->
+    Node = kv_sim_test_client:sim(node, #{docs_per_vbucket => 2, active_vbuckets => [0],
+                                          durable_writes => #{committed => 1, aborted => 1}}),
+    try
+        Sync = kv_sim_test_client:open(Node, producer),
+        [?assertEqual(0, kv_sim_test_client:status(kv_sim_test_client:call(Sync, F)))
+         || F <- [dcp_commands:control(<<"consumer_name">>, <<"c">>, 5),
+                  dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, 6)]],
+        [Marker | _] = stream(Sync),
+        ?assertEqual(#{version => v2_0, start_seqno => 0, end_seqno => 6, snapshot_type => 6,
+                       max_visible_seqno => 4, high_completed_seqno => 5},
+                     mcbp:dcp_fields(Marker)),
+        %% enable_sync_writes alone (no consumer name) is sync writes without sync replication: v1
+        Writes = kv_sim_test_client:open(Node, producer),
+        ?assertEqual(0, kv_sim_test_client:status(
+                          kv_sim_test_client:call(
+                            Writes, dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, 6)))),
+        [WritesMarker | _] = stream(Writes),
+        ?assertMatch(#{version := v1, end_seqno := 6}, mcbp:dcp_fields(WritesMarker))
+    after
+        kv_sim:stop(Node)
+    end.
+
 %% The snapshot marker versions a node's consumer connections received (`kv_sim:handshakes/1').
 marker_versions(Node) ->
     lists:usort(lists:append([maps:get(marker_versions, R, []) || R <- kv_sim:handshakes(Node)])).
