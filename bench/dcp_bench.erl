@@ -344,7 +344,8 @@ slice_section(#{reps := Reps}) ->
 
 %% The inputs a peer or a caller can make huge, each NIF call timed on its own (the longest of
 %% `Reps' runs, median of the runs' longest): a 30 MiB frame of a reported opcode in 256 KiB
-%% chunks (refused from its header), a 1 M-element vbucket list (refused after a bounded read),
+%% chunks (refused from its header), a STREAM_REQ answer's 30 MiB failover log (refused by its
+%% size), a 1 M-element vbucket list (refused after a bounded read),
 %% a 30 MiB encode (the NIF writes the head only), and a full 1024-vbucket setup for scale.
 bounded_inputs(Reps) ->
     io:format("~n== Scheduler slice: inputs made huge, each NIF call timed (~p runs) ==~n", [Reps]),
@@ -357,7 +358,14 @@ bounded_inputs(Reps) ->
     Value = binary:copy(<<7>>, ?MAX_FRAME_SIZE - 100),
     Mutation = #{magic => req, opcode => dcp_mutation, vbucket => 3, extras => <<0:(31 * 8)>>,
                  key => <<"key">>, value => Value},
+    %% a STREAM_REQ answer whose failover log fills the largest frame (2 M entries)
+    {ok, LogAnswer, <<>>} = mcbp:decode(iolist_to_binary(
+                                          mcbp:encode(#{magic => res, opcode => dcp_stream_req,
+                                                        status => 0,
+                                                        value => binary:copy(
+                                                                   <<0>>, ?MAX_FRAME_SIZE - 32)}))),
     Cases = [{"30 MiB stream_end frame, 256 KiB chunks", fun() -> feed_refused(Chunks) end},
+             {"dcp_fields of a 30 MiB failover log", fun() -> fields_refused(LogAnswer) end},
              {"setup_request, 1 M-element vbucket list", fun() -> setup_refused(Million) end},
              {"encode of a 30 MiB mutation", fun() -> encode_head(Mutation, byte_size(Value)) end},
              {"setup of 1024 vbuckets (request + answers)", fun() -> setup_timed(1024) end}],
@@ -393,6 +401,10 @@ feed_refused(Splitter, [Chunk | Chunks], Us) ->
         {T, {error, Why}} -> {lists:reverse(Us, [T]), Why};
         {T, _} -> feed_refused(Splitter, Chunks, [T | Us])
     end.
+
+fields_refused(Frame) ->
+    {T, Answer} = timed(fun() -> mcbp:dcp_fields(Frame) end),
+    {[T], Answer}.
 
 setup_refused(VBuckets) ->
     {T, Answer} = timed(fun() -> dcp_nif:setup_request(dcp_nif:setup_new(),

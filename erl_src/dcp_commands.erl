@@ -21,7 +21,7 @@
          noop_request/1, noop_response/1]).
 
 %% What a DCP producer or consumer node sends (kv_sim and tests)
--export([snapshot_marker/5, mutation/3, deletion/3, expiration/3, stream_end/3,
+-export([snapshot_marker/5, snapshot_marker_v2/3, mutation/3, deletion/3, expiration/3, stream_end/3,
          set_vbucket_state/3, stream_req_response/3, add_stream_response/3,
          response/3, response/4, request/2]).
 
@@ -142,6 +142,21 @@ noop_response(Opaque) ->
 snapshot_marker(VBucket, Opaque, Start, End, Type) ->
     request(?DCP_SNAPSHOT_MARKER, #{vbucket => VBucket, opaque => Opaque,
                                     extras => <<Start:64, End:64, Type:32>>}).
+
+%% @doc A v2.0 snapshot marker (extras: the version byte 0; value: start, end, flags, max visible
+%% seqno, high completed seqno), which kv_engine sends on a connection with sync replication (DCP_CONTROL
+%% enable_sync_writes after consumer_name). `max_visible_seqno' is the snapshot's highest committed,
+%% visible seqno (not a prepare or an abort); `high_completed_seqno' the vbucket's highest completed
+%% prepare, meaningful only in a disk snapshot (type 2), 0 otherwise.
+-spec snapshot_marker_v2(vbucket(), opaque(), #{start := non_neg_integer(), 'end' := non_neg_integer(),
+                                                type := non_neg_integer(),
+                                                max_visible_seqno := non_neg_integer(),
+                                                high_completed_seqno := non_neg_integer()}) ->
+          iodata().
+snapshot_marker_v2(VBucket, Opaque, #{start := Start, 'end' := End, type := Type,
+                                      max_visible_seqno := Mvs, high_completed_seqno := Hcs}) ->
+    request(?DCP_SNAPSHOT_MARKER, #{vbucket => VBucket, opaque => Opaque, extras => <<0>>,
+                                    value => <<Start:64, End:64, Type:32, Mvs:64, Hcs:64>>}).
 
 -type doc_params() :: #{key := binary(), value => binary(), by_seqno := non_neg_integer(),
                         rev_seqno => non_neg_integer(), flags => non_neg_integer(),

@@ -46,7 +46,11 @@
                    %% this turn's, not yet stored
                    high_seqnos = #{} :: #{dcp_commands:vbucket() => non_neg_integer()},
                    rows = [] :: [{{dcp_commands:vbucket(), store_key()}, non_neg_integer(),
-                                  binary()}]}).
+                                  binary()}],
+                   %% the snapshot marker versions received (`v1', `v2_0', ...), recorded for
+                   %% `kv_sim:handshakes/1' as `marker_versions'
+                   marker_versions = [] :: [atom() | {unknown, non_neg_integer()}],
+                   node :: pid()}).
 
 %% A default-collection document is stored under its key, another under {CollectionId, Key}.
 -type store_key() :: binary() | {pos_integer(), binary()}.
@@ -57,9 +61,9 @@
 
 -spec new(kv_sim:node_config()) -> consumer().
 new(#{vbuckets := VBuckets, vbucket_states := Table, store := Store, events := Events,
-      durable := Durable, consumer_buffer_size := Size}) ->
+      durable := Durable, consumer_buffer_size := Size, node := Node}) ->
     #consumer{vbuckets = VBuckets, vbucket_table = Table, store = Store, events = Events,
-              durable = Durable, buffer_size = Size}.
+              durable = Durable, buffer_size = Size, node = Node}.
 
 %% kv_engine's consumer with a name asks for sync replication first thing: its name, then
 %% enable_sync_writes (both go through the proxy to the producer).
@@ -137,6 +141,18 @@ maybe_enable_flow_control(#consumer{flow_control = false, buffer_size = Size} = 
 maybe_enable_flow_control(S, C) ->
     {S, C}.
 
+%% A marker version not seen before on this connection is recorded with the node (v1, or v2.0 on a
+%% connection with sync replication: the test of what the proxy forwarded).
+marker_version(Version, #consumer{marker_versions = Seen} = S) ->
+    case lists:member(Version, Seen) of
+        true ->
+            S;
+        false ->
+            All = lists:sort([Version | Seen]),
+            S#consumer.node ! {kv_sim_record, self(), #{marker_versions => All}},
+            S#consumer{marker_versions = All}
+    end.
+
 add_stream_answer(VB, Opaque, Status, StreamOpaque, S, C) ->
     {ok, C1} = kv_sim_conn:answer(?DCP_ADD_STREAM, VB,
                                   dcp_commands:add_stream_response(Opaque, Status, StreamOpaque), C),
@@ -144,9 +160,11 @@ add_stream_answer(VB, Opaque, Status, StreamOpaque, S, C) ->
 
 stream_message(?DCP_SNAPSHOT_MARKER, #{vbucket := VB, opaque := Opaque} = Frame, S, C) ->
     case {owns_stream(VB, Opaque, S), mcbp:dcp_fields(Frame)} of
-        {true, #{end_seqno := End}} ->
+        {true, #{version := Version, end_seqno := End}} ->
             #{VB := Stream} = S#consumer.streams,
-            {ok, S#consumer{streams = (S#consumer.streams)#{VB => Stream#stream{snap_end = End}}}, C};
+            S1 = marker_version(Version, S),
+            {ok, S1#consumer{streams = (S1#consumer.streams)#{VB => Stream#stream{snap_end = End}}},
+             C};
         _ ->
             {ok, S, C}
     end;

@@ -21,6 +21,10 @@
 -define(STREAM_TURN, 64).
 %% The stream id the `flexible_framing' fault puts in a frame's framing extras.
 -define(FAULT_STREAM_ID, 1).
+%% Snapshot marker flags.
+-define(MARKER_MEMORY, 16#01).
+-define(MARKER_DISK, 16#02).
+-define(MARKER_CHECKPOINT, 16#04).
 
 %% What a node holds at each seqno of a vbucket (read at the STREAM_REQ): its live documents, its
 %% system events and its durable writes (a commit at the seqno of the live document it made).
@@ -361,13 +365,12 @@ put_stream(VB, Stream, P) ->
           {continue, #stream{}, producer(), conn(), non_neg_integer()}
               | {park, #stream{}, producer(), conn()} | {done, producer(), conn()}
               | {close, term(), producer(), conn()}.
-step(VB, #stream{phase = marker, opaque = Opaque, next = Next, last = Last} = Stream, _Budget, Faults,
+step(VB, #stream{phase = marker, next = Next, last = Last} = Stream, _Budget, Faults,
      P, C) ->
     {P1, C1} = unknown_opcode(VB, Stream, Faults, P, C),
     case Next =< Last of
         true ->
-            Marker = dcp_commands:snapshot_marker(VB, Opaque, Next - 1, Last, 1),
-            {ok, P2, C2} = emit(Marker, P1, C1),
+            {ok, P2, C2} = emit(marker(VB, Stream, P1, C1), P1, C1),
             {continue, Stream#stream{phase = mutations}, P2, C2, 1};
         false ->
             {continue, Stream#stream{phase = finish}, P1, C1, 1}
@@ -409,6 +412,86 @@ step(VB, #stream{phase = finish, opaque = Opaque, finite = true}, _Budget, _Faul
 step(_VB, #stream{phase = finish} = Stream, _Budget, _Faults, P, C) ->
     %% An open-ended stream stays open with nothing more to send, until it is closed.
     {park, Stream#stream{phase = idle}, P, C}.
+
+%% The stream's one snapshot marker, `Next - 1'..`Last'. kv_engine sends it as v2.0 on a connection
+%% with sync replication (DCP_CONTROL enable_sync_writes with a consumer name: a stream then carries
+%% its max visible seqno, and its high completed seqno in a disk snapshot); v1 otherwise. What kv_sim
+%% streams is read from its store at the request, as a backfill is: kv_engine marks that a disk
+%% snapshot (with the checkpoint flag). kv_engine's v2.2 (purge seqno, high prepared seqno) needs a
+%% DCP_CONTROL snapshot_max_marker_version 2.2 on a collections connection; kv_sim does not build it
+%% (the control is refused as any unknown one).
+marker(VB, #stream{opaque = Opaque, next = Next, last = Last} = Stream, P, C) ->
+    case sync_replication(P) of
+        false ->
+            dcp_commands:snapshot_marker(VB, Opaque, Next - 1, Last, ?MARKER_MEMORY);
+        true ->
+            dcp_commands:snapshot_marker_v2(
+              VB, Opaque, #{start => Next - 1, 'end' => Last,
+                            type => ?MARKER_DISK bor ?MARKER_CHECKPOINT,
+                            max_visible_seqno => max_visible_seqno(VB, Stream, P, C),
+                            high_completed_seqno => high_completed_seqno(VB, Stream, P)})
+    end.
+
+sync_replication(#producer{sync_writes = Sync, consumer_name = Name}) ->
+    Sync andalso is_binary(Name) andalso Name =/= <<>>.
+
+%% The highest seqno of the snapshot that this connection gets as a visible item: a mutation, a
+%% commit or a system event (a prepare or an abort is not visible); 0 if it has none.
+max_visible_seqno(_VB, #stream{next = Next, last = Last, docs = Docs}, #producer{config = Config},
+                  C) ->
+    Collections = kv_sim_conn:collections(C),
+    case Docs of
+        seeded ->
+            seeded_max_visible(Config, Last, Next, Collections);
+        _ ->
+            maps:fold(fun(Seqno, Item, Max) when Seqno > Max, Seqno >= Next, Seqno =< Last ->
+                              case stored_visible(Item, Collections) of
+                                  true -> Seqno;
+                                  false -> Max
+                              end;
+                         (_, _, Max) ->
+                              Max
+                      end, 0, Docs)
+    end.
+
+seeded_max_visible(_Config, Seqno, Next, _Collections) when Seqno < Next ->
+    0;
+seeded_max_visible(Config, Seqno, Next, Collections) ->
+    Visible = case kv_sim:seqno_item(Config, Seqno) of
+                  {create, _} -> Collections;
+                  {doc, Cid} -> Collections orelse Cid =:= 0;
+                  {commit, Cid, _} -> Collections orelse Cid =:= 0;
+                  _ -> false
+              end,
+    case Visible of
+        true -> Seqno;
+        false -> seeded_max_visible(Config, Seqno - 1, Next, Collections)
+    end.
+
+stored_visible({event, _, _, _}, Collections) -> Collections;
+stored_visible({mutation, SKey, _}, Collections) -> Collections orelse is_binary(SKey);
+stored_visible({commit, SKey, _, _}, Collections) -> Collections orelse is_binary(SKey);
+stored_visible(_Item, _Collections) -> false.
+
+%% The vbucket's highest prepared seqno completed (committed or aborted) by the snapshot's end; 0 if
+%% none.
+high_completed_seqno(_VB, #stream{last = Last, docs = seeded}, #producer{config = Config}) ->
+    seeded_high_completed(Config, Last);
+high_completed_seqno(VB, #stream{last = Last}, #producer{config = #{durable := Durable}}) ->
+    lists:max([0 | [Prepared || {_, Prepared, _, {_, At}} <- ets:match_object(Durable,
+                                                                             {{VB, '_'}, '_', '_', '_'}),
+                                At =< Last]]).
+
+%% A seeded vbucket's durable writes follow its documents, each completed right after its prepare:
+%% the first commit or abort below the end is the highest completed; a document means none.
+seeded_high_completed(_Config, 0) ->
+    0;
+seeded_high_completed(Config, Seqno) ->
+    case kv_sim:seqno_item(Config, Seqno) of
+        {Outcome, _, Prepared} when Outcome =:= commit; Outcome =:= abort -> Prepared;
+        {prepare, _, _} -> seeded_high_completed(Config, Seqno - 1);
+        _ -> 0
+    end.
 
 %% The stream's frames up to `To' (newest first) while the window has room, with the next seqno and
 %% their bytes.

@@ -51,7 +51,8 @@
                                   key := non_neg_integer(), body := non_neg_integer()}}
                 | {bad_framing_extras, non_neg_integer()}
                 | {bad_extras, u8(), non_neg_integer()}
-                | {bad_value, u8(), non_neg_integer()}.
+                | {bad_value, u8(), non_neg_integer()}
+                | {failover_log_too_long, u8(), Entries :: non_neg_integer(), Max :: non_neg_integer()}.
 
 %% The one Erlang type of a DCP_STREAM_END reason: its name (native/mcbp/src/names.rs), or
 %% `{unknown, Code}' for a code without one.

@@ -15,6 +15,9 @@
 -define(DURABLE, #{committed => 4, aborted => 2, pending => 1}).
 %% 2 create events, 12 documents, 6 resolved writes of two seqnos each, 1 pending prepare
 -define(HIGH_SEQNO, 2 + ?DOCS + 2 * 6 + 1).
+%% The longest a test waits for one thing the nodes do in well under a second (a node's replication
+%% after a manager's change included).
+-define(WAIT_MS, 5000).
 
 env_opts(Features) ->
     #{producer => #{collections => ?COLLECTIONS, vbuckets => 4, docs_per_vbucket => ?DOCS,
@@ -30,11 +33,20 @@ sync_writes_replicate_test_() ->
                       {set_consumer_name, true}]),
                fun(#{rep := Rep, producer := P, consumer := C}) ->
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, ?VBS)),
+                       %% the consumer node's two controls (consumer_name, enable_sync_writes)
+                       %% go through the proxy first thing: a consumer that never sends them
+                       %% fails here, in seconds
+                       wait_for(consumer_sent_sync_write_controls,
+                                fun() -> dcp_test_lib:frames(consumer, dcp_control,
+                                                             dcp_replicator:stats(Rep)) >= 2 end),
                        dcp_test_lib:assert_replicated(P, C, ?VBS),
                        %% the acks (the consumer's, through the proxy) come once it holds all
-                       [dcp_test_lib:wait_until(
-                          fun() -> lists:last([0 | kv_sim:seqno_acks(P, VB)]) =:= ?HIGH_SEQNO end)
+                       [wait_for({seqno_ack, VB, ?HIGH_SEQNO},
+                                 fun() -> lists:last([0 | kv_sim:seqno_acks(P, VB)]) =:= ?HIGH_SEQNO
+                                 end)
                         || VB <- ?VBS],
+                       %% sync replication: kv_engine's v2.0 markers, forwarded as they are
+                       ?assertEqual([v2_0], marker_versions(C)),
                        [?assertEqual(kv_sim:durable_state(P, VB), kv_sim:durable_state(C, VB))
                         || VB <- ?VBS],
                        ?assertMatch(#{prepares := 7, commits := 4, aborts := 2,
@@ -69,7 +81,8 @@ no_consumer_name_no_sync_writes_test_() ->
                        ?assertEqual(0, dcp_test_lib:frames(producer, dcp_prepare, Stats)),
                        ?assertEqual(0, dcp_test_lib:frames(producer, dcp_commit, Stats)),
                        ?assertEqual(0, dcp_test_lib:frames(consumer, dcp_seqno_acknowledged, Stats)),
-                       [?assertEqual([], kv_sim:seqno_acks(P, VB)) || VB <- ?VBS]
+                       [?assertEqual([], kv_sim:seqno_acks(P, VB)) || VB <- ?VBS],
+                       ?assertEqual([v1], marker_versions(C))
                end).
 
 pending_prepares_test_() ->
@@ -80,9 +93,9 @@ pending_prepares_test_() ->
                  rep => #{features => [json, set_consumer_name]}},
                fun(#{rep := Rep, producer := P, consumer := C}) ->
                        ?assertEqual(ok, dcp_replicator:setup_replication(Rep, [0, 1])),
-                       dcp_test_lib:wait_until(
-                         fun() -> kv_sim:seqno_acks(P, 1) =:= [8] andalso
-                                      kv_sim:seqno_acks(P, 0) =:= [8] end),
+                       wait_for(seqno_acks_of_8,
+                                fun() -> kv_sim:seqno_acks(P, 1) =:= [8] andalso
+                                             kv_sim:seqno_acks(P, 0) =:= [8] end),
                        ?assertEqual({5, element(2, kv_sim:digest(P, 1))}, kv_sim:digest(C, 1)),
                        ?assertEqual(#{pending => [{0, <<"dur-0001-00000006">>, 6},
                                                   {0, <<"dur-0001-00000007">>, 7},
@@ -117,7 +130,7 @@ start_manager(ConsumerNode, Nodes, Features) ->
     receive {manager, Holder, {ok, Mgr}} -> Mgr after 10000 -> error(no_manager) end.
 
 wait_digest(From, To, VB) ->
-    dcp_test_lib:wait_until(fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end).
+    wait_for({digest, VB}, fun() -> kv_sim:digest(To, VB) =:= kv_sim:digest(From, VB) end).
 
 node_store_serves_collections_and_durable_writes_test_() ->
     {"a node replicates collections and durable writes, and serves them from its store after takeover",
@@ -148,7 +161,7 @@ node_store_serves_collections_and_durable_writes_test_() ->
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MY, [{'x@h', [3]}])),
                           wait_digest(X, Y, 3),
-                          dcp_test_lib:wait_until(fun() -> kv_sim:seqno_acks(X, 3) =/= [] end),
+                          wait_for(seqno_acks_x, fun() -> kv_sim:seqno_acks(X, 3) =/= [] end),
                           ?assertEqual(Seeded, kv_sim:durable_state(Y, 3)),
                           ?assertEqual(kv_sim:system_events(X, 3), kv_sim:system_events(Y, 3)),
                           ?assertEqual(ok, dcp_replication_manager:takeover(MY, 'x@h', 3)),
@@ -158,20 +171,25 @@ node_store_serves_collections_and_durable_writes_test_() ->
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MZ, [{'y@h', [3]}])),
                           wait_digest(Y, Z, 3),
-                          dcp_test_lib:wait_until(
-                            fun() -> kv_sim:durable_state(Z, 3) =:= Seeded end),
+                          wait_for(durable_state_z,
+                                   fun() -> kv_sim:durable_state(Z, 3) =:= Seeded end),
                           ?assertEqual(kv_sim:collection_counts(X, 3), kv_sim:collection_counts(Z, 3)),
                           ?assertEqual([{1, 0, <<"c8">>}, {2, 0, <<"c9">>}], kv_sim:system_events(Z, 3)),
-                          dcp_test_lib:wait_until(
-                            fun() -> lists:last([0 | kv_sim:seqno_acks(Y, 3)]) =:= ?HIGH_SEQNO end),
+                          wait_for(seqno_acks_y,
+                                   fun() -> lists:last([0 | kv_sim:seqno_acks(Y, 3)]) =:= ?HIGH_SEQNO
+                                   end),
                           %% and to a legacy consumer: the default collection's live documents
                           ok = kv_sim:set_vbucket_state(W, 3, replica),
                           ?assertEqual(ok, dcp_replication_manager:set_desired_replications(
                                              MW, [{'y@h', [3]}])),
-                          dcp_test_lib:wait_until(
-                            fun() -> kv_sim:collection_counts(W, 3) =:= #{0 => 6} end),
+                          wait_for(legacy_counts_w,
+                                   fun() -> kv_sim:collection_counts(W, 3) =:= #{0 => 6} end),
                           ?assertMatch(#{prepares := 0, pending := []}, kv_sim:durable_state(W, 3)),
-                          ?assertEqual([], kv_sim:system_events(W, 3))
+                          ?assertEqual([], kv_sim:system_events(W, 3)),
+                          %% v2.0 markers to the nodes with sync replication, v1 to the legacy one
+                          ?assertEqual([v2_0], marker_versions(Y)),
+                          ?assertEqual([v2_0], marker_versions(Z)),
+                          ?assertEqual([v1], marker_versions(W))
                       end)}
       end}}.
 
@@ -213,8 +231,17 @@ producer_streams_by_its_controls_test() ->
         ?assertEqual(16#04, kv_sim_test_client:status(
                               kv_sim_test_client:call(
                                 Sync, dcp_commands:control(<<"enable_sync_writes">>, <<"yes">>, 7)))),
+        SyncFrames = stream(Sync),
         ?assertEqual([dcp_snapshot_marker, dcp_mutation, dcp_mutation, dcp_prepare, dcp_commit,
-                      dcp_prepare, dcp_abort, dcp_stream_end], opcodes(stream(Sync))),
+                      dcp_prepare, dcp_abort, dcp_stream_end], opcodes(SyncFrames)),
+        %% sync replication: a v2.0 marker (1 byte of extras, version 0, a 36-byte value), a disk
+        %% snapshot whose last visible item is the commit at 4 and whose last completed prepare
+        %% is the aborted one at 5
+        [SyncMarker | _] = SyncFrames,
+        ?assertMatch(#{extras := <<0>>, value := <<_:36/binary>>}, SyncMarker),
+        ?assertEqual(#{version => v2_0, start_seqno => 0, end_seqno => 6, snapshot_type => 6,
+                       max_visible_seqno => 4, high_completed_seqno => 5},
+                     mcbp:dcp_fields(SyncMarker)),
         kv_sim_test_client:send(Sync, dcp_commands:seqno_acknowledged(0, 9, 5)),
         %% taken without an answer
         kv_sim_test_client:assert_nothing_sent_before_noop(Sync),
@@ -222,11 +249,56 @@ producer_streams_by_its_controls_test() ->
         Frames = stream(Plain),
         ?assertEqual([dcp_snapshot_marker, dcp_mutation, dcp_mutation, dcp_mutation, dcp_stream_end],
                      opcodes(Frames)),
+        %% without sync writes: v1 (20 bytes of extras, no value)
+        ?assertMatch(#{extras := <<0:64, 6:64, 1:32>>, value := <<>>}, hd(Frames)),
         %% the committed write as a mutation at its commit's seqno
         ?assertEqual(4, maps:get(by_seqno, mcbp:dcp_fields(lists:nth(4, Frames)))),
         ?assertEqual([5], kv_sim:seqno_acks(Node, 0))
     after
         kv_sim:stop(Node)
+    end.
+
+%% A node streams from its store (as a backfill): the same v2.0 values, computed from what it holds.
+node_store_marker_values_test() ->
+    Node = kv_sim_test_client:sim(node, #{docs_per_vbucket => 2, active_vbuckets => [0],
+                                          durable_writes => #{committed => 1, aborted => 1}}),
+    try
+        Sync = kv_sim_test_client:open(Node, producer),
+        [?assertEqual(0, kv_sim_test_client:status(kv_sim_test_client:call(Sync, F)))
+         || F <- [dcp_commands:control(<<"consumer_name">>, <<"c">>, 5),
+                  dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, 6)]],
+        [Marker | _] = stream(Sync),
+        ?assertEqual(#{version => v2_0, start_seqno => 0, end_seqno => 6, snapshot_type => 6,
+                       max_visible_seqno => 4, high_completed_seqno => 5},
+                     mcbp:dcp_fields(Marker)),
+        %% enable_sync_writes alone (no consumer name) is sync writes without sync replication: v1
+        Writes = kv_sim_test_client:open(Node, producer),
+        ?assertEqual(0, kv_sim_test_client:status(
+                          kv_sim_test_client:call(
+                            Writes, dcp_commands:control(<<"enable_sync_writes">>, <<"true">>, 6)))),
+        [WritesMarker | _] = stream(Writes),
+        ?assertMatch(#{version := v1, end_seqno := 6}, mcbp:dcp_fields(WritesMarker))
+    after
+        kv_sim:stop(Node)
+    end.
+
+%% The snapshot marker versions a node's consumer connections received (`kv_sim:handshakes/1').
+marker_versions(Node) ->
+    lists:usort(lists:append([maps:get(marker_versions, R, []) || R <- kv_sim:handshakes(Node)])).
+
+%% Polls `Cond()' for at most ?WAIT_MS, then fails naming what it waited for.
+wait_for(What, Cond) ->
+    wait_for(What, Cond, erlang:monotonic_time(millisecond) + ?WAIT_MS).
+
+wait_for(What, Cond, Deadline) ->
+    case Cond() of
+        true ->
+            ok;
+        false ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true -> erlang:error({not_within_ms, ?WAIT_MS, What});
+                false -> timer:sleep(5), wait_for(What, Cond, Deadline)
+            end
     end.
 
 auth(Conn) ->

@@ -190,6 +190,25 @@ dcp_fields_of_a_failover_log_test() ->
     F = #{magic => res, opcode => dcp_stream_req, status => 0, value => <<1:64, 2:64, 3:64, 4:64>>},
     ?assertEqual(#{failover_log => [{1, 2}, {3, 4}]}, mcbp:dcp_fields(F)).
 
+%% A failover log longer than any kv_engine keeps (native/mcbp/src/dcp.rs, MAX_FAILOVER_LOG_ENTRIES,
+%% 4096) is refused by its size: a 30 MiB one is an error at once, not a 2 M-entry list.
+failover_log_over_the_cap_is_a_named_error_test() ->
+    Log = fun(Entries) -> binary:copy(<<7:64, 9:64>>, Entries) end,
+    ?assertMatch(#{failover_log := [{7, 9} | _]},
+                 mcbp:dcp_fields(#{magic => res, opcode => dcp_get_failover_log, value => Log(4096)})),
+    ?assertEqual({error, {failover_log_too_long, 16#54, 4097, 4096}},
+                 mcbp:dcp_fields(#{magic => res, opcode => dcp_get_failover_log,
+                                   value => Log(4097)})),
+    %% the largest frame the splitter takes (30 MiB, header included), as it hands it over: a
+    %% frame decoded from the bytes read
+    Size = mcbp:default_max_frame_size() - 32,
+    Huge = iolist_to_binary(mcbp:encode(#{magic => res, opcode => dcp_stream_req, status => 0,
+                                          value => <<0:(Size * 8)>>})),
+    {ok, Frame, <<>>} = mcbp:decode(Huge),
+    {Micros, Result} = timer:tc(fun mcbp:dcp_fields/1, [Frame]),
+    ?assertEqual({error, {failover_log_too_long, 16#53, Size div 16, 4096}}, Result),
+    ?assert(Micros < 200000).
+
 wrong_dcp_extras_size_is_bad_extras_test() ->
     ?assertEqual({error, {bad_extras, 16#55, 3}},
                  mcbp:dcp_fields(#{magic => req, opcode => 16#55, extras => <<0, 0, 1>>})),

@@ -236,43 +236,50 @@ fn snapshot_marker<'a>(frame: &Frame<'a>) -> Result<Fields<'a>, Error> {
             ("snapshot_type", Field::Int(r.u32())),
         ]);
     }
-    // v2: the version byte says how the value is laid out. 2.0: start, end, type, max visible
-    // seqno, high completed seqno (36 bytes); 2.1 adds a timestamp (44 bytes).
+    // v2: the version byte says how the value is laid out. kv_engine defines 2.0 (start, end, type,
+    // max visible seqno, high completed seqno: exactly 36 bytes, as its validator requires) and 2.2
+    // (2.0 + purge seqno + high prepared seqno, 52 bytes, sent only after a DCP_CONTROL
+    // snapshot_max_marker_version 2.2, which nothing here negotiates); 2.1 was never used. Any
+    // version but 2.0 is given as `{unknown, V}`, undecoded.
     let version = frame.extras[0];
-    let need = match version {
-        0 => 36,
-        1 => 44,
-        _ => return Ok(vec![("version", Field::Unknown(version as u64))]),
-    };
-    if frame.value.len() < need {
+    if version != 0 {
+        return Ok(vec![("version", Field::Unknown(version as u64))]);
+    }
+    if frame.value.len() != 36 {
         return Err(Error::BadValue {
             opcode: frame.opcode,
             len: frame.value.len(),
         });
     }
     let mut r = Reader(frame.value);
-    let mut f = vec![
-        (
-            "version",
-            Field::Name(if version == 0 { "v2_0" } else { "v2_1" }),
-        ),
+    Ok(vec![
+        ("version", Field::Name("v2_0")),
         ("start_seqno", Field::Int(r.u64())),
         ("end_seqno", Field::Int(r.u64())),
         ("snapshot_type", Field::Int(r.u32())),
         ("max_visible_seqno", Field::Int(r.u64())),
         ("high_completed_seqno", Field::Int(r.u64())),
-    ];
-    if version == 1 {
-        f.push(("timestamp", Field::Int(r.u64())));
-    }
-    Ok(f)
+    ])
 }
+
+/// The most entries a failover log may have to be decoded. kv_engine keeps at most
+/// `max_failover_entries` (25 by default); a longer log is a peer's error (or an attack: a 30 MiB
+/// value would otherwise become a 2 M-entry list in one NIF call).
+pub const MAX_FAILOVER_LOG_ENTRIES: usize = 4096;
 
 fn failover_log(frame: &Frame<'_>) -> Result<Vec<(u64, u64)>, Error> {
     if !frame.value.len().is_multiple_of(16) {
         return Err(Error::BadValue {
             opcode: frame.opcode,
             len: frame.value.len(),
+        });
+    }
+    let entries = frame.value.len() / 16;
+    if entries > MAX_FAILOVER_LOG_ENTRIES {
+        return Err(Error::FailoverLogTooLong {
+            opcode: frame.opcode,
+            entries: entries as u64,
+            max: MAX_FAILOVER_LOG_ENTRIES as u64,
         });
     }
     let mut r = Reader(frame.value);

@@ -27,6 +27,10 @@ pub enum Error {
     BadExtras { opcode: u8, len: usize },
     /// A DCP value whose size does not fit its documented layout (snapshot marker v2, failover log).
     BadValue { opcode: u8, len: usize },
+    /// A failover log (STREAM_REQ or GET_FAILOVER_LOG answer) of more entries than
+    /// `dcp::MAX_FAILOVER_LOG_ENTRIES`: no kv_engine keeps that many, and decoding it would build
+    /// a list that large in one NIF call.
+    FailoverLogTooLong { opcode: u8, entries: u64, max: u64 },
 }
 
 impl fmt::Display for Error {
@@ -60,6 +64,14 @@ impl fmt::Display for Error {
             Error::BadValue { opcode, len } => {
                 write!(f, "opcode 0x{opcode:02x} with a value of {len} bytes")
             }
+            Error::FailoverLogTooLong {
+                opcode,
+                entries,
+                max,
+            } => write!(
+                f,
+                "opcode 0x{opcode:02x} answer with a failover log of {entries} entries (cap {max})"
+            ),
         }
     }
 }

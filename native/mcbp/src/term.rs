@@ -73,6 +73,7 @@ pub const ATOMS: &[&str] = &[
     "set_vbucket_state", "set_vbucket_state_response",
     // errors
     "bad_magic", "frame_too_large", "reported_frame_too_large", "bad_lengths", "bad_framing_extras", "bad_extras", "bad_value",
+    "failover_log_too_long",
     "framing", "body", "missing_field", "bad_field", "field_not_allowed", "key_too_long",
     "extras_too_long", "framing_extras_not_allowed", "framing_extras_too_long",
     "frame_info_id_too_large", "frame_info_too_long", "body_too_large",
@@ -205,6 +206,11 @@ impl ToTerm for Error {
                 s.tagged("bad_extras", &[opcode.into(), len as u64])
             }
             Error::BadValue { opcode, len } => s.tagged("bad_value", &[opcode.into(), len as u64]),
+            Error::FailoverLogTooLong {
+                opcode,
+                entries,
+                max,
+            } => s.tagged("failover_log_too_long", &[opcode.into(), entries, max]),
         }
     }
 }

@@ -192,19 +192,23 @@ fn snapshot_marker_v1_in_extras_and_v2_in_the_value() {
         &7u64.to_be_bytes(),
         &99u64.to_be_bytes(),
     ]);
-    for (version, len, name) in [(0u8, 36, "v2_0"), (1, 44, "v2_1")] {
-        let b = bytes(&frame(Magic::Req, 0x56, &[version], b"", &value[..len]));
-        let f = fields_of(&b).unwrap();
-        assert_eq!(get(&f, "version"), &Field::Name(name));
-        assert_eq!(get(&f, "max_visible_seqno"), &Field::Int(8));
-        assert_eq!(get(&f, "high_completed_seqno"), &Field::Int(7));
-        let short = bytes(&frame(Magic::Req, 0x56, &[version], b"", &value[..len - 1]));
+    let b = bytes(&frame(Magic::Req, 0x56, &[0], b"", &value[..36]));
+    let f = fields_of(&b).unwrap();
+    assert_eq!(get(&f, "version"), &Field::Name("v2_0"));
+    assert_eq!(get(&f, "end_seqno"), &Field::Int(9));
+    assert_eq!(get(&f, "max_visible_seqno"), &Field::Int(8));
+    assert_eq!(get(&f, "high_completed_seqno"), &Field::Int(7));
+    // v2.0's value is exactly 36 bytes, as kv_engine's validator has it
+    for len in [35, 44] {
+        let b = bytes(&frame(Magic::Req, 0x56, &[0], b"", &value[..len]));
+        assert_eq!(fields_of(&b), Err(Error::BadValue { opcode: 0x56, len }));
+    }
+    // 2.1 was never used; 2.2 (52 bytes, negotiated by a control) is not decoded
+    for version in [1u8, 2] {
+        let b = bytes(&frame(Magic::Req, 0x56, &[version], b"", &value[..44]));
         assert_eq!(
-            fields_of(&short),
-            Err(Error::BadValue {
-                opcode: 0x56,
-                len: len - 1
-            })
+            fields_of(&b).unwrap(),
+            vec![("version", Field::Unknown(version as u64))]
         );
     }
 }
@@ -313,4 +317,37 @@ fn stream_request_responses_carry_a_failover_log_or_a_rollback_seqno() {
 fn non_dcp_frames_have_no_fields() {
     let b = bytes(&frame(Magic::Req, 0x1f, b"", b"agent", b""));
     assert_eq!(fields_of(&b).unwrap(), vec![]);
+}
+
+#[test]
+fn a_failover_log_longer_than_the_cap_is_a_named_error() {
+    use mcbp::dcp::MAX_FAILOVER_LOG_ENTRIES;
+    // exactly the cap decodes; one entry more is refused, for both answers that carry a log
+    let at_cap = vec![0u8; 16 * MAX_FAILOVER_LOG_ENTRIES];
+    let f = frame(Magic::Res, 0x53, b"", b"", &at_cap);
+    match &fields_of(&bytes(&f)).unwrap()[..] {
+        [("failover_log", Field::FailoverLog(log))] => {
+            assert_eq!(log.len(), MAX_FAILOVER_LOG_ENTRIES)
+        }
+        other => panic!("{other:?}"),
+    }
+    let over = vec![0u8; 16 * (MAX_FAILOVER_LOG_ENTRIES + 1)];
+    for opcode in [0x53, 0x54] {
+        let f = frame(Magic::Res, opcode, b"", b"", &over);
+        assert_eq!(
+            fields_of(&bytes(&f)),
+            Err(Error::FailoverLogTooLong {
+                opcode,
+                entries: MAX_FAILOVER_LOG_ENTRIES as u64 + 1,
+                max: MAX_FAILOVER_LOG_ENTRIES as u64,
+            })
+        );
+    }
+    // a 30 MiB log: refused by its size, before a list is built
+    let huge = vec![0u8; 30 << 20];
+    let f = frame(Magic::Res, 0x54, b"", b"", &huge);
+    assert!(matches!(
+        fields_of(&bytes(&f)),
+        Err(Error::FailoverLogTooLong { entries, .. }) if entries == (30 << 20) / 16
+    ));
 }

@@ -372,19 +372,25 @@ fn every_atom_a_shape_uses_is_made_at_load() {
         Error::BadMagic(0),
         Error::BadFramingExtras { offset: 0 },
         Error::BadValue { opcode: 0, len: 0 },
+        Error::FailoverLogTooLong {
+            opcode: 0,
+            entries: 0,
+            max: 0,
+        },
     ] {
         e.to_term(&mut sink);
     }
     let s = Splitter::new(Side::Producer, 1024);
     s.stats().to_term(&mut sink);
     // Every request and response of every opcode, with every extras size up to 48 bytes and a
-    // value of 0, 16 (a failover log, a system event's name) or 44 bytes (a seqno-advanced v2.1).
+    // value of 0, 16 (a failover log, a system event's name), 36 (a snapshot marker v2.0) or 44
+    // bytes.
     for fill in [0u8, 0xff] {
         let zeros = [fill; 48];
         for magic in Magic::ALL {
             for opcode in 0..=255u8 {
                 for len in 0..=48 {
-                    for value in [&zeros[..0], &zeros[..16], &zeros[..44]] {
+                    for value in [&zeros[..0], &zeros[..16], &zeros[..36], &zeros[..44]] {
                         let f = Frame {
                             magic,
                             opcode,
