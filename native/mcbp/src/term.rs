@@ -86,8 +86,8 @@ pub const ATOMS: &[&str] = &[
     "include_delete_times", "include_xattrs", "lock_time", "max_visible_seqno", "name", "nmeta",
     "notifier", "nru", "prepared_seqno", "producer", "reason", "reserved", "rev_seqno",
     "rollback_seqno", "snap_end_seqno", "snap_start_seqno", "snapshot_type", "start",
-    "start_seqno", "state", "stream_opaque", "takeover", "timestamp", "vbucket_uuid", "version",
-    "v1", "v2_0", "v2_1",
+    "start_seqno", "state", "stream_opaque", "takeover", "vbucket_uuid", "version",
+    "v1", "v2_0",
 ];
 
 /// A name table by its atom (`dcp_nif:name_kind()`).
