@@ -65,6 +65,31 @@ sync_writes_replicate_test_() ->
                        ?assert(dcp_test_lib:frames(consumer, dcp_control, Stats) >= 2)
                end).
 
+%% The same, with both nodes writing in random 1..7-byte pieces and a flow-control window of
+%% 1 KiB (a buffer acknowledgement every few frames, between the seqno acks and the controls).
+sync_writes_through_chunked_writes_and_a_small_window_test_() ->
+    Opts = env_opts([{xattr, true}, {collections, true}, {json, true}, {set_consumer_name, true}]),
+    with_nodes("sync writes replicate through 1..7-byte writes both ways and a 1 KiB window",
+               Opts#{consumer => #{vbuckets => 4, consumer_buffer_size => 1024}},
+               fun(#{rep := Rep, producer := P, consumer := C}) ->
+                       ok = kv_sim:set_fault(P, all, {chunked_writes, 7}),
+                       ok = kv_sim:set_fault(C, all, {chunked_writes, 7}),
+                       ?assertEqual(ok, dcp_replicator:setup_replication(Rep, ?VBS)),
+                       dcp_test_lib:assert_replicated(P, C, ?VBS),
+                       [wait_for({seqno_ack, VB, ?HIGH_SEQNO},
+                                 fun() -> lists:last([0 | kv_sim:seqno_acks(P, VB)]) =:= ?HIGH_SEQNO
+                                 end)
+                        || VB <- ?VBS],
+                       [?assertEqual(kv_sim:durable_state(P, VB), kv_sim:durable_state(C, VB))
+                        || VB <- ?VBS],
+                       ?assertEqual([v2_0], marker_versions(C)),
+                       Stats = dcp_replicator:stats(Rep),
+                       ?assert(dcp_test_lib:frames(consumer, dcp_buffer_acknowledgement, Stats) >= 4),
+                       %% nothing either node received broke memcached's rules
+                       ?assertEqual([], kv_sim:closes(P)),
+                       ?assertEqual([], kv_sim:closes(C))
+               end).
+
 no_consumer_name_no_sync_writes_test_() ->
     with_nodes("json without set_consumer_name: only committed writes, as mutations",
                env_opts([xattr, collections, json]),
