@@ -6,37 +6,8 @@ use std::collections::BTreeSet;
 
 use dcp_setup::term::{self, ATOMS};
 use dcp_setup::Setup;
-use mcbp::{names, Kind, Sink, ToTerm, Value};
-
-/// Erlang text; remembers every atom it was asked for.
-#[derive(Default)]
-struct Text(BTreeSet<&'static str>);
-
-impl Sink for Text {
-    type Term = String;
-    fn atom(&mut self, name: &'static str) -> String {
-        self.0.insert(name);
-        name.to_string()
-    }
-    fn int(&mut self, n: u64) -> String {
-        n.to_string()
-    }
-    fn bin(&mut self, bytes: &[u8]) -> String {
-        format!("<<{:?}>>", String::from_utf8_lossy(bytes))
-    }
-    fn tuple(&mut self, items: &[String]) -> String {
-        format!("{{{}}}", items.join(","))
-    }
-    fn list(&mut self, items: &[String]) -> String {
-        format!("[{}]", items.join(","))
-    }
-    fn map(&mut self, keys: &[String], values: &[String]) -> String {
-        let pairs: Vec<String> = (keys.iter().zip(values))
-            .map(|(k, v)| format!("{k}=>{v}"))
-            .collect();
-        format!("#{{{}}}", pairs.join(","))
-    }
-}
+use mcbp::term::Text;
+use mcbp::{names, Kind, ToTerm, Value};
 
 use Value::{Atom, Int, List, Other, Tuple};
 

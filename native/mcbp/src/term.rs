@@ -53,6 +53,39 @@ pub trait Sink {
     }
 }
 
+/// A [`Sink`] that writes Erlang text (`{a,1}`, `#{k=>v}`, `<<"bin">>`) and remembers every atom it
+/// was asked for: the term-shape tests of this crate and of `dcp_setup` pin shapes with it.
+#[derive(Debug, Default)]
+pub struct Text(pub std::collections::BTreeSet<&'static str>);
+
+impl Sink for Text {
+    type Term = String;
+    fn atom(&mut self, name: &'static str) -> String {
+        self.0.insert(name);
+        name.to_string()
+    }
+    fn int(&mut self, n: u64) -> String {
+        n.to_string()
+    }
+    fn bin(&mut self, bytes: &[u8]) -> String {
+        format!("<<{:?}>>", String::from_utf8_lossy(bytes))
+    }
+    fn tuple(&mut self, items: &[String]) -> String {
+        format!("{{{}}}", items.join(","))
+    }
+    fn list(&mut self, items: &[String]) -> String {
+        format!("[{}]", items.join(","))
+    }
+    fn map(&mut self, keys: &[String], values: &[String]) -> String {
+        let pairs: Vec<String> = keys
+            .iter()
+            .zip(values)
+            .map(|(k, v)| format!("{k}=>{v}"))
+            .collect();
+        format!("#{{{}}}", pairs.join(","))
+    }
+}
+
 /// A value with an Erlang term shape.
 pub trait ToTerm {
     fn to_term<S: Sink>(&self, s: &mut S) -> S::Term;

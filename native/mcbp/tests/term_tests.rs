@@ -4,43 +4,11 @@
 
 use std::collections::BTreeSet;
 
-use mcbp::term::{self, SpecError, ATOMS};
+use mcbp::term::{self, SpecError, Text, ATOMS};
 use mcbp::{
     names, EncodeError, Error, Event, Frame, FrameInfo, Kind, Magic, Side, Sink, Splitter,
     StreamEndReason, ToTerm, Value, VbState,
 };
-
-/// Erlang text; remembers every atom it was asked for.
-#[derive(Default)]
-struct Text(BTreeSet<&'static str>);
-
-impl Sink for Text {
-    type Term = String;
-    fn atom(&mut self, name: &'static str) -> String {
-        self.0.insert(name);
-        name.to_string()
-    }
-    fn int(&mut self, n: u64) -> String {
-        n.to_string()
-    }
-    fn bin(&mut self, bytes: &[u8]) -> String {
-        format!("<<{:?}>>", String::from_utf8_lossy(bytes))
-    }
-    fn tuple(&mut self, items: &[String]) -> String {
-        format!("{{{}}}", items.join(","))
-    }
-    fn list(&mut self, items: &[String]) -> String {
-        format!("[{}]", items.join(","))
-    }
-    fn map(&mut self, keys: &[String], values: &[String]) -> String {
-        let pairs: Vec<String> = keys
-            .iter()
-            .zip(values)
-            .map(|(k, v)| format!("{k}=>{v}"))
-            .collect();
-        format!("#{{{}}}", pairs.join(","))
-    }
-}
 
 /// `Value`s, as the NIF reads the terms the `Text` shapes stand for.
 struct Values;
