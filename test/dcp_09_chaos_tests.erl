@@ -253,35 +253,24 @@ slow_handshake_is_bounded_by_connect_timeout_test() ->
 
 %% A NOOP success is not the answer to SASL_AUTH.
 handshake_answer_of_another_opcode_is_refused_test() ->
-    process_flag(trap_exit, true),
-    {Port, L} = scripted_node(fun(S) ->
-                                      answer_steps(S, 0, fun(#{opaque := Opaque}) ->
-                                                                 dcp_commands:response(
-                                                                   16#0a, 0, Opaque, #{})
-                                                         end)
-                              end),
-    try
-        ?assertMatch({consumer, {sasl_auth, {unexpected_answer, noop, 1}}},
-                     dcp_test_lib:conn_failure(
-                       dcp_consumer_conn:start_link(conn_opts(Port, 2000), 5000)))
-    after
-        gen_tcp:close(L),
-        dcp_test_lib:flush_exits()
-    end.
+    refused_handshake_answer(fun(#{opaque := Opaque}) ->
+                                     dcp_commands:response(16#0a, 0, Opaque, #{})
+                             end,
+                             {consumer, {sasl_auth, {unexpected_answer, noop, 1}}}).
 
 %% An answer with the right opcode and another opaque is refused too.
 handshake_answer_with_another_opaque_is_refused_test() ->
+    refused_handshake_answer(fun(#{opcode := Op}) -> dcp_commands:response(Op, 0, 77, #{}) end,
+                             {consumer, {sasl_auth, {unexpected_answer, sasl_auth, 77}}}).
+
+%% A node answering the first handshake step with `Answer(Request)': the consumer conn fails with
+%% `Expected'.
+refused_handshake_answer(Answer, Expected) ->
     process_flag(trap_exit, true),
-    {Port, L} = scripted_node(fun(S) ->
-                                      answer_steps(S, 0, fun(#{opcode := Op}) ->
-                                                                 dcp_commands:response(
-                                                                   Op, 0, 77, #{})
-                                                         end)
-                              end),
+    {Port, L} = scripted_node(fun(S) -> answer_steps(S, 0, Answer) end),
     try
-        ?assertMatch({consumer, {sasl_auth, {unexpected_answer, sasl_auth, 77}}},
-                     dcp_test_lib:conn_failure(
-                       dcp_consumer_conn:start_link(conn_opts(Port, 2000), 5000)))
+        ?assertEqual(Expected, dcp_test_lib:conn_failure(
+                                 dcp_consumer_conn:start_link(conn_opts(Port, 2000), 5000)))
     after
         gen_tcp:close(L),
         dcp_test_lib:flush_exits()
