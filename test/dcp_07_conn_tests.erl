@@ -14,27 +14,8 @@
 %% A consumer conn and a producer conn proxying each other, without a replicator:
 %% `Fun(C, P, ProducerNode, ConsumerNode)'.
 pair_test(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) ->
-    {timeout, ?BACKSTOP, fun() -> with_pair(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) end}.
-
-with_pair(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) ->
-    process_flag(trap_exit, true),
-    #{producer := Producer, consumer := Consumer} = Env =
-        dcp_test_lib:start_env(#{producer => ProducerOpts, consumer => ConsumerOpts,
-                                 rep => none}),
-    try
-        {ok, C} = dcp_consumer_conn:start_link(dcp_test_lib:proxy_opts(Consumer, #{}),
-                                               SetupTimeout),
-        {ok, P} = dcp_producer_conn:start_link(dcp_test_lib:proxy_opts(Producer, #{})),
-        ok = dcp_proxy:connect_proxies(C, P),
-        try
-            Fun(C, P, Producer, Consumer)
-        after
-            dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
-            dcp_test_lib:flush_exits()
-        end
-    after
-        dcp_test_lib:stop_env(Env)
-    end.
+    {timeout, ?BACKSTOP,
+     fun() -> dcp_test_lib:with_pair(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) end}.
 
 %% Waits until `Pred(Info)' holds for the consumer conn's setup_info.
 wait_setup_info(C, Pred) ->

@@ -102,33 +102,20 @@ takeover_case(Code, Reason) ->
 %% one reply, and the connection is shut.
 shut_ends_a_stuck_takeover_and_answers_its_caller_test_() ->
     {timeout, 60, fun() ->
-        process_flag(trap_exit, true),
-        #{producer := Producer, consumer := Consumer} = Env =
-            dcp_test_lib:start_env(#{rep => none}),
-        try
-            {ok, C} = dcp_consumer_conn:start_link(dcp_test_lib:proxy_opts(Consumer, #{}), 30000),
-            {ok, P} = dcp_producer_conn:start_link(dcp_test_lib:proxy_opts(Producer, #{})),
-            ok = dcp_proxy:connect_proxies(C, P),
-            try
-                %% the takeover add is never answered: the takeover cannot complete
-                ok = kv_sim:set_fault(Consumer, 9, {drop_answer, dcp_add_stream}),
-                Takeover = dcp_test_lib:async(fun() -> dcp_consumer_conn:takeover(C, 9) end),
-                dcp_test_lib:wait_until(
-                  fun() ->
-                          case dcp_consumer_conn:setup_info(C) of
-                              #{takeover := #{stage := Stage}} -> Stage =/= requested;
-                              _ -> false
-                          end
-                  end),
-                Closed = stream_end_error(closed, 9),
-                ?assertEqual(Closed, dcp_consumer_conn:shut_connection(C, 5000)),
-                ?assertEqual(Closed, Takeover()),
-                ?assertMatch(#{state := shut}, dcp_consumer_conn:setup_info(C))
-            after
-                dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
-                dcp_test_lib:flush_exits()
-            end
-        after
-            dcp_test_lib:stop_env(Env)
-        end
+        dcp_test_lib:with_pair(#{}, #{}, 30000, fun(C, _P, _Producer, Consumer) ->
+            %% the takeover add is never answered: the takeover cannot complete
+            ok = kv_sim:set_fault(Consumer, 9, {drop_answer, dcp_add_stream}),
+            Takeover = dcp_test_lib:async(fun() -> dcp_consumer_conn:takeover(C, 9) end),
+            dcp_test_lib:wait_until(
+              fun() ->
+                      case dcp_consumer_conn:setup_info(C) of
+                          #{takeover := #{stage := Stage}} -> Stage =/= requested;
+                          _ -> false
+                      end
+              end),
+            Closed = stream_end_error(closed, 9),
+            ?assertEqual(Closed, dcp_consumer_conn:shut_connection(C, 5000)),
+            ?assertEqual(Closed, Takeover()),
+            ?assertMatch(#{state := shut}, dcp_consumer_conn:setup_info(C))
+        end)
     end}.

@@ -5,7 +5,7 @@
 
 -include_lib("eunit/include/eunit.hrl").
 
--export([with_nodes/3, start_env/1, stop_env/1, stop_node/1,
+-export([with_nodes/3, with_pair/4, start_env/1, stop_env/1, stop_node/1,
          rep_opts/1, proxy_opts/2, password/0, connection_name/0,
          start_replicator/1, stop_replicator/1, wait_exit/1, start_failure/1, conn_failure/1,
          fail_stream/3, never_answer_after_stream_end/2, stream_end_error/2,
@@ -37,6 +37,27 @@
 with_nodes(Title, Opts, Body) ->
     {Title, {setup, fun() -> start_env(Opts) end, fun stop_env/1,
              fun(Env) -> {timeout, ?BACKSTOP, ?_test(Body(Env))} end}}.
+
+%% @doc Fresh nodes and a consumer conn and a producer conn proxying each other, without a
+%% replicator: `Fun(C, P, ProducerNode, ConsumerNode)', then both conns and the nodes stopped.
+-spec with_pair(map(), map(), timeout(), fun((pid(), pid(), pid(), pid()) -> any())) -> any().
+with_pair(ProducerOpts, ConsumerOpts, SetupTimeout, Fun) ->
+    process_flag(trap_exit, true),
+    #{producer := Producer, consumer := Consumer} = Env =
+        start_env(#{producer => ProducerOpts, consumer => ConsumerOpts, rep => none}),
+    try
+        {ok, C} = dcp_consumer_conn:start_link(proxy_opts(Consumer, #{}), SetupTimeout),
+        {ok, P} = dcp_producer_conn:start_link(proxy_opts(Producer, #{})),
+        ok = dcp_proxy:connect_proxies(C, P),
+        try
+            Fun(C, P, Producer, Consumer)
+        after
+            dcp_proxy:terminate_and_wait([C, P], shutdown, 5000),
+            flush_exits()
+        end
+    after
+        stop_env(Env)
+    end.
 
 %% @doc Starts the two nodes (16 vbuckets; the producer with 20 documents of 64 bytes in each)
 %% and, unless `rep => none', a replicator between them.
