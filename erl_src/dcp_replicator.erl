@@ -293,19 +293,32 @@ handle_call({takeover, VBucket}, From, State) ->
     {noreply, answer_later(From, {takeover, VBucket}, [VBucket], State)};
 handle_call(get_partitions, _From, #state{status = connecting} = State) ->
     {reply, [], State};
-handle_call(get_partitions, _From, #state{consumer = C} = State) ->
-    {reply, bounded(fun() -> dcp_consumer_conn:get_partitions(C) end, []), State};
-handle_call(stats, _From, #state{consumer = C, producer = P, status = Status} = State) ->
-    Setup = case Status of
-                connecting -> #{state => connecting};
-                connected -> bounded(fun() -> dcp_consumer_conn:setup_info(C) end, error)
-            end,
-    {reply, #{consumer => bounded(fun() -> dcp_proxy:stats(C) end, error),
-              producer => bounded(fun() -> dcp_proxy:stats(P) end, error),
-              setup => Setup}, State};
+handle_call(get_partitions, From, #state{consumer = C} = State) ->
+    reply_later(From, fun() -> bounded(fun() -> dcp_consumer_conn:get_partitions(C) end, []) end),
+    {noreply, State};
+handle_call(stats, From, #state{consumer = C, producer = P, status = Status} = State) ->
+    reply_later(
+      From,
+      fun() ->
+              Setup = case Status of
+                          connecting -> #{state => connecting};
+                          connected -> bounded(fun() -> dcp_consumer_conn:setup_info(C) end, error)
+                      end,
+              #{consumer => bounded(fun() -> dcp_proxy:stats(C) end, error),
+                producer => bounded(fun() -> dcp_proxy:stats(P) end, error),
+                setup => Setup}
+      end),
+    {noreply, State};
 handle_call(Request, _From, #state{connection_name = Name} = State) ->
     ?LOG_WARNING("~s: unexpected call ~p", [Name, Request], ?LOG_META),
     {reply, {error, {unknown_request, Request}}, State}.
+
+%% Answers `From' with `Answer()' from a process of its own: a caller waiting on a busy connection
+%% process (a flood of stream ends ahead of it in the consumer conn's mailbox) holds up neither
+%% this process nor the callers behind it.
+reply_later(From, Answer) ->
+    _ = spawn(fun() -> gen_server:reply(From, Answer()) end),
+    ok.
 
 %% A call to one of our processes, answered in at most ?CALL_TIMEOUT ms (they never block on a
 %% socket; the bound is for a process that is going away).
